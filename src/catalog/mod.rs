@@ -1,0 +1,173 @@
+//! Datasets from the configuration into DataFusion, and each principal's view of them.
+//!
+//! Every dataset is a Parquet, CSV or Arrow IPC file or a directory of them, registered
+//! as `schema.table` in the one catalog [`CATALOG_NAME`]. A source that is missing,
+//! empty or unreadable is a start-up error naming the dataset, the file and the line
+//! that declared it. A principal never sees the full catalog: [`Catalog::view`] builds
+//! one holding only the tables they hold some action on, and that view is all their
+//! session can plan against or describe.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+    MemorySchemaProvider, SchemaProvider, TableProvider,
+};
+use datafusion::common::config::TableParquetOptions;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::file_format::arrow::ArrowFormat;
+use datafusion::datasource::file_format::csv::CsvFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::execution::SessionState;
+
+use crate::config::{DatasetConfig, DatasetFormat, Diagnostic, Diagnostics, TableName};
+
+/// The name of the one catalog every table lives in.
+pub const CATALOG_NAME: &str = "airlock";
+
+/// All datasets, by name.
+#[derive(Debug, Default, Clone)]
+pub struct Catalog {
+    tables: BTreeMap<TableName, Arc<dyn TableProvider>>,
+}
+
+impl Catalog {
+    /// Opens every dataset, reading each one's schema. All failures are reported together.
+    pub async fn open(
+        datasets: &[DatasetConfig],
+        state: &SessionState,
+    ) -> Result<Self, Diagnostics> {
+        let mut tables = BTreeMap::new();
+        let mut errors = Vec::new();
+        for d in datasets {
+            match open_dataset(d, state).await {
+                Ok(t) => {
+                    tables.insert(d.name.clone(), t);
+                }
+                Err(message) => {
+                    let (file, line) = d
+                        .origin
+                        .clone()
+                        .map_or((d.path.clone(), None), |(f, l)| (f, Some(l)));
+                    errors.push(Diagnostic::new(
+                        file,
+                        line,
+                        format!("dataset {}: {message}", d.name),
+                    ));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self { tables })
+        } else {
+            Err(Diagnostics(errors))
+        }
+    }
+
+    /// A catalog of already-built tables (uploads, tests).
+    pub fn from_tables(
+        tables: impl IntoIterator<Item = (TableName, Arc<dyn TableProvider>)>,
+    ) -> Self {
+        Self {
+            tables: tables.into_iter().collect(),
+        }
+    }
+
+    pub fn schema(&self, table: &TableName) -> Option<SchemaRef> {
+        self.tables.get(table).map(|t| t.schema())
+    }
+
+    pub fn tables(&self) -> impl Iterator<Item = (&TableName, &Arc<dyn TableProvider>)> {
+        self.tables.iter()
+    }
+
+    /// A catalog list holding only the tables `visible` admits.
+    pub fn view(&self, visible: impl Fn(&TableName) -> bool) -> Arc<dyn CatalogProviderList> {
+        let catalog = MemoryCatalogProvider::new();
+        let mut schemas: BTreeMap<&str, Arc<MemorySchemaProvider>> = BTreeMap::new();
+        for (name, table) in self.tables.iter().filter(|(n, _)| visible(n)) {
+            let schema = schemas
+                .entry(name.schema.as_str())
+                .or_insert_with(|| Arc::new(MemorySchemaProvider::new()));
+            schema
+                .register_table(name.table.clone(), Arc::clone(table))
+                .expect("names are unique in a BTreeMap");
+        }
+        for (name, schema) in schemas {
+            catalog
+                .register_schema(name, schema as Arc<dyn SchemaProvider>)
+                .expect("memory catalog accepts schemas");
+        }
+        let list = MemoryCatalogProviderList::new();
+        list.register_catalog(CATALOG_NAME.to_string(), Arc::new(catalog));
+        Arc::new(list)
+    }
+}
+
+async fn open_dataset(
+    d: &DatasetConfig,
+    state: &SessionState,
+) -> Result<Arc<dyn TableProvider>, String> {
+    let path = d
+        .path
+        .canonicalize()
+        .map_err(|e| format!("cannot open {}: {e}", d.path.display()))?;
+    let ext = d.format.extension();
+    let url = if path.is_dir() {
+        if !has_file_with_extension(&path, ext) {
+            return Err(format!("directory {} holds no {ext} files", path.display()));
+        }
+        ListingTableUrl::parse(format!("{}/", path.display()))
+    } else {
+        std::fs::File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        ListingTableUrl::parse(path.display().to_string())
+    }
+    .map_err(|e| format!("bad path {}: {e}", path.display()))?;
+
+    let format: Arc<dyn FileFormat> = match d.format {
+        DatasetFormat::Parquet => {
+            let mut options = TableParquetOptions::default();
+            // Clients (JDBC, older pyarrow) want Utf8, not Utf8View: see docs/DESIGN.md.
+            options.global.schema_force_view_types = false;
+            Arc::new(ParquetFormat::default().with_options(options))
+        }
+        DatasetFormat::Csv => Arc::new(
+            CsvFormat::default()
+                .with_has_header(d.has_header)
+                .with_delimiter(d.delimiter),
+        ),
+        DatasetFormat::Arrow => Arc::new(ArrowFormat),
+    };
+    let options =
+        ListingOptions::new(format).with_file_extension(if path.is_dir() { ext } else { "" });
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .infer_schema(state)
+        .await
+        .map_err(|e| format!("cannot read {}: {}", path.display(), e.strip_backtrace()))?;
+    let table = ListingTable::try_new(config).map_err(|e| e.strip_backtrace())?;
+    if table.schema().fields().is_empty() {
+        return Err(format!("{} has no columns", path.display()));
+    }
+    Ok(Arc::new(table))
+}
+
+fn has_file_with_extension(dir: &Path, ext: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            has_file_with_extension(&p, ext)
+        } else {
+            p.to_string_lossy().ends_with(ext)
+        }
+    })
+}

@@ -1,0 +1,500 @@
+//! Raw flags and files → one validated [`ServiceConfig`].
+//!
+//! Precedence is flags > environment (`AIRLOCK_*`, through clap) > file > default. The
+//! file is validated whole; every problem is reported with its file and line, and a
+//! config that has any problem is never served. Relative paths in a file are relative
+//! to that file's directory.
+
+pub mod diagnostic;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use diagnostic::{Collector, Diagnostic, Diagnostics};
+
+/// Default listen address of `airlock serve`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Command-line overrides shared by `serve` and `check`. Every flag can also be set
+/// through its environment variable.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ConfigArgs {
+    /// Configuration file (TOML); see conf/airlock.toml for a documented example.
+    #[arg(long, env = "AIRLOCK_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:50051 (port 0 picks a free port).
+    #[arg(long, env = "AIRLOCK_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for durable state: tokens are not kept, but approvals, audit and uploads are.
+    #[arg(long, env = "AIRLOCK_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Directory holding model.conf, policy.csv and tables.toml.
+    #[arg(long, env = "AIRLOCK_POLICY_DIR", value_name = "DIR")]
+    pub policy_dir: Option<PathBuf>,
+    /// Users file (TOML) with argon2id password hashes and roles.
+    #[arg(long, env = "AIRLOCK_USERS_FILE", value_name = "FILE")]
+    pub users_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS; needs --tls-key.
+    #[arg(
+        long,
+        env = "AIRLOCK_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS; needs --tls-cert.
+    #[arg(
+        long,
+        env = "AIRLOCK_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Longest a query may run, planning and streaming included (e.g. 60s, 5m).
+    #[arg(long, env = "AIRLOCK_QUERY_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub query_timeout: Option<Duration>,
+    /// Memory one query may hold (e.g. 512MiB, 2GiB); a query over it fails cleanly.
+    #[arg(long, env = "AIRLOCK_MEMORY_PER_QUERY", value_name = "BYTES")]
+    pub memory_per_query: Option<ByteSize>,
+    /// Queries executing at once; further ones wait for a slot within their timeout.
+    #[arg(long, env = "AIRLOCK_MAX_CONCURRENT_QUERIES", value_name = "N")]
+    pub max_concurrent_queries: Option<usize>,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub datasets: Vec<DatasetConfig>,
+    pub policy_dir: PathBuf,
+    pub users_file: PathBuf,
+    pub state_dir: PathBuf,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Resource limits applied to every query.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub query_timeout: Duration,
+    pub memory_per_query: usize,
+    pub max_concurrent_queries: usize,
+    pub token_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            query_timeout: Duration::from_secs(300),
+            memory_per_query: 2 * 1024 * 1024 * 1024,
+            max_concurrent_queries: 16,
+            token_ttl: Duration::from_secs(8 * 3600),
+        }
+    }
+}
+
+/// File formats a dataset can be read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetFormat {
+    Parquet,
+    Csv,
+    Arrow,
+}
+
+impl DatasetFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Parquet => ".parquet",
+            Self::Csv => ".csv",
+            Self::Arrow => ".arrow",
+        }
+    }
+
+    fn from_path(path: &Path) -> Option<Self> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "parquet" | "pq" => Some(Self::Parquet),
+            "csv" => Some(Self::Csv),
+            "arrow" | "ipc" | "feather" => Some(Self::Arrow),
+            _ => None,
+        }
+    }
+}
+
+/// One table of the catalog: a file or a directory of files.
+#[derive(Debug, Clone)]
+pub struct DatasetConfig {
+    pub name: TableName,
+    pub path: PathBuf,
+    pub format: DatasetFormat,
+    /// CSV only: whether the first line holds column names (default true).
+    pub has_header: bool,
+    /// CSV only: the field delimiter (default `,`).
+    pub delimiter: u8,
+    /// Where the dataset was declared, for start-up errors.
+    pub origin: Option<(PathBuf, usize)>,
+}
+
+/// A `schema.table` name. Both parts are lower-case SQL identifiers.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableName {
+    pub schema: String,
+    pub table: String,
+}
+
+impl TableName {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (schema, table) = s
+            .split_once('.')
+            .ok_or_else(|| format!("table name {s:?} must be schema.table"))?;
+        for part in [schema, table] {
+            let ok = !part.is_empty()
+                && part
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !ok {
+                return Err(format!(
+                    "table name {s:?}: each part must be a lower-case identifier ([a-z_][a-z0-9_]*)"
+                ));
+            }
+        }
+        Ok(Self {
+            schema: schema.to_string(),
+            table: table.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+// ---- the file ------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    listen: Option<Spanned<String>>,
+    policy_dir: Option<String>,
+    users_file: Option<String>,
+    state_dir: Option<String>,
+    tls: Option<RawTls>,
+    limits: Option<RawLimits>,
+    #[serde(default)]
+    datasets: Vec<Spanned<RawDataset>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    query_timeout: Option<Spanned<String>>,
+    memory_per_query: Option<Spanned<String>>,
+    max_concurrent_queries: Option<Spanned<usize>>,
+    token_ttl: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataset {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    format: Option<DatasetFormat>,
+    has_header: Option<bool>,
+    delimiter: Option<Spanned<String>>,
+}
+
+impl ServiceConfig {
+    /// Loads the file named by `args.config` (if any), applies flags and environment, and
+    /// validates the result. Paths are checked to exist; dataset contents are read later,
+    /// when the catalog is built.
+    pub fn load(args: &ConfigArgs) -> Result<Self, Diagnostics> {
+        let (raw, file, text) = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    Diagnostics::one(Diagnostic::new(path, None, format!("cannot read: {e}")))
+                })?;
+                let raw: RawFile = toml::from_str(&text)
+                    .map_err(|e| Diagnostics::one(Diagnostic::from_toml(path, &text, &e)))?;
+                (raw, path.clone(), text)
+            }
+            None => (
+                RawFile::default(),
+                PathBuf::from("<command line>"),
+                String::new(),
+            ),
+        };
+        let base = file
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty() && args.config.is_some())
+            .unwrap_or_else(|| PathBuf::from("."));
+        let rel = |p: &str| -> PathBuf {
+            let p = PathBuf::from(p);
+            if p.is_absolute() { p } else { base.join(p) }
+        };
+        let mut out = Collector::default();
+
+        let listen = match (&args.listen, &raw.listen) {
+            (Some(a), _) => *a,
+            (None, Some(s)) => s.get_ref().parse().unwrap_or_else(|e| {
+                out.push(Diagnostic::at_span(
+                    &file,
+                    &text,
+                    Some(s.span()),
+                    format!("listen: {e}"),
+                ));
+                DEFAULT_LISTEN.parse().expect("valid default")
+            }),
+            (None, None) => DEFAULT_LISTEN.parse().expect("valid default"),
+        };
+
+        let policy_dir = args
+            .policy_dir
+            .clone()
+            .or_else(|| raw.policy_dir.as_deref().map(rel))
+            .unwrap_or_else(|| PathBuf::from("policies"));
+        let users_file = args
+            .users_file
+            .clone()
+            .or_else(|| raw.users_file.as_deref().map(rel))
+            .unwrap_or_else(|| PathBuf::from("conf/users.toml"));
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or_else(|| raw.state_dir.as_deref().map(rel))
+            .unwrap_or_else(|| PathBuf::from("state"));
+        let tls = match (&args.tls_cert, &args.tls_key, &raw.tls) {
+            (Some(cert), Some(key), _) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (_, _, Some(t)) => Some(TlsFiles {
+                cert: rel(&t.cert),
+                key: rel(&t.key),
+            }),
+            _ => None,
+        };
+
+        let mut limits = Limits::default();
+        if let Some(l) = &raw.limits {
+            if let Some(s) = &l.query_timeout {
+                match humantime::parse_duration(s.get_ref()) {
+                    Ok(d) => limits.query_timeout = d,
+                    Err(e) => out.push(Diagnostic::at_span(
+                        &file,
+                        &text,
+                        Some(s.span()),
+                        format!("limits.query_timeout: {e}"),
+                    )),
+                }
+            }
+            if let Some(s) = &l.token_ttl {
+                match humantime::parse_duration(s.get_ref()) {
+                    Ok(d) => limits.token_ttl = d,
+                    Err(e) => out.push(Diagnostic::at_span(
+                        &file,
+                        &text,
+                        Some(s.span()),
+                        format!("limits.token_ttl: {e}"),
+                    )),
+                }
+            }
+            if let Some(s) = &l.memory_per_query {
+                match s.get_ref().parse::<ByteSize>() {
+                    Ok(b) => limits.memory_per_query = b.as_u64() as usize,
+                    Err(e) => out.push(Diagnostic::at_span(
+                        &file,
+                        &text,
+                        Some(s.span()),
+                        format!("limits.memory_per_query: {e}"),
+                    )),
+                }
+            }
+            if let Some(n) = &l.max_concurrent_queries {
+                limits.max_concurrent_queries = *n.get_ref();
+                if *n.get_ref() == 0 {
+                    out.push(Diagnostic::at_span(
+                        &file,
+                        &text,
+                        Some(n.span()),
+                        "limits.max_concurrent_queries must be at least 1",
+                    ));
+                }
+            }
+        }
+        if let Some(d) = args.query_timeout {
+            limits.query_timeout = d;
+        }
+        if let Some(b) = args.memory_per_query {
+            limits.memory_per_query = b.as_u64() as usize;
+        }
+        if let Some(n) = args.max_concurrent_queries {
+            limits.max_concurrent_queries = n.max(1);
+        }
+
+        let mut datasets = Vec::new();
+        let mut seen = BTreeSet::new();
+        for d in &raw.datasets {
+            let line = diagnostic::line_of(&text, d.span().start);
+            let d = d.get_ref();
+            let at = |span| Diagnostic::at_span(&file, &text, Some(span), "");
+            let name = match TableName::parse(d.name.get_ref()) {
+                Ok(n) => n,
+                Err(e) => {
+                    out.push(Diagnostic {
+                        message: format!("dataset name: {e}"),
+                        ..at(d.name.span())
+                    });
+                    continue;
+                }
+            };
+            if !seen.insert(name.clone()) {
+                out.push(Diagnostic {
+                    message: format!("dataset {name} is declared twice"),
+                    ..at(d.name.span())
+                });
+            }
+            let path = rel(d.path.get_ref());
+            if !path.exists() {
+                out.push(Diagnostic {
+                    message: format!("dataset {name}: path {} does not exist", path.display()),
+                    ..at(d.path.span())
+                });
+            }
+            let format = match d.format.or_else(|| DatasetFormat::from_path(&path)) {
+                Some(f) => f,
+                None => {
+                    out.push(Diagnostic {
+                        message: format!(
+                            "dataset {name}: cannot tell the format of {}; set format = \"parquet\", \"csv\" or \"arrow\"",
+                            path.display()
+                        ),
+                        ..at(d.path.span())
+                    });
+                    continue;
+                }
+            };
+            let delimiter = match &d.delimiter {
+                None => b',',
+                Some(s) if s.get_ref().len() == 1 => s.get_ref().as_bytes()[0],
+                Some(s) => {
+                    out.push(Diagnostic {
+                        message: format!("dataset {name}: delimiter must be one ASCII character"),
+                        ..at(s.span())
+                    });
+                    b','
+                }
+            };
+            datasets.push(DatasetConfig {
+                name,
+                path,
+                format,
+                has_header: d.has_header.unwrap_or(true),
+                delimiter,
+                origin: Some((file.clone(), line)),
+            });
+        }
+
+        if let Some(t) = &tls {
+            for p in [&t.cert, &t.key] {
+                if !p.exists() {
+                    out.push(Diagnostic::new(
+                        &file,
+                        None,
+                        format!("TLS file {} does not exist", p.display()),
+                    ));
+                }
+            }
+        }
+
+        out.finish(ServiceConfig {
+            listen,
+            tls,
+            datasets,
+            policy_dir,
+            users_file,
+            state_dir,
+            limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<ServiceConfig, Diagnostics> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.parquet"), b"").unwrap();
+        let path = dir.path().join("airlock.toml");
+        std::fs::write(&path, text).unwrap();
+        ServiceConfig::load(&ConfigArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn names_file_and_line_of_each_error() {
+        let err = load_text(
+            "listen = \"127.0.0.1:1\"\n\n[[datasets]]\nname = \"Bad\"\npath = \"t.parquet\"\n\n[[datasets]]\nname = \"a.b\"\npath = \"missing.parquet\"\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("airlock.toml:4: dataset name"), "{text}");
+        assert!(text.contains("airlock.toml:9: dataset a.b: path"), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = load_text("lisen = \"x\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains(":1: unknown field `lisen`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1\"\n[limits]\nquery_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let cfg = ServiceConfig::load(&ConfigArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:2".parse().unwrap()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 2);
+        assert_eq!(cfg.limits.query_timeout, Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,146 @@
+//! The service's error type and the one place that turns errors into gRPC statuses.
+//!
+//! Every module that can fail has its own error enum; they meet here. [`Error::into_status`]
+//! is an exhaustive match with no catch-all arm, so a new error kind is a compile error
+//! until someone decides which status it maps to. Internal faults reach the client as a
+//! request id only; their details go to the log.
+
+use datafusion::error::DataFusionError;
+use tonic::{Code, Status};
+
+use crate::auth;
+use crate::flight::RequestId;
+use crate::policy::refusal::{Refusal, find_refusal};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Header carrying a refusal's stable reason code next to the status message.
+pub const REASON_CODE_HEADER: &str = "airlock-reason-code";
+/// Header carrying the request id of every failed call.
+pub const REQUEST_ID_HEADER: &str = "airlock-request-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Missing, malformed or wrong credentials.
+    #[error(transparent)]
+    Auth(#[from] auth::Error),
+
+    /// A policy decision: the statement or result is not allowed.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+
+    /// The request itself is malformed: a bad ticket, an unknown handle, bad parameters.
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    /// The SQL does not parse or plan (syntax error, unknown table or column, type error).
+    #[error("{0}")]
+    Query(String),
+
+    /// A limit was hit: query timeout, memory per query, concurrency.
+    #[error("{0}")]
+    ResourceExhausted(String),
+
+    /// A Flight SQL feature this service deliberately does not offer.
+    #[error("{0}")]
+    Unimplemented(String),
+
+    /// A failure while computing a result. The cause may carry data values (a failed cast
+    /// echoes its input), so it is logged, never sent.
+    #[error("query failed during execution")]
+    Execution(#[source] DataFusionError),
+
+    /// A fault of the service itself; details are logged, never sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Where a DataFusion error happened: errors raised while planning describe the SQL the
+/// client sent; errors raised while executing may describe data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Planning,
+    Execution,
+}
+
+impl Error {
+    /// Classifies a DataFusion error without ever copying a runtime message to the client.
+    pub fn from_datafusion(err: DataFusionError, phase: Phase) -> Self {
+        if let Some(refusal) = find_refusal(&err) {
+            return Error::Refused(refusal.clone());
+        }
+        if let Some(msg) = resources_exhausted(&err) {
+            return Error::ResourceExhausted(msg);
+        }
+        match phase {
+            Phase::Execution => Error::Execution(err),
+            Phase::Planning => match root(&err) {
+                DataFusionError::SQL(..)
+                | DataFusionError::Plan(_)
+                | DataFusionError::SchemaError(..)
+                | DataFusionError::NotImplemented(_)
+                | DataFusionError::Configuration(_) => Error::Query(err.strip_backtrace()),
+                _ => Error::Internal(err.to_string()),
+            },
+        }
+    }
+
+    /// The single mapping from errors to gRPC statuses.
+    pub fn into_status(self, request_id: &RequestId) -> Status {
+        let (code, message, reason) = match self {
+            Error::Auth(e) => (Code::Unauthenticated, e.to_string(), None),
+            Error::Refused(r) => (Code::PermissionDenied, r.to_string(), Some(r.code.as_str())),
+            Error::InvalidRequest(m) => (Code::InvalidArgument, m, None),
+            Error::Query(m) => (Code::InvalidArgument, m, None),
+            Error::ResourceExhausted(m) => (Code::ResourceExhausted, m, None),
+            Error::Unimplemented(m) => (Code::Unimplemented, m, None),
+            Error::Execution(e) => {
+                tracing::warn!(request_id = %request_id, error = %e, "query failed during execution");
+                (
+                    Code::Internal,
+                    format!("query failed during execution (request id {request_id})"),
+                    None,
+                )
+            }
+            Error::Internal(m) => {
+                tracing::error!(request_id = %request_id, error = %m, "internal error");
+                (
+                    Code::Internal,
+                    format!("internal error (request id {request_id})"),
+                    None,
+                )
+            }
+        };
+        let mut status = Status::new(code, message);
+        if let Ok(v) = request_id.to_string().parse() {
+            status.metadata_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        if let Some(reason) = reason {
+            status.metadata_mut().insert(
+                REASON_CODE_HEADER,
+                tonic::metadata::MetadataValue::from_static(reason),
+            );
+        }
+        status
+    }
+}
+
+fn root(err: &DataFusionError) -> &DataFusionError {
+    match err {
+        DataFusionError::Context(_, inner) => root(inner),
+        DataFusionError::Diagnostic(_, inner) => root(inner),
+        DataFusionError::Shared(inner) => root(inner),
+        other => other,
+    }
+}
+
+fn resources_exhausted(err: &DataFusionError) -> Option<String> {
+    match root(err) {
+        DataFusionError::ResourcesExhausted(m) => Some(format!(
+            "query exceeded its memory limit ({})",
+            m.lines().next().unwrap_or_default()
+        )),
+        DataFusionError::Collection(errs) => errs.iter().find_map(resources_exhausted),
+        _ => None,
+    }
+}

@@ -1,0 +1,840 @@
+//! The Flight SQL service: authentication, planning, streaming and metadata over gRPC.
+//!
+//! No policy logic lives here. Each RPC authenticates its caller, asks the session
+//! layer for the caller's locked-down session, hands SQL to `query`, and streams what
+//! comes back. Errors become statuses in exactly one place (`Error::into_status`).
+
+pub mod handles;
+pub mod metadata;
+pub mod request_id;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionBeginSavepointRequest, ActionBeginSavepointResult, ActionBeginTransactionRequest,
+    ActionBeginTransactionResult, ActionClosePreparedStatementRequest,
+    ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
+    ActionCreatePreparedSubstraitPlanRequest, ActionEndTransactionRequest, Any, CommandGetCatalogs,
+    CommandGetCrossReference, CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys,
+    CommandGetPrimaryKeys, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
+    CommandGetXdbcTypeInfo, CommandPreparedStatementQuery, CommandPreparedStatementUpdate,
+    CommandStatementIngest, CommandStatementQuery, CommandStatementSubstraitPlan,
+    CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    TicketStatementQuery,
+};
+use arrow_flight::{
+    FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage,
+    SchemaAsIpc, Ticket,
+};
+use bytes::Bytes;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::Schema;
+use datafusion::arrow::ipc::writer::IpcWriteOptions;
+use datafusion::common::ScalarValue;
+use futures::{Stream, TryStreamExt};
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Authenticator, Credentials, Principal};
+use crate::error::{Error, Result};
+use crate::policy::refusal::{ReasonCode, Refusal};
+use crate::query;
+use crate::session::Sessions;
+pub use handles::{Handles, PreparedStatement};
+pub use request_id::{RequestId, RequestIdLayer};
+
+type DoGetStream =
+    Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
+type HandshakeStream = Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>;
+
+/// The Flight SQL endpoint.
+#[derive(Debug)]
+pub struct AirlockService {
+    auth: Arc<Authenticator>,
+    sessions: Arc<Sessions>,
+    handles: Handles,
+}
+
+impl AirlockService {
+    pub fn new(auth: Arc<Authenticator>, sessions: Arc<Sessions>) -> Self {
+        Self {
+            auth,
+            sessions,
+            handles: Handles::default(),
+        }
+    }
+
+    async fn principal<T>(&self, request: &Request<T>) -> Result<Arc<Principal>> {
+        let principal = self.auth.authenticate(request.metadata()).await?;
+        tracing::Span::current().record("principal", principal.name.as_str());
+        Ok(principal)
+    }
+
+    /// A FlightInfo whose one endpoint's ticket is `ticket`; no counts (-1), ever.
+    fn flight_info(
+        schema: &Schema,
+        ticket: Bytes,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo> {
+        Ok(FlightInfo::new()
+            .try_with_schema(schema)
+            .map_err(|e| Error::Internal(format!("encoding a schema: {e}")))?
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+            .with_descriptor(descriptor))
+    }
+
+    /// FlightInfo for a metadata command: the ticket is the command itself.
+    async fn metadata_info<T>(
+        &self,
+        cmd: impl ProstMessageExt,
+        schema: &Schema,
+        request: Request<T>,
+    ) -> Result<FlightInfo>
+    where
+        T: Into<FlightDescriptor>,
+    {
+        self.principal(&request).await?;
+        let ticket = Bytes::from(cmd.as_any().encode_to_vec());
+        Self::flight_info(schema, ticket, request.into_inner().into())
+    }
+
+    /// Plans SQL for the caller, keeps the plan server-side and answers with its ticket.
+    async fn plan_to_info(
+        &self,
+        principal: &Arc<Principal>,
+        sql: &str,
+        params: Option<&[ScalarValue]>,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo> {
+        let session = self.sessions.session_for(principal);
+        let planned = query::plan(session, sql, params).await?;
+        let schema = Arc::clone(&planned.schema);
+        let handle = self.handles.put_query(planned);
+        let ticket = TicketStatementQuery {
+            statement_handle: handle,
+        };
+        Self::flight_info(
+            &schema,
+            Bytes::from(ticket.as_any().encode_to_vec()),
+            descriptor,
+        )
+    }
+
+    async fn run_planned(
+        &self,
+        planned: &query::PlannedQuery,
+        rid: RequestId,
+    ) -> Result<DoGetStream> {
+        let stream = query::execute(planned, &self.sessions).await?;
+        let schema = Arc::clone(stream.schema());
+        let rid_for_errors = rid.clone();
+        let batches =
+            stream.map_err(move |e| FlightError::Tonic(Box::new(e.into_status(&rid_for_errors))));
+        let flight = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(batches)
+            .map_err(move |e| flight_error_to_status(e, &rid));
+        Ok(Box::pin(flight))
+    }
+}
+
+fn flight_error_to_status(e: FlightError, rid: &RequestId) -> Status {
+    match e {
+        FlightError::Tonic(status) => *status,
+        other => Error::Internal(format!("encoding results: {other}")).into_status(rid),
+    }
+}
+
+fn one_batch(batch: RecordBatch) -> DoGetStream {
+    let schema = batch.schema();
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(futures::stream::once(async move { Ok(batch) }))
+        .map_err(|e| flight_error_to_status(e, &RequestId::new()));
+    Box::pin(stream)
+}
+
+fn ipc_schema(schema: &Schema) -> Result<Bytes> {
+    let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+        .try_into()
+        .map_err(|e| Error::Internal(format!("encoding a schema: {e}")))?;
+    Ok(bytes)
+}
+
+fn refuse<T>(code: ReasonCode, message: &str) -> Result<T> {
+    Err(Refusal::new(code, message).into())
+}
+
+/// Runs a handler body and maps its error through the one mapping.
+async fn respond<T>(rid: &RequestId, body: impl Future<Output = Result<T>>) -> Result<T, Status> {
+    body.await.map_err(|e| e.into_status(rid))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for AirlockService {
+    type FlightService = AirlockService;
+
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<HandshakeStream>, Status> {
+        let rid = RequestId::of(&request);
+        let token = respond(&rid, async {
+            let principal = match Credentials::from_metadata(request.metadata()) {
+                Ok(_) => self.principal(&request).await?,
+                Err(crate::auth::Error::MissingCredentials) => {
+                    // Older clients send BasicAuth in the first handshake message.
+                    let mut stream = request.into_inner();
+                    let first = stream
+                        .message()
+                        .await
+                        .map_err(|_| crate::auth::Error::MissingCredentials)?
+                        .ok_or(crate::auth::Error::MissingCredentials)?;
+                    let basic = arrow_flight::BasicAuth::decode(first.payload)
+                        .map_err(|_| crate::auth::Error::MissingCredentials)?;
+                    if basic.username.is_empty() {
+                        return Err(crate::auth::Error::MissingCredentials.into());
+                    }
+                    let p = self
+                        .auth
+                        .verify_password(&basic.username, &basic.password)
+                        .await?;
+                    tracing::Span::current().record("principal", p.name.as_str());
+                    p
+                }
+                Err(e) => return Err(e.into()),
+            };
+            tracing::info!("handshake: token issued");
+            Ok(self.auth.issue_token(principal))
+        })
+        .await?;
+        let response = HandshakeResponse {
+            protocol_version: 0,
+            payload: Bytes::from(token.clone().into_bytes()),
+        };
+        let mut resp: Response<HandshakeStream> =
+            Response::new(Box::pin(futures::stream::iter(vec![Ok(response)])));
+        let header = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Error::Internal("token is not a header value".into()).into_status(&rid))?;
+        resp.metadata_mut().insert("authorization", header);
+        Ok(resp)
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            let principal = self.principal(&request).await?;
+            if query.transaction_id.is_some() {
+                return Err(Error::Unimplemented(
+                    "transactions are not supported: the service is read-only".into(),
+                ));
+            }
+            self.plan_to_info(&principal, &query.query, None, request.into_inner())
+                .await
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_flight_info_substrait_plan(
+        &self,
+        _query: CommandStatementSubstraitPlan,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            refuse(
+                ReasonCode::SubstraitNotAllowed,
+                "Substrait plans are not accepted (a read relation can name any file); send SQL",
+            )
+        })
+        .await
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            let principal = self.principal(&request).await?;
+            let stmt = self
+                .handles
+                .prepared(&cmd.prepared_statement_handle, &principal)?;
+            let params = params_for(&stmt)?;
+            self.plan_to_info(
+                &principal,
+                &stmt.sql,
+                params.as_deref(),
+                request.into_inner(),
+            )
+            .await
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = query.clone().into_builder().schema();
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = query.clone().into_builder().schema();
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = metadata::tables_schema(query.clone());
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = query.clone().into_builder().schema();
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = metadata::sql_info().schema();
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flight_info_primary_keys(
+        &self,
+        query: CommandGetPrimaryKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = metadata::primary_keys_schema();
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flight_info_exported_keys(
+        &self,
+        query: CommandGetExportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = metadata::foreign_keys_schema();
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flight_info_imported_keys(
+        &self,
+        query: CommandGetImportedKeys,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = metadata::foreign_keys_schema();
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flight_info_cross_reference(
+        &self,
+        query: CommandGetCrossReference,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = metadata::foreign_keys_schema();
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_flight_info_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let rid = RequestId::of(&request);
+        let schema = metadata::xdbc_type_info().schema();
+        respond(&rid, self.metadata_info(query, &schema, request))
+            .await
+            .map(Response::new)
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            let principal = self.principal(&request).await?;
+            let planned = self
+                .handles
+                .take_query(&ticket.statement_handle, &principal)?;
+            self.run_planned(&planned, rid.clone()).await
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            let principal = self.principal(&request).await?;
+            let stmt = self
+                .handles
+                .prepared(&cmd.prepared_statement_handle, &principal)?;
+            let params = params_for(&stmt)?;
+            let session = self.sessions.session_for(&principal);
+            let planned = query::plan(session, &stmt.sql, params.as_deref()).await?;
+            self.run_planned(&planned, rid.clone()).await
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        _query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            metadata::catalogs()
+        })
+        .await
+        .map(|b| Response::new(one_batch(b)))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            let principal = self.principal(&request).await?;
+            let session = self.sessions.session_for(&principal);
+            metadata::db_schemas(&session, query).await
+        })
+        .await
+        .map(|b| Response::new(one_batch(b)))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            let principal = self.principal(&request).await?;
+            let session = self.sessions.session_for(&principal);
+            metadata::tables(&session, query).await
+        })
+        .await
+        .map(|b| Response::new(one_batch(b)))
+    }
+
+    async fn do_get_table_types(
+        &self,
+        _query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            metadata::table_types()
+        })
+        .await
+        .map(|b| Response::new(one_batch(b)))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            query
+                .into_builder(metadata::sql_info())
+                .build()
+                .map_err(|e| Error::Internal(format!("sql info: {e}")))
+        })
+        .await
+        .map(|b| Response::new(one_batch(b)))
+    }
+
+    async fn do_get_primary_keys(
+        &self,
+        _query: CommandGetPrimaryKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            Ok(RecordBatch::new_empty(metadata::primary_keys_schema()))
+        })
+        .await
+        .map(|b| Response::new(one_batch(b)))
+    }
+
+    async fn do_get_exported_keys(
+        &self,
+        _query: CommandGetExportedKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.empty_foreign_keys(request).await
+    }
+
+    async fn do_get_imported_keys(
+        &self,
+        _query: CommandGetImportedKeys,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.empty_foreign_keys(request).await
+    }
+
+    async fn do_get_cross_reference(
+        &self,
+        _query: CommandGetCrossReference,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.empty_foreign_keys(request).await
+    }
+
+    async fn do_get_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            query
+                .into_builder(metadata::xdbc_type_info())
+                .build()
+                .map_err(|e| Error::Internal(format!("type info: {e}")))
+        })
+        .await
+        .map(|b| Response::new(one_batch(b)))
+    }
+
+    async fn do_get_fallback(
+        &self,
+        request: Request<Ticket>,
+        message: Any,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            Err(Error::InvalidRequest(format!(
+                "unsupported ticket type {}",
+                message.type_url
+            )))
+        })
+        .await
+    }
+
+    async fn do_put_statement_update(
+        &self,
+        _cmd: CommandStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            refuse(
+                ReasonCode::StatementNotAllowed,
+                "the service is read-only: only queries may run",
+            )
+        })
+        .await
+    }
+
+    async fn do_put_prepared_statement_update(
+        &self,
+        _cmd: CommandPreparedStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            refuse(
+                ReasonCode::StatementNotAllowed,
+                "the service is read-only: only queries may run",
+            )
+        })
+        .await
+    }
+
+    async fn do_put_substrait_plan(
+        &self,
+        _cmd: CommandStatementSubstraitPlan,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            refuse(
+                ReasonCode::SubstraitNotAllowed,
+                "Substrait plans are not accepted; send SQL",
+            )
+        })
+        .await
+    }
+
+    async fn do_put_statement_ingest(
+        &self,
+        _cmd: CommandStatementIngest,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            refuse(
+                ReasonCode::WriteNotAllowed,
+                "bulk ingest is not enabled on this server",
+            )
+        })
+        .await
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            let principal = self.principal(&request).await?;
+            // Check ownership before reading anything the client sends.
+            self.handles
+                .prepared(&cmd.prepared_statement_handle, &principal)?;
+            let stream = request.into_inner().map_err(FlightError::from);
+            let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(stream)
+                .try_collect()
+                .await
+                .map_err(|e| Error::InvalidRequest(format!("cannot read parameters: {e}")))?;
+            let params = first_row(&batches)?;
+            self.handles
+                .bind(&cmd.prepared_statement_handle, &principal, params)?;
+            Ok(DoPutPreparedStatementResult {
+                prepared_statement_handle: Some(cmd.prepared_statement_handle),
+            })
+        })
+        .await
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            let principal = self.principal(&request).await?;
+            if query.transaction_id.is_some() {
+                return Err(Error::Unimplemented(
+                    "transactions are not supported: the service is read-only".into(),
+                ));
+            }
+            let session = self.sessions.session_for(&principal);
+            let prepared = query::prepare(session, &query.query).await?;
+            let dataset_schema = ipc_schema(&prepared.dataset_schema)?;
+            let parameter_schema = ipc_schema(&prepared.parameter_schema)?;
+            let handle = self.handles.put_prepared(PreparedStatement {
+                principal,
+                sql: query.query,
+                prepared,
+                params: None,
+            });
+            Ok(ActionCreatePreparedStatementResult {
+                prepared_statement_handle: handle,
+                dataset_schema,
+                parameter_schema,
+            })
+        })
+        .await
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        query: ActionClosePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<(), Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            let principal = self.principal(&request).await?;
+            self.handles
+                .close_prepared(&query.prepared_statement_handle, &principal)
+        })
+        .await
+    }
+
+    async fn do_action_create_prepared_substrait_plan(
+        &self,
+        _query: ActionCreatePreparedSubstraitPlanRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            refuse(
+                ReasonCode::SubstraitNotAllowed,
+                "Substrait plans are not accepted; send SQL",
+            )
+        })
+        .await
+    }
+
+    async fn do_action_begin_transaction(
+        &self,
+        _query: ActionBeginTransactionRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionBeginTransactionResult, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            Err(Error::Unimplemented(
+                "transactions are not supported: the service is read-only".into(),
+            ))
+        })
+        .await
+    }
+
+    async fn do_action_end_transaction(
+        &self,
+        _query: ActionEndTransactionRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<(), Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            Err(Error::Unimplemented(
+                "transactions are not supported: the service is read-only".into(),
+            ))
+        })
+        .await
+    }
+
+    async fn do_action_begin_savepoint(
+        &self,
+        _query: ActionBeginSavepointRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionBeginSavepointResult, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            Err(Error::Unimplemented(
+                "savepoints are not supported: the service is read-only".into(),
+            ))
+        })
+        .await
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+impl AirlockService {
+    async fn empty_foreign_keys(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let rid = RequestId::of(&request);
+        respond(&rid, async {
+            self.principal(&request).await?;
+            Ok(RecordBatch::new_empty(metadata::foreign_keys_schema()))
+        })
+        .await
+        .map(|b| Response::new(one_batch(b)))
+    }
+
+    /// The tonic service, ready to add to a server.
+    pub fn into_server(self) -> arrow_flight::flight_service_server::FlightServiceServer<Self> {
+        arrow_flight::flight_service_server::FlightServiceServer::new(self)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+}
+
+/// The parameters a prepared statement will run with.
+fn params_for(stmt: &PreparedStatement) -> Result<Option<Vec<ScalarValue>>> {
+    let wanted = stmt.prepared.parameter_schema.fields().len();
+    match (&stmt.params, wanted) {
+        (None, 0) => Ok(None),
+        (None, n) => Err(Error::InvalidRequest(format!(
+            "the statement takes {n} parameter(s); bind them first"
+        ))),
+        (Some(p), _) => Ok(Some(p.clone())),
+    }
+}
+
+/// One row of bound parameters as scalars.
+fn first_row(batches: &[RecordBatch]) -> Result<Vec<ScalarValue>> {
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    if rows != 1 {
+        return Err(Error::InvalidRequest(format!(
+            "bind exactly one row of parameters to a query (got {rows})"
+        )));
+    }
+    let batch = batches.iter().find(|b| b.num_rows() == 1).expect("one row");
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            ScalarValue::try_from_array(c, 0)
+                .map_err(|e| Error::InvalidRequest(format!("bad parameter: {e}")))
+        })
+        .collect()
+}

@@ -1,0 +1,367 @@
+//! `policies/tables.toml`: the privacy settings of each protected table (PRIVACY.md §2).
+//!
+//! Parsing rejects unknown keys; validation against the catalog rejects unknown tables
+//! and columns. Each error names the file and line. Defaults are the contract's: every
+//! row its own entity, k = 10, the default aggregate allow-list, every column filterable
+//! but the entity key and wiped ones, small groups dropped, no conditional aggregates.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use datafusion::arrow::datatypes::{DataType, Schema};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{Collector, Diagnostic, Diagnostics, TableName};
+
+/// The default `min_group_size` (k).
+pub const DEFAULT_MIN_GROUP_SIZE: u64 = 10;
+
+/// The default aggregate allow-list.
+pub const DEFAULT_AGGREGATES: [&str; 5] = ["count", "sum", "avg", "stddev", "var"];
+
+/// Aggregate names an owner may put on an allow-list. Functions that return one
+/// person's value (min, max, median, ...) may be listed, at the owner's own risk.
+pub const KNOWN_AGGREGATES: [&str; 16] = [
+    "count",
+    "sum",
+    "avg",
+    "stddev",
+    "stddev_pop",
+    "var",
+    "var_pop",
+    "min",
+    "max",
+    "median",
+    "approx_distinct",
+    "approx_median",
+    "approx_percentile_cont",
+    "corr",
+    "covar_samp",
+    "covar_pop",
+];
+
+/// How a wiped column is masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskKind {
+    /// `'*'` (strings only; the default for strings).
+    Star,
+    /// NULL of the column's type (the default for everything else).
+    Null,
+    /// A keyed hash of the value, stable within one policy version.
+    Hash,
+    /// Everything but the last four characters replaced with `*` (strings only).
+    Last4,
+}
+
+/// What happens to groups below k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmallGroups {
+    #[default]
+    Drop,
+    Remainder,
+}
+
+/// A row-level filter applied at the scan for principals holding `role`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowFilter {
+    pub role: String,
+    pub predicate: String,
+}
+
+/// The validated settings of one protected table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablePolicy {
+    pub privacy_unit: Option<String>,
+    pub min_group_size: u64,
+    pub wipe: BTreeSet<String>,
+    pub masks: BTreeMap<String, MaskKind>,
+    pub aggregates: BTreeSet<String>,
+    pub filterable: BTreeSet<String>,
+    pub small_groups: SmallGroups,
+    pub conditional_aggregates: bool,
+    pub row_filters: Vec<RowFilter>,
+}
+
+impl TablePolicy {
+    /// The mask of a wiped column: its configured kind or the type's default.
+    pub fn mask_for(&self, column: &str, data_type: &DataType) -> Option<MaskKind> {
+        if !self.wipe.contains(column) {
+            return None;
+        }
+        Some(self.masks.get(column).copied().unwrap_or(match data_type {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => MaskKind::Star,
+            _ => MaskKind::Null,
+        }))
+    }
+}
+
+/// Every protected table's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TablesPolicy {
+    pub tables: BTreeMap<TableName, TablePolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    tables: BTreeMap<String, Spanned<RawTable>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    privacy_unit: Option<Spanned<String>>,
+    min_group_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    wipe: Vec<Spanned<String>>,
+    #[serde(default)]
+    masks: BTreeMap<String, Spanned<MaskKind>>,
+    aggregates: Option<Vec<Spanned<String>>>,
+    filterable: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    small_groups: SmallGroups,
+    #[serde(default)]
+    conditional_aggregates: bool,
+    #[serde(default)]
+    row_filters: Vec<Spanned<RawRowFilter>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRowFilter {
+    role: String,
+    #[serde(rename = "where")]
+    predicate: String,
+}
+
+impl TablesPolicy {
+    /// Parses `tables.toml` and validates it against the catalog's table schemas.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        schema_of: &dyn Fn(&TableName) -> Option<Schema>,
+    ) -> Result<Self, Diagnostics> {
+        let raw: RawFile = toml::from_str(text)
+            .map_err(|e| Diagnostics::one(Diagnostic::from_toml(path, text, &e)))?;
+        let mut out = Collector::default();
+        let mut tables = BTreeMap::new();
+        for (name, entry) in raw.tables {
+            let table_span = entry.span();
+            let err = |span: std::ops::Range<usize>, msg: String| {
+                Diagnostic::at_span(path, text, Some(span), msg)
+            };
+            let table = match TableName::parse(&name) {
+                Ok(t) => t,
+                Err(e) => {
+                    out.push(err(table_span, e));
+                    continue;
+                }
+            };
+            let Some(schema) = schema_of(&table) else {
+                out.push(err(
+                    table_span,
+                    format!("table {table} is not in the catalog"),
+                ));
+                continue;
+            };
+            let raw = entry.into_inner();
+            let mut column = |c: &Spanned<String>, what: &str| -> Option<String> {
+                if schema.field_with_name(c.get_ref()).is_ok() {
+                    Some(c.get_ref().clone())
+                } else {
+                    out.push(err(
+                        c.span(),
+                        format!("{table}: {what} column {:?} does not exist", c.get_ref()),
+                    ));
+                    None
+                }
+            };
+            let privacy_unit = raw
+                .privacy_unit
+                .as_ref()
+                .and_then(|c| column(c, "privacy_unit"));
+            let wipe: BTreeSet<String> =
+                raw.wipe.iter().filter_map(|c| column(c, "wiped")).collect();
+            let filterable_raw: Option<BTreeSet<String>> = raw.filterable.as_ref().map(|cols| {
+                cols.iter()
+                    .filter_map(|c| column(c, "filterable"))
+                    .collect()
+            });
+            let min_group_size = match raw.min_group_size {
+                None => DEFAULT_MIN_GROUP_SIZE,
+                Some(k) if *k.get_ref() >= 1 => *k.get_ref() as u64,
+                Some(k) => {
+                    out.push(err(
+                        k.span(),
+                        format!("{table}: min_group_size must be at least 1"),
+                    ));
+                    DEFAULT_MIN_GROUP_SIZE
+                }
+            };
+            let mut masks = BTreeMap::new();
+            for (col, kind) in raw.masks {
+                if !wipe.contains(&col) {
+                    out.push(err(
+                        kind.span(),
+                        format!("{table}: mask for {col:?}, which is not in wipe"),
+                    ));
+                    continue;
+                }
+                let is_string = schema
+                    .field_with_name(&col)
+                    .map(|f| {
+                        matches!(
+                            f.data_type(),
+                            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                        )
+                    })
+                    .unwrap_or(false);
+                if matches!(kind.get_ref(), MaskKind::Star | MaskKind::Last4) && !is_string {
+                    out.push(err(
+                        kind.span(),
+                        format!(
+                            "{table}: mask {:?} needs a string column, {col:?} is not",
+                            kind.get_ref()
+                        ),
+                    ));
+                    continue;
+                }
+                masks.insert(col, *kind.get_ref());
+            }
+            let aggregates: BTreeSet<String> = match &raw.aggregates {
+                None => DEFAULT_AGGREGATES.iter().map(|s| s.to_string()).collect(),
+                Some(list) => list
+                    .iter()
+                    .filter_map(|a| {
+                        let name = a.get_ref().to_ascii_lowercase();
+                        if KNOWN_AGGREGATES.contains(&name.as_str()) {
+                            Some(name)
+                        } else {
+                            out.push(err(
+                                a.span(),
+                                format!("{table}: unknown aggregate {:?}", a.get_ref()),
+                            ));
+                            None
+                        }
+                    })
+                    .collect(),
+            };
+            let filterable = match filterable_raw {
+                Some(f) => {
+                    for c in &f {
+                        if Some(c) == privacy_unit.as_ref() || wipe.contains(c) {
+                            out.push(err(
+                                table_span.clone(),
+                                format!("{table}: {c:?} is the entity key or wiped and cannot be filterable"),
+                            ));
+                        }
+                    }
+                    f
+                }
+                None => schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .filter(|c| Some(c) != privacy_unit.as_ref() && !wipe.contains(c))
+                    .collect(),
+            };
+            let mut row_filters = Vec::new();
+            for rf in raw.row_filters {
+                let span = rf.span();
+                let rf = rf.into_inner();
+                let dialect = datafusion::sql::sqlparser::dialect::GenericDialect {};
+                match datafusion::sql::sqlparser::parser::Parser::new(&dialect)
+                    .try_with_sql(&rf.predicate)
+                    .and_then(|mut p| p.parse_expr())
+                {
+                    Ok(_) => row_filters.push(RowFilter {
+                        role: rf.role,
+                        predicate: rf.predicate,
+                    }),
+                    Err(e) => out.push(err(
+                        span,
+                        format!("{table}: row filter for role {}: {e}", rf.role),
+                    )),
+                }
+            }
+            tables.insert(
+                table,
+                TablePolicy {
+                    privacy_unit,
+                    min_group_size,
+                    wipe,
+                    masks,
+                    aggregates,
+                    filterable,
+                    small_groups: raw.small_groups,
+                    conditional_aggregates: raw.conditional_aggregates,
+                    row_filters,
+                },
+            );
+        }
+        out.finish(Self { tables })
+    }
+
+    pub fn get(&self, table: &TableName) -> Option<&TablePolicy> {
+        self.tables.get(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::datatypes::Field;
+
+    fn schema_of(t: &TableName) -> Option<Schema> {
+        (t.to_string() == "h.p").then(|| {
+            Schema::new(vec![
+                Field::new("pid", DataType::Int64, false),
+                Field::new("name", DataType::Utf8, true),
+                Field::new("age", DataType::Int32, true),
+            ])
+        })
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let p = TablesPolicy::parse(
+            Path::new("tables.toml"),
+            "[tables.\"h.p\"]\nprivacy_unit = \"pid\"\nwipe = [\"name\"]\n",
+            &schema_of,
+        )
+        .unwrap();
+        let t = &p.tables[&TableName::parse("h.p").unwrap()];
+        assert_eq!(t.min_group_size, 10);
+        assert_eq!(t.filterable, BTreeSet::from(["age".to_string()]));
+        assert_eq!(t.mask_for("name", &DataType::Utf8), Some(MaskKind::Star));
+        assert_eq!(t.small_groups, SmallGroups::Drop);
+        assert!(t.aggregates.contains("avg") && !t.aggregates.contains("max"));
+    }
+
+    #[test]
+    fn errors_name_lines() {
+        let err = TablesPolicy::parse(
+            Path::new("tables.toml"),
+            "[tables.\"h.p\"]\nprivacy_unit = \"pid\"\nwipe = [\"nme\"]\n\n[tables.\"h.q\"]\n",
+            &schema_of,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("tables.toml:3: h.p: wiped column \"nme\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("tables.toml:5: table h.q is not in the catalog"),
+            "{err}"
+        );
+        let err = TablesPolicy::parse(Path::new("t.toml"), "[tables.\"h.p\"]\nk = 3\n", &schema_of)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("t.toml:2: unknown field `k`"), "{err}");
+    }
+}

@@ -1,0 +1,147 @@
+//! Execute a planned query as a stream of batches in the promised schema.
+//!
+//! The stream holds an execution slot for as long as it lives and ends with a
+//! `ResourceExhausted` error when the query timeout passes. Batches are passed on one at
+//! a time as DataFusion produces them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::execute_stream;
+use futures::Stream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
+
+use super::PlannedQuery;
+use crate::error::{Error, Phase, Result};
+use crate::session::Sessions;
+
+/// A running query.
+pub struct QueryStream {
+    schema: SchemaRef,
+    inner: SendableRecordBatchStream,
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+    finished: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl QueryStream {
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+}
+
+/// Starts executing `query`: waits for a slot (within the timeout), plans physically and
+/// opens the stream.
+pub async fn execute(query: &PlannedQuery, sessions: &Sessions) -> Result<QueryStream> {
+    let timeout = sessions.limits().query_timeout;
+    let deadline = Instant::now() + timeout;
+    let slot = tokio::time::timeout_at(deadline, Arc::clone(sessions.slots()).acquire_owned())
+        .await
+        .map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "no query slot became free within {}",
+                humantime::format_duration(timeout)
+            ))
+        })?
+        .map_err(|_| Error::Internal("query slots closed".into()))?;
+    let state = &query.session.state;
+    let physical = tokio::time::timeout_at(
+        deadline,
+        state
+            .query_planner()
+            .create_physical_plan(&query.plan, state),
+    )
+    .await
+    .map_err(|_| timed_out(timeout))?
+    .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    let inner = execute_stream(physical, sessions.task_context(&query.session))
+        .map_err(|e| Error::from_datafusion(e, Phase::Execution))?;
+    Ok(QueryStream {
+        schema: Arc::clone(&query.schema),
+        inner,
+        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        timeout,
+        finished: false,
+        _slot: slot,
+    })
+}
+
+fn timed_out(timeout: Duration) -> Error {
+    Error::ResourceExhausted(format!(
+        "query exceeded its time limit of {}",
+        humantime::format_duration(timeout)
+    ))
+}
+
+impl Stream for QueryStream {
+    type Item = Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.finished = true;
+            return Poll::Ready(Some(Err(timed_out(self.timeout))));
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                self.finished = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.finished = true;
+                Poll::Ready(Some(Err(Error::from_datafusion(e, Phase::Execution))))
+            }
+            Poll::Ready(Some(Ok(batch))) => {
+                let adapted = conform(batch, &self.schema);
+                if adapted.is_err() {
+                    self.finished = true;
+                }
+                Poll::Ready(Some(adapted))
+            }
+        }
+    }
+}
+
+/// Puts a batch into the promised schema: same columns, promised types and field flags.
+fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema_ref() == schema {
+        return Ok(batch);
+    }
+    if batch.num_columns() != schema.fields().len() {
+        return Err(Error::Internal(format!(
+            "batch has {} columns, schema {}",
+            batch.num_columns(),
+            schema.fields().len()
+        )));
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| {
+            if c.data_type() == f.data_type() {
+                Ok(Arc::clone(c))
+            } else {
+                cast(c, f.data_type()).map(|a| a as ArrayRef)
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Internal(format!("cannot conform batch: {e}")))?;
+    RecordBatch::try_new_with_options(
+        Arc::clone(schema),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )
+    .map_err(|e| Error::Internal(format!("cannot conform batch: {e}")))
+}
