@@ -79,10 +79,10 @@ enum UserCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     airlock::telemetry::init(&cli.log, cli.log_json);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The server runs on a runtime of its own (see airlock::server); this one only drives
+    // the command line: the client, signals, waiting.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        // Deep plans recurse; DataFusion grows the stack on demand, this is the margin.
-        .thread_stack_size(8 * 1024 * 1024)
         .build()
         .expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {

@@ -4,6 +4,10 @@
 //! start-up error naming file and line); [`Airlock::start`] binds and serves in the
 //! background, which is what tests and the demo use; `SIGHUP` reloads the policy, and a
 //! bad policy leaves the last good one in force.
+//!
+//! The server runs on a runtime of its own, whatever runtime the caller has: its threads
+//! have large stacks ([`WORKER_STACK`]), so deep (but bounded, see `query::parse`) plans
+//! cannot overflow them, and a caller's small test runtime changes nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +36,8 @@ pub enum Error {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cannot start the server runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("query engine: {0}")]
     Engine(#[from] datafusion::error::DataFusionError),
     #[error("server: {0}")]
@@ -49,25 +55,25 @@ pub struct Airlock {
     pub auth: Arc<Authenticator>,
 }
 
-/// A server running in the background. Dropping it stops the server.
+/// Stack size of the server's threads: planning and evaluation recurse through
+/// expression trees (up to `query::parse::MAX_NESTING` levels).
+pub const WORKER_STACK: usize = 32 * 1024 * 1024;
+
+/// A server running in the background on its own runtime. Dropping it stops the server.
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
     pub airlock: Arc<Airlock>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<()>>>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Running {
     /// Stops accepting calls and waits for the server task to end.
     pub async fn stop(mut self) -> Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match self.task.take() {
-            Some(t) => t.await.unwrap_or(Ok(())),
-            None => Ok(()),
-        }
+        self.shutdown();
+        self.wait().await
     }
 
     /// Waits until the server ends (e.g. on a signal handled by the caller).
@@ -89,6 +95,9 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.shutdown();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -127,33 +136,62 @@ impl Airlock {
             .map(|s| s.version)
     }
 
-    /// Binds the listen address and serves in the background.
+    /// Binds the listen address and serves in the background, on the server's own runtime.
     pub async fn start(self) -> Result<Running> {
-        let addr = self.config.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Bind { addr, source })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| Error::Bind { addr, source })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("airlock-worker")
+            .thread_stack_size(WORKER_STACK)
+            .enable_all()
+            .build()
+            .map_err(Error::Runtime)?;
         let airlock = Arc::new(self);
-        let service = AirlockService::new(Arc::clone(&airlock.auth), Arc::clone(&airlock.sessions));
-
-        let mut builder = Server::builder();
-        if let Some(tls) = &airlock.config.tls {
-            let cert = std::fs::read(&tls.cert)
-                .map_err(|e| Error::Tls(format!("{}: {e}", tls.cert.display())))?;
-            let key = std::fs::read(&tls.key)
-                .map_err(|e| Error::Tls(format!("{}: {e}", tls.key.display())))?;
-            builder = builder
-                .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
-                .map_err(|e| Error::Tls(e.to_string()))?;
-        }
+        let tls = match &airlock.config.tls {
+            None => None,
+            Some(tls) => {
+                let cert = std::fs::read(&tls.cert)
+                    .map_err(|e| Error::Tls(format!("{}: {e}", tls.cert.display())))?;
+                let key = std::fs::read(&tls.key)
+                    .map_err(|e| Error::Tls(format!("{}: {e}", tls.key.display())))?;
+                Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            }
+        };
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<SocketAddr>>();
         let (tx, rx) = oneshot::channel::<()>();
-        let router = builder
-            .layer(RequestIdLayer)
-            .add_service(service.into_server());
-        let task = tokio::spawn(async move {
+        let server = Arc::clone(&airlock);
+        let task = runtime.spawn(async move {
+            let addr = server.config.listen;
+            let bound = async {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| Error::Bind { addr, source })?;
+                let mut builder = Server::builder();
+                if let Some(tls) = tls {
+                    builder = builder
+                        .tls_config(tls)
+                        .map_err(|e| Error::Tls(e.to_string()))?;
+                }
+                Ok::<_, Error>((listener, local, builder))
+            }
+            .await;
+            let (listener, local, builder) = match bound {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Ok(());
+                }
+            };
+            let service =
+                AirlockService::new(Arc::clone(&server.auth), Arc::clone(&server.sessions));
+            let router = builder
+                .layer(RequestIdLayer)
+                .add_service(service.into_server());
+            spawn_reload_on_sighup(Arc::clone(&server));
+            tracing::info!(addr = %local, tls = server.config.tls.is_some(), "airlock listening");
+            let _ = ready_tx.send(Ok(local));
             router
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = rx.await;
@@ -161,13 +199,25 @@ impl Airlock {
                 .await
                 .map_err(Error::from)
         });
-        spawn_reload_on_sighup(Arc::clone(&airlock));
-        tracing::info!(addr = %local, tls = airlock.config.tls.is_some(), "airlock listening");
+        let addr = match ready_rx.await {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(e)) => {
+                runtime.shutdown_background();
+                return Err(e);
+            }
+            Err(_) => {
+                runtime.shutdown_background();
+                return Err(Error::Runtime(std::io::Error::other(
+                    "the server task ended before listening",
+                )));
+            }
+        };
         Ok(Running {
-            addr: local,
+            addr,
             airlock,
             shutdown: Some(tx),
             task: Some(task),
+            runtime: Some(runtime),
         })
     }
 }

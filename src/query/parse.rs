@@ -11,6 +11,8 @@ use std::ops::ControlFlow;
 use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{self, Expr as SqlExpr, Value, visit_expressions_mut};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 use crate::error::{Error, Result};
 use crate::policy::refusal::{ReasonCode, Refusal};
@@ -24,9 +26,24 @@ pub enum Checked {
     Explain(DFStatement),
 }
 
+/// The deepest expression tree a statement may build. The parser bounds parentheses and
+/// function calls itself, but a chain of infix operators (`a + a + ...`, `x::int::int`)
+/// builds a deep tree without parser recursion; every later pass (planning,
+/// optimization, evaluation) then recurses through it.
+pub const MAX_NESTING: usize = 2_000;
+
 /// Parses exactly one statement and lets through only queries and EXPLAIN of a query.
 pub fn parse(sql: &str, recursion_limit: usize) -> Result<Checked> {
     let dialect = GenericDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize()
+        .map_err(|e| Error::Query(format!("SQL error: {e}")))?;
+    let bound = nesting_bound(&tokens);
+    if bound > MAX_NESTING {
+        return Err(Error::Query(format!(
+            "expression nesting too deep: up to {bound} levels, the limit is {MAX_NESTING}"
+        )));
+    }
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&dialect)
         .with_recursion_limit(recursion_limit)
@@ -65,6 +82,76 @@ pub fn parse(sql: &str, recursion_limit: usize) -> Result<Checked> {
         DFStatement::CopyTo(_) => Err(not_allowed("COPY")),
         DFStatement::Reset(_) => Err(not_allowed("RESET")),
     }
+}
+
+/// An upper bound of the expression depth a token stream can produce: within each
+/// bracket group, every operator token can add a level; commas and clause keywords
+/// start a new expression.
+fn nesting_bound(tokens: &[Token]) -> usize {
+    let mut groups: Vec<usize> = vec![0];
+    let mut sum = 0usize;
+    let mut max = 0usize;
+    for t in tokens {
+        match t {
+            Token::Whitespace(_)
+            | Token::EOF
+            | Token::Period
+            | Token::Number(..)
+            | Token::Placeholder(_) => {}
+            Token::LParen | Token::LBracket | Token::LBrace => groups.push(0),
+            Token::RParen | Token::RBracket | Token::RBrace => {
+                if groups.len() > 1 {
+                    sum -= groups.pop().unwrap_or(0);
+                }
+            }
+            Token::Comma | Token::SemiColon => {
+                let top = groups.last_mut().expect("never empty");
+                sum -= *top;
+                *top = 0;
+            }
+            Token::Word(w) => match w.keyword {
+                Keyword::AND
+                | Keyword::OR
+                | Keyword::NOT
+                | Keyword::IS
+                | Keyword::LIKE
+                | Keyword::ILIKE
+                | Keyword::SIMILAR
+                | Keyword::BETWEEN
+                | Keyword::IN
+                | Keyword::AT
+                | Keyword::COLLATE
+                | Keyword::DIV => {
+                    *groups.last_mut().expect("never empty") += 1;
+                    sum += 1;
+                }
+                Keyword::SELECT
+                | Keyword::FROM
+                | Keyword::WHERE
+                | Keyword::GROUP
+                | Keyword::HAVING
+                | Keyword::ORDER
+                | Keyword::LIMIT
+                | Keyword::ON
+                | Keyword::UNION
+                | Keyword::WHEN
+                | Keyword::THEN
+                | Keyword::ELSE => {
+                    let top = groups.last_mut().expect("never empty");
+                    sum -= *top;
+                    *top = 0;
+                }
+                _ => {}
+            },
+            // Every other token may be an operator: count it (an overestimate is safe).
+            _ => {
+                *groups.last_mut().expect("never empty") += 1;
+                sum += 1;
+            }
+        }
+        max = max.max(groups.len() + sum);
+    }
+    max
 }
 
 fn not_allowed(statement_text: &str) -> Error {
@@ -164,6 +251,31 @@ mod tests {
             panic!()
         };
         assert_eq!(s.to_string(), "SELECT $1 + 1 WHERE $2 > 2");
+    }
+
+    #[test]
+    fn operator_chains_are_bounded() {
+        let chain = format!("SELECT {}", vec!["a"; 5_000].join(" + "));
+        assert!(matches!(parse(&chain, 50), Err(Error::Query(m)) if m.contains("too deep")));
+        let casts = format!("SELECT 1{}", "::int".repeat(3_000));
+        assert!(matches!(parse(&casts, 50), Err(Error::Query(_))));
+        // Long flat lists are fine.
+        let list = format!(
+            "SELECT 1 WHERE 1 IN ({})",
+            (0..10_000)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        assert!(parse(&list, 50).is_ok());
+        let ors = format!(
+            "SELECT 1 WHERE {}",
+            (0..500)
+                .map(|i| format!("a = {i}"))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        );
+        assert!(parse(&ors, 50).is_ok());
     }
 
     #[test]

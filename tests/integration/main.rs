@@ -1,1 +1,6 @@
+//! The one integration test binary: every server-level test links DataFusion once.
 
+mod cli;
+mod flight_sql;
+mod limits;
+mod support;

@@ -1,0 +1,62 @@
+//! Query timeout, memory per query and the concurrency limit fail cleanly.
+
+use std::time::Duration;
+
+use tonic::Code;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn a_query_over_its_memory_fails_cleanly() {
+    let mut config = demo_config();
+    config.limits.memory_per_query = 256 * 1024;
+    let server = start_with(config).await;
+    let mut c = owner(&server).await;
+    let err = query(&mut c, "SELECT patient_id, name, count(*) FROM hospital.visits JOIN hospital.patients USING (patient_id) GROUP BY patient_id, name ORDER BY name")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("memory"), "{err:?}");
+    assert_eq!(
+        rows(&query(&mut c, "SELECT 1").await.unwrap()),
+        1,
+        "the server keeps serving"
+    );
+}
+
+#[tokio::test]
+async fn a_query_over_its_time_fails_cleanly() {
+    let mut config = demo_config();
+    config.limits.query_timeout = Duration::from_millis(300);
+    let server = start_with(config).await;
+    let mut c = owner(&server).await;
+    let err = query(&mut c, "SELECT count(*) FROM generate_series(1, 20000) a, generate_series(1, 20000) b WHERE a.value + b.value = 7")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("time limit"), "{err:?}");
+    assert_eq!(
+        rows(&query(&mut c, "SELECT 1").await.unwrap()),
+        1,
+        "the server keeps serving"
+    );
+}
+
+#[tokio::test]
+async fn queries_wait_for_a_slot_within_their_timeout() {
+    let mut config = demo_config();
+    config.limits.max_concurrent_queries = 1;
+    config.limits.query_timeout = Duration::from_millis(500);
+    let server = start_with(config).await;
+    let mut a = owner(&server).await;
+    let mut b = owner(&server).await;
+    // Hold the only slot with an open, unread stream.
+    let info = a
+        .execute("SELECT * FROM generate_series(1, 100000000)".into(), None)
+        .await
+        .unwrap();
+    let held = a.do_get(ticket(&info)).await.unwrap();
+    let err = query(&mut b, "SELECT 1").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    drop(held);
+}
