@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
+use base64::engine::DecodePaddingMode;
 use dashmap::DashMap;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -41,6 +42,12 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Standard base64 with or without padding: some clients (ADBC's Go driver) omit it.
+const BASIC_DECODER: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// How long a verified Basic pair is remembered.
 const BASIC_CACHE_TTL: Duration = Duration::from_secs(300);
@@ -184,7 +191,7 @@ impl Credentials {
             }
             Ok(Credentials::Bearer(rest.to_string()))
         } else if scheme.eq_ignore_ascii_case("basic") {
-            let decoded = STANDARD.decode(rest).map_err(|_| Error::Malformed)?;
+            let decoded = BASIC_DECODER.decode(rest).map_err(|_| Error::Malformed)?;
             let decoded = String::from_utf8(decoded).map_err(|_| Error::Malformed)?;
             let (user, password) = decoded.split_once(':').ok_or(Error::Malformed)?;
             Ok(Credentials::Basic {

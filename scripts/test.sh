@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against real components:
+#   Rust unit and integration tests (one integration binary, servers on 127.0.0.1:0),
+#   Python tests through the real ADBC Flight SQL driver and pyarrow.flight,
+#   Java tests through the Apache Arrow Flight SQL JDBC driver from Maven Central.
+# Installs what the tests need (a Python venv from PyPI, Maven artifacts) on first run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$CARGO_TARGET_DIR/debug/airlock"
+summary=()
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "Rust tests"
+rust_log=$(mktemp)
+cargo test --locked --all-targets 2>&1 | tee "$rust_log"
+rust_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$rust_log" | awk '{s += $4} END {print s + 0}')
+summary+=("rust: $rust_passed passed")
+
+step "Python tests (ADBC Flight SQL driver, pyarrow.flight)"
+VENV="$CARGO_TARGET_DIR/test-venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+py_log=$(mktemp)
+AIRLOCK_BIN="$BIN" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python 2>&1 | tee "$py_log"
+py_passed=$(grep -Eo '[0-9]+ passed' "$py_log" | tail -1 | awk '{print $1}')
+summary+=("python: ${py_passed:-0} passed")
+
+step "Java tests (Flight SQL JDBC driver)"
+java_log=$(mktemp)
+(cd tests/java && mvn -B -ntp test -DairlockBin="$BIN") 2>&1 | tee "$java_log"
+java_passed=$(grep -E '^\[INFO\] Tests run: [0-9]+, Failures: 0, Errors: 0' "$java_log" | tail -1 | sed -E 's/.*Tests run: ([0-9]+).*/\1/')
+summary+=("java: ${java_passed:-0} passed")
+
+total=$((rust_passed + ${py_passed:-0} + ${java_passed:-0}))
+printf '\n%s\n' "${summary[@]}"
+echo "all: $total passed, 0 failed"

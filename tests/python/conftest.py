@@ -1,0 +1,66 @@
+"""Starts a real `airlock demo` server on 127.0.0.1:0 for the Python client tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def airlock_binary() -> str:
+    explicit = os.environ.get("AIRLOCK_BIN")
+    if explicit:
+        return explicit
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return str(target / "debug" / "airlock")
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, addr: str):
+        self.proc = proc
+        self.addr = addr
+        self.uri = f"grpc://{addr}"
+        host, port = addr.rsplit(":", 1)
+        self.host = host
+        self.port = int(port)
+
+
+def start_server(state_dir: Path, patients: int = 5000) -> Server:
+    proc = subprocess.Popen(
+        [airlock_binary(), "demo", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir),
+         "--patients", str(patients)],
+        stdout=subprocess.PIPE,
+        stderr=sys.stderr,
+        text=True,
+    )
+    assert proc.stdout is not None
+    addr = None
+    for line in proc.stdout:
+        m = re.match(r"airlock listening on (\S+)", line)
+        if m:
+            addr = m.group(1)
+            break
+    if addr is None:
+        proc.kill()
+        raise RuntimeError(f"airlock demo did not start (exit {proc.wait()})")
+    # Keep draining stdout so the server never blocks on a full pipe.
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    return Server(proc, addr)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    srv = start_server(tmp_path_factory.mktemp("airlock-state"))
+    yield srv
+    srv.proc.terminate()
+    try:
+        srv.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()

@@ -1,0 +1,144 @@
+"""The real ADBC Flight SQL driver against a real Airlock server."""
+
+from __future__ import annotations
+
+import adbc_driver_flightsql.dbapi as flightsql
+import adbc_driver_manager
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+
+def connect(server, user: str, password: str | None = None):
+    return flightsql.connect(
+        server.uri,
+        db_kwargs={"username": user, "password": user if password is None else password},
+    )
+
+
+def test_connect_and_aggregate_to_pyarrow_and_pandas(server):
+    with connect(server, "analyst") as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT ward, count(*) AS n, avg(cost) AS mean_cost "
+            "FROM hospital.patients GROUP BY ward ORDER BY ward"
+        )
+        table = cur.fetch_arrow_table()
+        assert table.column_names == ["ward", "n", "mean_cost"]
+        assert table.schema.field("ward").type == pa.string(), "strings arrive as Utf8"
+        assert table.num_rows == 6
+        assert sum(table.column("n").to_pylist()) == 5000
+
+        cur.execute("SELECT diagnosis, count(*) AS n FROM hospital.patients GROUP BY diagnosis")
+        df = cur.fetch_df()
+        assert isinstance(df, pd.DataFrame)
+        assert df["n"].sum() == 5000
+        assert "hypertension" in set(df["diagnosis"])
+
+
+def test_parameterized_query(server):
+    with connect(server, "owner") as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) AS n FROM hospital.patients WHERE age >= ? AND ward = ?",
+            parameters=(60, "A"),
+        )
+        with_params = cur.fetchone()[0]
+        cur.execute("SELECT count(*) AS n FROM hospital.patients WHERE age >= 60 AND ward = 'A'")
+        assert cur.fetchone()[0] == with_params
+        assert with_params > 0
+
+        # The same prepared statement re-executed with other parameters.
+        cur.execute("SELECT count(*) FROM hospital.visits WHERE cost > ?", parameters=(3000.0,))
+        high = cur.fetchone()[0]
+        cur.execute("SELECT count(*) FROM hospital.visits WHERE cost > ?", parameters=(100.0,))
+        assert cur.fetchone()[0] > high
+
+
+def test_get_objects_lists_only_visible_tables(server):
+    def tables(user):
+        with connect(server, user) as conn:
+            objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+        names = set()
+        for catalog in objects:
+            for schema in catalog["catalog_db_schemas"] or []:
+                for t in schema["db_schema_tables"] or []:
+                    names.add(f"{schema['db_schema_name']}.{t['table_name']}")
+        return names
+
+    assert tables("analyst") == {"hospital.patients", "hospital.visits"}
+    assert tables("owner") == {"hospital.patients", "hospital.visits", "hospital.staff"}
+
+
+def test_get_objects_with_columns(server):
+    with connect(server, "analyst") as conn:
+        objects = conn.adbc_get_objects(depth="all", table_name_filter="patients").read_all().to_pylist()
+    columns = [
+        c["column_name"]
+        for cat in objects
+        for sch in cat["catalog_db_schemas"] or []
+        for t in sch["db_schema_tables"] or []
+        for c in t["table_columns"] or []
+    ]
+    assert "patient_id" in columns and "diagnosis" in columns
+
+
+def test_get_table_schema(server):
+    with connect(server, "analyst") as conn:
+        schema = conn.adbc_get_table_schema("patients", db_schema_filter="hospital")
+    assert schema.field("patient_id").type == pa.int64()
+    assert schema.field("admitted").type == pa.date32()
+    assert schema.field("zip").type == pa.string()
+
+
+def test_forbidden_table_fails_like_a_missing_one(server):
+    with connect(server, "analyst") as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.Error) as forbidden:
+            cur.execute("SELECT count(*) FROM hospital.staff")
+        with pytest.raises(adbc_driver_manager.Error) as missing:
+            cur.execute("SELECT count(*) FROM hospital.nosuch")
+    f, m = str(forbidden.value), str(missing.value)
+    assert "not found" in f and "not found" in m
+    assert f.replace("staff", "X") == m.replace("nosuch", "X")
+    with pytest.raises(adbc_driver_manager.Error):
+        with connect(server, "analyst") as conn:
+            conn.adbc_get_table_schema("staff", db_schema_filter="hospital")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP TABLE hospital.patients",
+        "INSERT INTO hospital.patients SELECT * FROM hospital.patients",
+        "SET datafusion.execution.batch_size = 1",
+        "COPY hospital.patients TO '/tmp/out.csv'",
+        "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",
+    ],
+)
+def test_refusals_carry_their_code(server, sql):
+    with connect(server, "owner") as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.Error) as err:
+            cur.execute(sql)
+        assert "[STATEMENT_NOT_ALLOWED]" in str(err.value)
+        # The connection still works.
+        cur.execute("SELECT 1 AS one")
+        assert cur.fetchone() == (1,)
+
+
+def test_explain_is_refused_for_the_analyst(server):
+    with connect(server, "analyst") as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.Error) as err:
+            cur.execute("EXPLAIN ANALYZE SELECT ward, count(*) FROM hospital.patients GROUP BY ward")
+        assert "[EXPLAIN_NOT_ALLOWED]" in str(err.value)
+
+
+def test_wrong_password_is_refused(server):
+    with pytest.raises(adbc_driver_manager.Error) as err:
+        with connect(server, "analyst", "wrong") as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    assert "nauthenticated" in str(err.value) or "UNAUTHENTICATED" in str(err.value)
+
+
+def test_syntax_error_is_invalid_argument(server):
+    with connect(server, "analyst") as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.Error) as err:
+            cur.execute("SELEC 1")
+        assert "INVALID_ARGUMENT" in str(err.value) or "InvalidArgument" in str(err.value) or "SQL error" in str(err.value)
