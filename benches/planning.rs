@@ -11,7 +11,10 @@ use airlock::server::Airlock;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 const QUERIES: [(&str, &str); 4] = [
-    ("group_by", "SELECT ward, count(*), avg(cost) FROM hospital.patients GROUP BY ward"),
+    (
+        "group_by",
+        "SELECT ward, count(*), avg(cost) FROM hospital.patients GROUP BY ward",
+    ),
     (
         "join",
         "SELECT p.diagnosis, count(*), sum(v.cost) FROM hospital.patients p JOIN hospital.visits v ON p.patient_id = v.patient_id WHERE p.age > 40 GROUP BY p.diagnosis",
@@ -20,13 +23,19 @@ const QUERIES: [(&str, &str); 4] = [
         "cte_subquery",
         "WITH t AS (SELECT zip, count(*) AS n FROM hospital.patients GROUP BY zip) SELECT avg(n) FROM t WHERE n > (SELECT 10)",
     ),
-    ("metadata", "SELECT table_name FROM information_schema.tables"),
+    (
+        "metadata",
+        "SELECT table_name FROM information_schema.tables",
+    ),
 ];
 
 fn planning(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let sizes = airlock::demo::Sizes { patients: 1_000, staff: 10 };
+    let sizes = airlock::demo::Sizes {
+        patients: 1_000,
+        staff: 10,
+    };
     let config = airlock::demo::prepare(dir.path(), "127.0.0.1:0".parse().unwrap(), sizes).unwrap();
     let airlock = rt.block_on(Airlock::build(config)).unwrap();
     let analyst = Arc::new(Principal {
