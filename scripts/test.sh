@@ -16,6 +16,9 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+
 step "Rust tests"
 rust_log=$(mktemp)
 cargo test --locked --all-targets 2>&1 | tee "$rust_log"
@@ -40,5 +43,5 @@ java_passed=$(grep -E '^\[INFO\] Tests run: [0-9]+, Failures: 0, Errors: 0' "$ja
 summary+=("java: ${java_passed:-0} passed")
 
 total=$((rust_passed + ${py_passed:-0} + ${java_passed:-0}))
-printf '\n%s\n' "${summary[@]}"
+printf '\n'; printf '%s\n' "${summary[@]}"
 echo "all: $total passed, 0 failed"

@@ -292,7 +292,7 @@ impl FlightSqlService for AirlockService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let rid = RequestId::of(&request);
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         respond(&rid, self.metadata_info(query, &schema, request))
             .await
             .map(Response::new)
@@ -328,7 +328,7 @@ impl FlightSqlService for AirlockService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let rid = RequestId::of(&request);
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         respond(&rid, self.metadata_info(query, &schema, request))
             .await
             .map(Response::new)

@@ -2,7 +2,7 @@
 //!
 //! `parse` gates the statement kind; [`plan`] turns SQL into an optimized logical plan
 //! (the analyzer, where policy rules run, is part of that), fixes the result schema the
-//! client is promised, and [`execute`] streams batches in exactly that schema, under the
+//! client is promised, and [`execute()`] streams batches in exactly that schema, under the
 //! query timeout, the memory limit and the concurrency limit. Nothing here collects a
 //! whole result.
 
