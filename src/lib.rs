@@ -8,7 +8,7 @@
 //! auth                 credentials → Principal (Basic → bearer token)
 //! session              Principal → locked-down SessionState over their catalog view
 //! query::parse         only SELECT / WITH / VALUES (EXPLAIN for admins) get through
-//! query (plan)         SQL → logical plan → analyzer (policy rules) → optimized plan
+//! query (plan)         SQL → logical plan → rewrite (policy analyzer rules) → optimized plan
 //! query::execute       batches streamed under the time, memory and concurrency limits
 //! flight               the Flight SQL surface; no policy logic lives there
 //! error                the one mapping from errors to gRPC statuses
@@ -28,6 +28,7 @@ pub mod error;
 pub mod flight;
 pub mod policy;
 pub mod query;
+pub mod rewrite;
 pub mod server;
 pub mod session;
 pub mod telemetry;

@@ -8,7 +8,8 @@
 //! `generate_series` and `range`, which read no files. Statement kinds are gated in
 //! `query::parse`. Every query gets its own memory pool with the configured limit and no
 //! spill directory, so a query over its memory fails cleanly instead of writing
-//! protected data to disk.
+//! protected data to disk. The privacy rewriter (`crate::rewrite`) is the session's
+//! analyzer: no plan of this session runs without it.
 
 use std::sync::Arc;
 
@@ -26,12 +27,15 @@ use crate::auth::Principal;
 use crate::catalog::{CATALOG_NAME, Catalog};
 use crate::config::Limits;
 use crate::policy::{PolicySnapshot, PolicyStore};
+use crate::rewrite::PolicyContext;
 
 /// A principal's session: their catalog view and the policy it was built with.
 #[derive(Debug)]
 pub struct PrincipalSession {
     pub principal: Arc<Principal>,
     pub policy: Arc<PolicySnapshot>,
+    /// The principal's rights on every protected table, as the rewriter applies them.
+    pub privacy: Arc<PolicyContext>,
     pub state: SessionState,
     catalog_generation: u64,
 }
@@ -147,7 +151,9 @@ impl Sessions {
         catalog: &CatalogVersion,
     ) -> PrincipalSession {
         let view = catalog.catalog.view(|t| policy.can_see(principal, t));
+        let privacy = Arc::new(PolicyContext::new(Arc::clone(principal), Arc::clone(&policy), &catalog.catalog));
         let state = SessionStateBuilder::new()
+            .with_analyzer_rules(privacy.analyzer_rules())
             .with_config(base_config())
             .with_runtime_env(Arc::clone(&self.runtime))
             .with_catalog_list(view)
@@ -165,6 +171,7 @@ impl Sessions {
         PrincipalSession {
             principal: Arc::clone(principal),
             policy,
+            privacy,
             state,
             catalog_generation: catalog.generation,
         }

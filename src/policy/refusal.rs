@@ -21,6 +21,34 @@ pub enum ReasonCode {
     FunctionNotAllowed,
     /// Bulk ingest or update by a principal without the right to do so.
     WriteNotAllowed,
+    /// Raw rows of a protected table would reach the output (PRIVACY.md §3.2).
+    AggregateRequired,
+    /// An aggregate function off the table's allow-list (§3.2).
+    AggregateNotAllowed,
+    /// CASE/IF/COALESCE/NULLIF or FILTER inside an aggregate (§3.6).
+    ConditionalAggregate,
+    /// A non-filterable column (entity key, wiped column) compared with a literal (§3.6).
+    FilterNotAllowed,
+    /// A window function over raw protected rows (§3.6).
+    WindowNotAllowed,
+    /// ROLLUP, CUBE or GROUPING SETS over protected rows (§3.6).
+    GroupingSetsNotAllowed,
+    /// EXCEPT or INTERSECT over raw protected rows (§3.6).
+    SetOperationNotAllowed,
+    /// A recursive CTE over protected tables (§3.6).
+    RecursiveNotAllowed,
+    /// A correlated subquery on a protected table (§3.6).
+    CorrelatedSubqueryNotAllowed,
+    /// Raw protected rows reaching the output through a subquery (§3.5).
+    SubqueryNotAllowed,
+    /// The principal holds no action that allows querying the table.
+    AccessDenied,
+    /// The result needs the data owner's approval (§4).
+    ApprovalPending,
+    /// The owner denied the approval request (§4).
+    ApprovalDenied,
+    /// A plan shape the verifier cannot classify: denied, fail closed.
+    UnclassifiedPlan,
 }
 
 impl ReasonCode {
@@ -32,6 +60,20 @@ impl ReasonCode {
             Self::SubstraitNotAllowed => "SUBSTRAIT_NOT_ALLOWED",
             Self::FunctionNotAllowed => "FUNCTION_NOT_ALLOWED",
             Self::WriteNotAllowed => "WRITE_NOT_ALLOWED",
+            Self::AggregateRequired => "AGGREGATE_REQUIRED",
+            Self::AggregateNotAllowed => "AGGREGATE_NOT_ALLOWED",
+            Self::ConditionalAggregate => "CONDITIONAL_AGGREGATE",
+            Self::FilterNotAllowed => "FILTER_NOT_ALLOWED",
+            Self::WindowNotAllowed => "WINDOW_NOT_ALLOWED",
+            Self::GroupingSetsNotAllowed => "GROUPING_SETS_NOT_ALLOWED",
+            Self::SetOperationNotAllowed => "SET_OPERATION_NOT_ALLOWED",
+            Self::RecursiveNotAllowed => "RECURSIVE_NOT_ALLOWED",
+            Self::CorrelatedSubqueryNotAllowed => "CORRELATED_SUBQUERY_NOT_ALLOWED",
+            Self::SubqueryNotAllowed => "SUBQUERY_NOT_ALLOWED",
+            Self::AccessDenied => "ACCESS_DENIED",
+            Self::ApprovalPending => "APPROVAL_PENDING",
+            Self::ApprovalDenied => "APPROVAL_DENIED",
+            Self::UnclassifiedPlan => "UNCLASSIFIED_PLAN",
         }
     }
 }

@@ -220,7 +220,7 @@ impl TablesPolicy {
                         )
                     })
                     .unwrap_or(false);
-                if matches!(kind.get_ref(), MaskKind::Star | MaskKind::Last4) && !is_string {
+                if matches!(kind.get_ref(), MaskKind::Star | MaskKind::Last4 | MaskKind::Hash) && !is_string {
                     out.push(err(
                         kind.span(),
                         format!(
@@ -273,11 +273,7 @@ impl TablesPolicy {
             for rf in raw.row_filters {
                 let span = rf.span();
                 let rf = rf.into_inner();
-                let dialect = datafusion::sql::sqlparser::dialect::GenericDialect {};
-                match datafusion::sql::sqlparser::parser::Parser::new(&dialect)
-                    .try_with_sql(&rf.predicate)
-                    .and_then(|mut p| p.parse_expr())
-                {
+                match parse_predicate(&table, &schema, &rf.predicate) {
                     Ok(_) => row_filters.push(RowFilter {
                         role: rf.role,
                         predicate: rf.predicate,
@@ -309,6 +305,14 @@ impl TablesPolicy {
     pub fn get(&self, table: &TableName) -> Option<&TablePolicy> {
         self.tables.get(table)
     }
+}
+
+/// Parses a row filter against its table's columns (qualified with the table's name).
+pub fn parse_predicate(table: &TableName, schema: &Schema, sql: &str) -> datafusion::error::Result<datafusion::logical_expr::Expr> {
+    use datafusion::common::{DFSchema, TableReference};
+    let qualifier = TableReference::partial(table.schema.as_str(), table.table.as_str());
+    let df_schema = DFSchema::try_from_qualified_schema(qualifier, schema)?;
+    datafusion::prelude::SessionContext::new().parse_sql_expr(sql, &df_schema)
 }
 
 #[cfg(test)]
@@ -363,5 +367,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("t.toml:2: unknown field `k`"), "{err}");
+        let err = TablesPolicy::parse(
+            Path::new("t.toml"),
+            "[tables.\"h.p\"]\n\n[[tables.\"h.p\".row_filters]]\nrole = \"r\"\nwhere = \"agee > 3\"\n",
+            &schema_of,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("row filter for role r"), "{err}");
     }
 }
