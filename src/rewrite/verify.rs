@@ -92,7 +92,9 @@ impl VerifyRule {
             other => return Err(unclassified(format!("unexpected plan node {}", other.display()))),
         }
         // A row-filtered scan sits under Filter under the mask projection; check that pair.
-        if let (LogicalPlan::Filter(_), Some(LogicalPlan::TableScan(_))) = (plan, plan.inputs().first().copied()) {
+        if let (LogicalPlan::Filter(_), Some(LogicalPlan::TableScan(scan))) = (plan, plan.inputs().first().copied())
+            && self.ctx.rules(&scan.table_name).is_some_and(|(_, r)| r.row_filter.is_some())
+        {
             let masked = matches!(parent, Some(LogicalPlan::Projection(_)));
             if !masked {
                 return Err(unclassified("a row-filtered scan is not under its mask projection".into()));
