@@ -48,7 +48,8 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
-    /// Run one SQL query against a server and print the result.
+    /// Run one SQL query against a server and print the result (or, with --explain, how
+    /// the privacy policy treats it).
     Sql {
         /// Server URL, e.g. grpc://127.0.0.1:50051 (grpc+tls:// for TLS).
         #[arg(long, env = "AIRLOCK_URL", default_value = "grpc://127.0.0.1:50051")]
@@ -65,6 +66,9 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        /// Explain how the privacy policy treats the query instead of running it.
+        #[arg(long)]
+        explain: bool,
         /// The query.
         sql: String,
     },
@@ -146,10 +150,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             password,
             tls_ca,
             format,
+            explain,
             sql,
         } => {
             let result = async {
                 let mut client = Client::connect(&url, &user, &password, tls_ca.as_deref()).await?;
+                if explain {
+                    print!("{}", client.explain(&sql).await?);
+                    return Ok(0);
+                }
                 airlock::client::run_sql(&mut client, &sql, format, &mut std::io::stdout().lock())
                     .await
             }

@@ -185,7 +185,7 @@ impl Airlock {
                 }
             };
             let service =
-                AirlockService::new(Arc::clone(&server.auth), Arc::clone(&server.sessions));
+                AirlockService::new(Arc::clone(&server.auth), Arc::clone(&server.sessions), server.users.clone());
             let router = builder
                 .layer(RequestIdLayer)
                 .add_service(service.into_server());

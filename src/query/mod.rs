@@ -89,6 +89,15 @@ pub async fn prepare(session: Arc<PrincipalSession>, sql: &str) -> Result<Prepar
     })
 }
 
+/// The privacy explanation of `sql` for the session's principal: masks, filters,
+/// thresholds, the decision and, when it would run, the rewritten plan. Runs nothing.
+pub async fn explain_privacy(session: Arc<PrincipalSession>, sql: &str) -> Result<String> {
+    let plan = logical_plan(&session, sql).await?;
+    let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    let analyzed = session.state.optimize(&plan).ok();
+    Ok(crate::rewrite::explain::explain(&session.privacy, &plan, analyzed.as_ref()))
+}
+
 /// The unoptimized logical plan of a gated statement.
 async fn logical_plan(session: &PrincipalSession, sql: &str) -> Result<LogicalPlan> {
     let state = &session.state;
