@@ -178,14 +178,27 @@ impl Client {
 impl Client {
     /// The server's privacy explanation of a query (nothing runs).
     pub async fn explain(&mut self, sql: &str) -> Result<String> {
-        let bodies = self.action(crate::flight::actions::PRIVACY_EXPLAIN, sql.as_bytes().to_vec()).await?;
-        Ok(bodies.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect())
+        let bodies = self
+            .action(
+                crate::flight::actions::PRIVACY_EXPLAIN,
+                sql.as_bytes().to_vec(),
+            )
+            .await?;
+        Ok(bodies
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect())
     }
 
     /// Asks the server to reload its policy (admin on `*`).
     pub async fn reload_policy(&mut self) -> Result<String> {
-        let bodies = self.action(crate::flight::actions::RELOAD_POLICY, Vec::new()).await?;
-        Ok(bodies.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect())
+        let bodies = self
+            .action(crate::flight::actions::RELOAD_POLICY, Vec::new())
+            .await?;
+        Ok(bodies
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect())
     }
 }
 

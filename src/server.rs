@@ -184,8 +184,11 @@ impl Airlock {
                     return Ok(());
                 }
             };
-            let service =
-                AirlockService::new(Arc::clone(&server.auth), Arc::clone(&server.sessions), server.users.clone());
+            let service = AirlockService::new(
+                Arc::clone(&server.auth),
+                Arc::clone(&server.sessions),
+                server.users.clone(),
+            );
             let router = builder
                 .layer(RequestIdLayer)
                 .add_service(service.into_server());

@@ -151,7 +151,11 @@ impl Sessions {
         catalog: &CatalogVersion,
     ) -> PrincipalSession {
         let view = catalog.catalog.view(|t| policy.can_see(principal, t));
-        let privacy = Arc::new(PolicyContext::new(Arc::clone(principal), Arc::clone(&policy), &catalog.catalog));
+        let privacy = Arc::new(PolicyContext::new(
+            Arc::clone(principal),
+            Arc::clone(&policy),
+            &catalog.catalog,
+        ));
         let state = SessionStateBuilder::new()
             .with_analyzer_rules(privacy.analyzer_rules())
             .with_config(base_config())

@@ -51,7 +51,8 @@ pub use request_id::{RequestId, RequestIdLayer};
 type DoGetStream =
     Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
 type HandshakeStream = Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>;
-type ActionStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::Result, Status>> + Send + 'static>>;
+type ActionStream =
+    Pin<Box<dyn Stream<Item = Result<arrow_flight::Result, Status>> + Send + 'static>>;
 
 /// Custom Flight actions (besides Flight SQL's own).
 pub mod actions {
@@ -71,7 +72,11 @@ pub struct AirlockService {
 }
 
 impl AirlockService {
-    pub fn new(auth: Arc<Authenticator>, sessions: Arc<Sessions>, users: crate::auth::Users) -> Self {
+    pub fn new(
+        auth: Arc<Authenticator>,
+        sessions: Arc<Sessions>,
+        users: crate::auth::Users,
+    ) -> Self {
         Self {
             auth,
             sessions,
@@ -794,26 +799,43 @@ impl FlightSqlService for AirlockService {
         .await
     }
 
-    async fn do_action_fallback(&self, request: Request<arrow_flight::Action>) -> Result<Response<ActionStream>, Status> {
+    async fn do_action_fallback(
+        &self,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<Response<ActionStream>, Status> {
         let rid = RequestId::of(&request);
         let body = respond(&rid, async {
             let principal = self.principal(&request).await?;
             let action = request.into_inner();
             match action.r#type.as_str() {
                 actions::PRIVACY_EXPLAIN => {
-                    let sql = std::str::from_utf8(&action.body)
-                        .map_err(|_| Error::InvalidRequest("the body must be SQL text (UTF-8)".into()))?;
+                    let sql = std::str::from_utf8(&action.body).map_err(|_| {
+                        Error::InvalidRequest("the body must be SQL text (UTF-8)".into())
+                    })?;
                     let session = self.sessions.session_for(&principal);
                     query::explain_privacy(session, sql).await
                 }
                 actions::RELOAD_POLICY => {
-                    if !self.sessions.policy().current().is_service_admin(&principal) {
-                        return refuse(ReasonCode::AccessDenied, "reloading the policy needs the admin action on *");
+                    if !self
+                        .sessions
+                        .policy()
+                        .current()
+                        .is_service_admin(&principal)
+                    {
+                        return refuse(
+                            ReasonCode::AccessDenied,
+                            "reloading the policy needs the admin action on *",
+                        );
                     }
                     let catalog = self.sessions.catalog();
                     match self.sessions.policy().reload(&self.users, &catalog).await {
-                        Ok(snapshot) => Ok(format!("policy version {} ({})", snapshot.version, snapshot.digest)),
-                        Err(d) => Err(Error::InvalidRequest(format!("the policy was not reloaded; the last good one stays in force:\n{d}"))),
+                        Ok(snapshot) => Ok(format!(
+                            "policy version {} ({})",
+                            snapshot.version, snapshot.digest
+                        )),
+                        Err(d) => Err(Error::InvalidRequest(format!(
+                            "the policy was not reloaded; the last good one stays in force:\n{d}"
+                        ))),
                     }
                 }
                 other => Err(Error::InvalidRequest(format!("unknown action {other:?}"))),
@@ -823,7 +845,9 @@ impl FlightSqlService for AirlockService {
         let result = arrow_flight::Result {
             body: Bytes::from(body.into_bytes()),
         };
-        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(result)]))))
+        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(
+            result,
+        )]))))
     }
 
     async fn list_custom_actions(&self) -> Option<Vec<Result<arrow_flight::ActionType, Status>>> {

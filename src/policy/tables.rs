@@ -220,7 +220,11 @@ impl TablesPolicy {
                         )
                     })
                     .unwrap_or(false);
-                if matches!(kind.get_ref(), MaskKind::Star | MaskKind::Last4 | MaskKind::Hash) && !is_string {
+                if matches!(
+                    kind.get_ref(),
+                    MaskKind::Star | MaskKind::Last4 | MaskKind::Hash
+                ) && !is_string
+                {
                     out.push(err(
                         kind.span(),
                         format!(
@@ -308,7 +312,11 @@ impl TablesPolicy {
 }
 
 /// Parses a row filter against its table's columns (qualified with the table's name).
-pub fn parse_predicate(table: &TableName, schema: &Schema, sql: &str) -> datafusion::error::Result<datafusion::logical_expr::Expr> {
+pub fn parse_predicate(
+    table: &TableName,
+    schema: &Schema,
+    sql: &str,
+) -> datafusion::error::Result<datafusion::logical_expr::Expr> {
     use datafusion::common::{DFSchema, TableReference};
     let qualifier = TableReference::partial(table.schema.as_str(), table.table.as_str());
     let df_schema = DFSchema::try_from_qualified_schema(qualifier, schema)?;

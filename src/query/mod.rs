@@ -95,7 +95,11 @@ pub async fn explain_privacy(session: Arc<PrincipalSession>, sql: &str) -> Resul
     let plan = logical_plan(&session, sql).await?;
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
     let analyzed = session.state.optimize(&plan).ok();
-    Ok(crate::rewrite::explain::explain(&session.privacy, &plan, analyzed.as_ref()))
+    Ok(crate::rewrite::explain::explain(
+        &session.privacy,
+        &plan,
+        analyzed.as_ref(),
+    ))
 }
 
 /// The unoptimized logical plan of a gated statement.

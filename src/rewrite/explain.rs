@@ -9,8 +9,8 @@ use std::fmt::Write;
 
 use datafusion::logical_expr::LogicalPlan;
 
-use super::gate::{Decision, decide, evaluate};
 use super::PolicyContext;
+use super::gate::{Decision, decide, evaluate};
 
 /// Explains `plan` (the unanalyzed logical plan) and, if given, its analyzed form.
 pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&LogicalPlan>) -> String {
@@ -18,7 +18,10 @@ pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&Logica
     let mut out = String::new();
     let _ = writeln!(out, "Privacy explanation for {}", ctx.principal.name);
     if report.scanned.is_empty() {
-        let _ = writeln!(out, "- The query reads no protected table (for you): nothing is rewritten.");
+        let _ = writeln!(
+            out,
+            "- The query reads no protected table (for you): nothing is rewritten."
+        );
     }
     for t in &report.scanned {
         let Some(r) = ctx.tables.get(t) else { continue };
@@ -30,7 +33,12 @@ pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&Logica
                 .wipe
                 .iter()
                 .map(|c| {
-                    let kind = r.policy.masks.get(c).map(|k| format!("{k:?}").to_lowercase()).unwrap_or_else(|| "default".into());
+                    let kind = r
+                        .policy
+                        .masks
+                        .get(c)
+                        .map(|k| format!("{k:?}").to_lowercase())
+                        .unwrap_or_else(|| "default".into());
                     format!("{c} ({kind})")
                 })
                 .collect()
@@ -41,7 +49,10 @@ pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&Logica
             let _ = writeln!(out, "    masked at the scan: {}", masked.join(", "));
         }
         if r.row_filter.is_some() {
-            let _ = writeln!(out, "    a row filter of your role applies before anything else");
+            let _ = writeln!(
+                out,
+                "    a row filter of your role applies before anything else"
+            );
         }
         let unit = r.policy.privacy_unit.as_deref().unwrap_or("each row");
         let _ = writeln!(
@@ -49,17 +60,32 @@ pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&Logica
             "    every released row must stand for at least {} distinct entities ({unit}); smaller groups are dropped",
             r.policy.min_group_size
         );
-        let _ = writeln!(out, "    allowed aggregates: {}", r.policy.aggregates.iter().cloned().collect::<Vec<_>>().join(", "));
+        let _ = writeln!(
+            out,
+            "    allowed aggregates: {}",
+            r.policy
+                .aggregates
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     match decide(violations, ctx) {
         Decision::Release => {
-            let _ = writeln!(out, "Decision: released automatically, under the rules above.");
+            let _ = writeln!(
+                out,
+                "Decision: released automatically, under the rules above."
+            );
             if let Some(p) = analyzed {
                 let _ = writeln!(out, "Rewritten plan:\n{}", p.display_indent());
             }
         }
         Decision::Approval(vs) => {
-            let _ = writeln!(out, "Decision: needs the data owner's approval (APPROVAL_PENDING):");
+            let _ = writeln!(
+                out,
+                "Decision: needs the data owner's approval (APPROVAL_PENDING):"
+            );
             for v in vs {
                 let _ = writeln!(out, "    [{}] {}", v.code, v.message);
             }

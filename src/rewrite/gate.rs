@@ -108,7 +108,12 @@ pub fn decide(mut violations: Vec<Violation>, ctx: &PolicyContext) -> Decision {
         return Decision::Release;
     }
     violations.dedup();
-    let can_request = |v: &Violation| !v.tables.is_empty() && v.tables.iter().all(|t| ctx.tables.get(t).is_some_and(|r| r.request));
+    let can_request = |v: &Violation| {
+        !v.tables.is_empty()
+            && v.tables
+                .iter()
+                .all(|t| ctx.tables.get(t).is_some_and(|r| r.request))
+    };
     match violations.iter().find(|v| !can_request(v)) {
         Some(v) => Decision::Refuse(v.clone()),
         None => Decision::Approval(violations),
@@ -136,8 +141,9 @@ pub fn refusal(decision: Decision) -> Option<Refusal> {
 /// Runs the lineage walk and every automatic check.
 pub fn evaluate(plan: &LogicalPlan, ctx: &PolicyContext) -> (Report, Vec<Violation>) {
     let report = lineage::analyze(plan, ctx);
-    let mut v = violations(&report, ctx);
-    v.extend(reject::violations(&report, ctx));
+    // The specific rejections first: they say more than "aggregate it".
+    let mut v = reject::violations(&report, ctx);
+    v.extend(violations(&report, ctx));
     (report, v)
 }
 
@@ -168,7 +174,11 @@ impl AnalyzerRule for PolicyGate {
 }
 
 pub(crate) fn names(tables: &BTreeSet<TableName>) -> String {
-    tables.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    tables
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn allowed(ctx: &PolicyContext, tables: &BTreeSet<TableName>) -> String {
@@ -181,5 +191,9 @@ fn allowed(ctx: &PolicyContext, tables: &BTreeSet<TableName>) -> String {
             });
         }
     }
-    common.unwrap_or_default().into_iter().collect::<Vec<_>>().join(", ")
+    common
+        .unwrap_or_default()
+        .into_iter()
+        .collect::<Vec<_>>()
+        .join(", ")
 }

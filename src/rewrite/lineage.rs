@@ -92,7 +92,10 @@ pub enum Finding {
     /// The principal scans a protected table without `aggregate` (or `read`).
     NoAutomaticAccess(TableName),
     /// A plan node the rewriter cannot classify.
-    Unclassified { node: String, tables: BTreeSet<TableName> },
+    Unclassified {
+        node: String,
+        tables: BTreeSet<TableName>,
+    },
 }
 
 /// The lineage of a whole plan and everything found on the way.
@@ -110,10 +113,17 @@ pub fn analyze(plan: &LogicalPlan, ctx: &PolicyContext) -> Report {
         ctx,
         findings: Vec::new(),
         scanned: BTreeSet::new(),
+        recursive: false,
     };
     let root = w.walk(plan);
     if root.is_raw() {
         w.findings.push(Finding::RawOutput(root.raw_tables()));
+    }
+    // A recursive CTE anywhere in a query that reads protected tables is refused, even
+    // when the recursion itself reads none: it can generate probes (the safer reading
+    // of §3.6).
+    if w.recursive && !w.scanned.is_empty() {
+        w.findings.push(Finding::Recursive(w.scanned.clone()));
     }
     Report {
         root,
@@ -126,6 +136,7 @@ struct Walker<'a> {
     ctx: &'a PolicyContext,
     findings: Vec<Finding>,
     scanned: BTreeSet<TableName>,
+    recursive: bool,
 }
 
 impl Walker<'_> {
@@ -141,7 +152,12 @@ impl Walker<'_> {
 
     fn node(&mut self, plan: &LogicalPlan, inputs: &[Lineage]) -> Lineage {
         let width = plan.schema().fields().len();
-        let first = || inputs.first().cloned().unwrap_or_else(|| Lineage::public(width));
+        let first = || {
+            inputs
+                .first()
+                .cloned()
+                .unwrap_or_else(|| Lineage::public(width))
+        };
         match plan {
             LogicalPlan::TableScan(scan) => match self.ctx.rules(&scan.table_name) {
                 Some((name, rules)) if rules.automatic() => {
@@ -171,13 +187,21 @@ impl Walker<'_> {
                 let input = first();
                 self.check_comparisons(&p.expr, p.input.schema(), &input);
                 Lineage {
-                    columns: p.expr.iter().map(|e| expr_lineage(e, p.input.schema(), &input)).collect(),
+                    columns: p
+                        .expr
+                        .iter()
+                        .map(|e| expr_lineage(e, p.input.schema(), &input))
+                        .collect(),
                     rows: input.rows,
                 }
             }
             LogicalPlan::Filter(f) => {
                 let input = first();
-                self.check_comparisons(std::slice::from_ref(&f.predicate), f.input.schema(), &input);
+                self.check_comparisons(
+                    std::slice::from_ref(&f.predicate),
+                    f.input.schema(),
+                    &input,
+                );
                 input
             }
             LogicalPlan::Aggregate(a) => {
@@ -186,7 +210,10 @@ impl Walker<'_> {
                 self.check_comparisons(&a.aggr_expr, a.input.schema(), &input);
                 let raw = input.raw_tables();
                 if !raw.is_empty() {
-                    if a.group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_))) {
+                    if a.group_expr
+                        .iter()
+                        .any(|e| matches!(e, Expr::GroupingSet(_)))
+                    {
                         self.findings.push(Finding::GroupingSets(raw.clone()));
                     }
                     for e in &a.aggr_expr {
@@ -248,7 +275,11 @@ impl Walker<'_> {
                     self.findings.push(Finding::Window(input.raw_tables()));
                 }
                 let mut columns = input.columns.clone();
-                columns.extend(w.window_expr.iter().map(|e| expr_lineage(e, w.input.schema(), &input)));
+                columns.extend(
+                    w.window_expr
+                        .iter()
+                        .map(|e| expr_lineage(e, w.input.schema(), &input)),
+                );
                 Lineage {
                     rows: input.rows,
                     columns,
@@ -265,7 +296,12 @@ impl Walker<'_> {
                 }
                 let semi_or_anti = matches!(
                     j.join_type,
-                    JoinType::LeftSemi | JoinType::LeftAnti | JoinType::RightSemi | JoinType::RightAnti | JoinType::LeftMark | JoinType::RightMark
+                    JoinType::LeftSemi
+                        | JoinType::LeftAnti
+                        | JoinType::RightSemi
+                        | JoinType::RightAnti
+                        | JoinType::LeftMark
+                        | JoinType::RightMark
                 );
                 if semi_or_anti && both.is_raw() {
                     self.findings.push(Finding::SetOperation(both.raw_tables()));
@@ -316,7 +352,11 @@ impl Walker<'_> {
             LogicalPlan::Unnest(_) => {
                 let input = first();
                 let any = ColumnLineage {
-                    sources: input.columns.iter().flat_map(|c| c.sources.iter().cloned()).collect(),
+                    sources: input
+                        .columns
+                        .iter()
+                        .flat_map(|c| c.sources.iter().cloned())
+                        .collect(),
                     raw: input.columns.iter().any(|c| c.raw),
                 };
                 Lineage {
@@ -325,12 +365,10 @@ impl Walker<'_> {
                 }
             }
             LogicalPlan::RecursiveQuery(_) => {
+                self.recursive = true;
                 let mut out = Lineage::public(width);
                 for input in inputs {
                     out.rows.extend(input.raw_tables());
-                }
-                if !out.rows.is_empty() {
-                    self.findings.push(Finding::Recursive(out.rows.clone()));
                 }
                 for c in &mut out.columns {
                     c.raw = !out.rows.is_empty();
@@ -422,7 +460,9 @@ impl Walker<'_> {
         for e in exprs {
             let _ = e.apply(|e| {
                 let pairs: Vec<(&Expr, Vec<&Expr>)> = match e {
-                    Expr::BinaryExpr(b) if is_comparison(b.op) => vec![(&b.left, vec![&*b.right]), (&b.right, vec![&*b.left])],
+                    Expr::BinaryExpr(b) if is_comparison(b.op) => {
+                        vec![(&b.left, vec![&*b.right]), (&b.right, vec![&*b.left])]
+                    }
                     Expr::Like(l) | Expr::SimilarTo(l) => vec![(&l.expr, vec![&*l.pattern])],
                     Expr::InList(l) => vec![(&l.expr, l.list.iter().collect())],
                     Expr::Between(b) => vec![(&b.expr, vec![&*b.low, &*b.high])],
@@ -484,7 +524,11 @@ fn is_constant(e: &Expr) -> bool {
     let _ = e.apply(|e| {
         if matches!(
             e,
-            Expr::Column(_) | Expr::OuterReferenceColumn(..) | Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)
+            Expr::Column(_)
+                | Expr::OuterReferenceColumn(..)
+                | Expr::ScalarSubquery(_)
+                | Expr::InSubquery(_)
+                | Expr::Exists(_)
         ) {
             constant = false;
             return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
@@ -502,7 +546,15 @@ fn has_conditional(e: &Expr) -> bool {
             Expr::Case(_) => true,
             Expr::ScalarFunction(f) => matches!(
                 f.func.name().to_ascii_lowercase().as_str(),
-                "coalesce" | "nullif" | "nvl" | "nvl2" | "ifnull" | "if" | "iff" | "greatest" | "least"
+                "coalesce"
+                    | "nullif"
+                    | "nvl"
+                    | "nvl2"
+                    | "ifnull"
+                    | "if"
+                    | "iff"
+                    | "greatest"
+                    | "least"
             ),
             _ => false,
         };

@@ -72,7 +72,11 @@ pub struct PolicyContext {
 
 impl PolicyContext {
     /// Resolves the principal's rights on every protected table.
-    pub fn new(principal: Arc<Principal>, policy: Arc<PolicySnapshot>, catalog: &crate::catalog::Catalog) -> Self {
+    pub fn new(
+        principal: Arc<Principal>,
+        policy: Arc<PolicySnapshot>,
+        catalog: &crate::catalog::Catalog,
+    ) -> Self {
         let mut tables = BTreeMap::new();
         for (name, tp) in &policy.tables.tables {
             let allows = |a| policy.allows(&principal, name, a);
@@ -84,7 +88,10 @@ impl PolicyContext {
                     catalog
                         .schema(name)
                         .ok_or(())
-                        .and_then(|s| crate::policy::tables::parse_predicate(name, &s, &rf.predicate).map_err(|_| ()))
+                        .and_then(|s| {
+                            crate::policy::tables::parse_predicate(name, &s, &rf.predicate)
+                                .map_err(|_| ())
+                        })
                         // A filter that no longer parses lets no row through: fail closed.
                         .unwrap_or_else(|_| datafusion::logical_expr::lit(false))
                 })
@@ -135,8 +142,14 @@ impl PolicyContext {
 /// The catalog table a scan reads, as `schema.table`.
 pub fn table_name(table: &TableReference) -> Option<TableName> {
     match table {
-        TableReference::Partial { schema, table } => TableName::parse(&format!("{schema}.{table}")).ok(),
-        TableReference::Full { catalog, schema, table } if catalog.as_ref() == CATALOG_NAME => {
+        TableReference::Partial { schema, table } => {
+            TableName::parse(&format!("{schema}.{table}")).ok()
+        }
+        TableReference::Full {
+            catalog,
+            schema,
+            table,
+        } if catalog.as_ref() == CATALOG_NAME => {
             TableName::parse(&format!("{schema}.{table}")).ok()
         }
         _ => None,

@@ -24,32 +24,50 @@ pub fn violations(report: &Report, ctx: &PolicyContext) -> Vec<Violation> {
             Finding::Window(t) => out.push(v(
                 ReasonCode::WindowNotAllowed,
                 t,
-                format!("window functions over raw rows of {} are not released automatically", names(t)),
+                format!(
+                    "window functions over raw rows of {} are not released automatically",
+                    names(t)
+                ),
             )),
             Finding::GroupingSets(t) => out.push(v(
                 ReasonCode::GroupingSetsNotAllowed,
                 t,
-                format!("ROLLUP, CUBE and GROUPING SETS over {} are not released automatically", names(t)),
+                format!(
+                    "ROLLUP, CUBE and GROUPING SETS over {} are not released automatically",
+                    names(t)
+                ),
             )),
             Finding::SetOperation(t) => out.push(v(
                 ReasonCode::SetOperationNotAllowed,
                 t,
-                format!("INTERSECT and EXCEPT over raw rows of {} are not released automatically", names(t)),
+                format!(
+                    "INTERSECT and EXCEPT over raw rows of {} are not released automatically",
+                    names(t)
+                ),
             )),
             Finding::Recursive(t) => out.push(v(
                 ReasonCode::RecursiveNotAllowed,
                 t,
-                format!("recursive queries over {} are not released automatically", names(t)),
+                format!(
+                    "recursive queries over {} are not released automatically",
+                    names(t)
+                ),
             )),
             Finding::CorrelatedSubquery(t) => out.push(v(
                 ReasonCode::CorrelatedSubqueryNotAllowed,
                 t,
-                format!("correlated subqueries on {} are not released automatically", names(t)),
+                format!(
+                    "correlated subqueries on {} are not released automatically",
+                    names(t)
+                ),
             )),
             Finding::RawSubquery(t) => out.push(v(
                 ReasonCode::SubqueryNotAllowed,
                 t,
-                format!("a subquery feeds raw rows of {} into the query; aggregate it first", names(t)),
+                format!(
+                    "a subquery feeds raw rows of {} into the query; aggregate it first",
+                    names(t)
+                ),
             )),
             Finding::DistinctOn(t) => out.push(v(
                 ReasonCode::AggregateNotAllowed,
@@ -57,7 +75,9 @@ pub fn violations(report: &Report, ctx: &PolicyContext) -> Vec<Violation> {
                 format!("DISTINCT ON keeps one row's values per key of {}", names(t)),
             )),
             Finding::LiteralComparison(s) => {
-                let Some(rules) = ctx.tables.get(&s.table) else { continue };
+                let Some(rules) = ctx.tables.get(&s.table) else {
+                    continue;
+                };
                 if !rules.policy.filterable.contains(&s.column) {
                     let why = if rules.policy.privacy_unit.as_deref() == Some(s.column.as_str()) {
                         "the entity key"
@@ -69,7 +89,10 @@ pub fn violations(report: &Report, ctx: &PolicyContext) -> Vec<Violation> {
                     out.push(v(
                         ReasonCode::FilterNotAllowed,
                         &BTreeSet::from([s.table.clone()]),
-                        format!("{}.{} is {why} and may not be compared with a literal", s.table, s.column),
+                        format!(
+                            "{}.{} is {why} and may not be compared with a literal",
+                            s.table, s.column
+                        ),
                     ));
                 }
             }

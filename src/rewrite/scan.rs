@@ -5,8 +5,8 @@
 //! projection sees only the masks, under the column's own name and Arrow type, so
 //! filters, joins, group keys, ORDER BY and functions cannot use a wiped value as an
 //! oracle. For tables the threshold must count, the projection also carries a hidden
-//! column `__airlock_entity_<n>_k<k>`: the entity key (or, for a table without one, the
-//! whole row, since every row is its own entity).
+//! column `__airlock_entity#<n>#<k>#<table>`: the entity key (or, for a table without
+//! one, the whole row, since every row is its own entity).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +16,9 @@ use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ScalarValue, TableReference};
 use datafusion::error::Result;
-use datafusion::logical_expr::{Expr, Filter, LogicalPlan, Projection, TableScan, TableScanBuilder, cast, lit};
+use datafusion::logical_expr::{
+    Expr, Filter, LogicalPlan, Projection, TableScan, TableScanBuilder, cast, lit,
+};
 use datafusion::optimizer::AnalyzerRule;
 
 use super::{HIDDEN_PREFIX, PolicyContext, TableRules};
@@ -31,25 +33,38 @@ pub struct ScanRule {
 
 impl ScanRule {
     pub fn new(ctx: Arc<PolicyContext>) -> Self {
-        static PROCESS_SALT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
+        static PROCESS_SALT: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
         let salt = format!("{}{}", *PROCESS_SALT, ctx.policy.digest);
         Self { ctx, salt }
     }
 }
 
-/// The name of the hidden entity column of the `n`-th protected scan.
-pub fn entity_column(n: usize, k: u64) -> String {
-    format!("{HIDDEN_PREFIX}entity_{n}_k{k}")
+/// What a hidden entity column's name says: which scan (or union slot) it comes from,
+/// the k to reach, and the table whose entities it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityColumn {
+    pub id: String,
+    pub k: u64,
+    pub table: String,
 }
 
-/// The k encoded in a hidden entity column's name.
-pub fn k_of(name: &str) -> Option<u64> {
-    name.strip_prefix(HIDDEN_PREFIX)?
-        .strip_prefix("entity_")?
-        .rsplit_once("_k")?
-        .1
-        .parse()
-        .ok()
+impl EntityColumn {
+    pub fn name(&self) -> String {
+        format!(
+            "{HIDDEN_PREFIX}entity#{}#{}#{}",
+            self.id, self.k, self.table
+        )
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        let rest = name.strip_prefix(HIDDEN_PREFIX)?.strip_prefix("entity#")?;
+        let mut parts = rest.splitn(3, '#');
+        let id = parts.next()?.to_string();
+        let k = parts.next()?.parse().ok()?;
+        let table = parts.next()?.to_string();
+        Some(Self { id, k, table })
+    }
 }
 
 impl AnalyzerRule for ScanRule {
@@ -57,9 +72,9 @@ impl AnalyzerRule for ScanRule {
         let counter = AtomicUsize::new(0);
         plan.transform_up_with_subqueries(|node| match node {
             LogicalPlan::TableScan(scan) => match self.ctx.rules(&scan.table_name) {
-                Some((_, rules)) => {
+                Some((table, rules)) => {
                     let n = counter.fetch_add(1, Ordering::Relaxed);
-                    self.protect(scan, rules, n).map(Transformed::yes)
+                    self.protect(scan, table, rules, n).map(Transformed::yes)
                 }
                 None => Ok(Transformed::no(LogicalPlan::TableScan(scan))),
             },
@@ -74,7 +89,13 @@ impl AnalyzerRule for ScanRule {
 }
 
 impl ScanRule {
-    fn protect(&self, scan: TableScan, rules: &TableRules, n: usize) -> Result<LogicalPlan> {
+    fn protect(
+        &self,
+        scan: TableScan,
+        table: &crate::config::TableName,
+        rules: &TableRules,
+        n: usize,
+    ) -> Result<LogicalPlan> {
         let qualifier = scan.table_name.clone();
         let wanted: Vec<Arc<Field>> = scan.projected_schema.fields().iter().cloned().collect();
         // Re-scan every column: the entity key must be there even when unselected.
@@ -85,15 +106,22 @@ impl ScanRule {
                 .build()?,
         );
         let input = match &rules.row_filter {
-            Some(predicate) => LogicalPlan::Filter(Filter::try_new(requalify(predicate.clone(), &qualifier)?, Arc::new(full))?),
+            Some(predicate) => LogicalPlan::Filter(Filter::try_new(
+                requalify(predicate.clone(), &qualifier)?,
+                Arc::new(full),
+            )?),
             None => full,
         };
         let mut exprs: Vec<Expr> = wanted
             .iter()
             .map(|f| {
                 let column = Expr::Column(Column::new(Some(qualifier.clone()), f.name()));
-                match (!rules.unmasked).then(|| rules.policy.mask_for(f.name(), f.data_type())).flatten() {
-                    Some(kind) => mask(column, kind, f.data_type(), &self.salt).alias_qualified(Some(qualifier.clone()), f.name()),
+                match (!rules.unmasked)
+                    .then(|| rules.policy.mask_for(f.name(), f.data_type()))
+                    .flatten()
+                {
+                    Some(kind) => mask(column, kind, f.data_type(), &self.salt)
+                        .alias_qualified(Some(qualifier.clone()), f.name()),
                     None => column,
                 }
             })
@@ -111,16 +139,28 @@ impl ScanRule {
                         .collect(),
                 ),
             };
-            exprs.push(entity.alias_qualified(Some(qualifier.clone()), entity_column(n, k)));
+            let name = EntityColumn {
+                id: n.to_string(),
+                k,
+                table: table.to_string(),
+            }
+            .name();
+            exprs.push(entity.alias_qualified(Some(qualifier.clone()), name));
         }
-        Ok(LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(input))?))
+        Ok(LogicalPlan::Projection(Projection::try_new(
+            exprs,
+            Arc::new(input),
+        )?))
     }
 }
 
 /// Points a row filter's columns at the scan's qualifier as written in the query.
 fn requalify(e: Expr, qualifier: &TableReference) -> Result<Expr> {
     e.transform(|e| match e {
-        Expr::Column(c) => Ok(Transformed::yes(Expr::Column(Column::new(Some(qualifier.clone()), c.name)))),
+        Expr::Column(c) => Ok(Transformed::yes(Expr::Column(Column::new(
+            Some(qualifier.clone()),
+            c.name,
+        )))),
         other => Ok(Transformed::no(other)),
     })
     .map(|t| t.data)
@@ -130,15 +170,25 @@ fn requalify(e: Expr, qualifier: &TableReference) -> Result<Expr> {
 fn mask(column: Expr, kind: MaskKind, data_type: &DataType, salt: &str) -> Expr {
     use datafusion::functions::{core, crypto, encoding, string, unicode};
     let masked = match kind {
-        MaskKind::Null => return Expr::Literal(ScalarValue::try_from(data_type).unwrap_or(ScalarValue::Null), None),
+        MaskKind::Null => {
+            return Expr::Literal(
+                ScalarValue::try_from(data_type).unwrap_or(ScalarValue::Null),
+                None,
+            );
+        }
         MaskKind::Star => lit("*"),
         MaskKind::Hash => encoding::encode().call(vec![
-            crypto::sha256().call(vec![string::concat().call(vec![lit(salt.to_string()), column])]),
+            crypto::sha256().call(vec![
+                string::concat().call(vec![lit(salt.to_string()), column]),
+            ]),
             lit("hex"),
         ]),
         MaskKind::Last4 => {
             let hidden_len = core::greatest().call(vec![
-                cast(unicode::character_length().call(vec![column.clone()]), DataType::Int64) - lit(4i64),
+                cast(
+                    unicode::character_length().call(vec![column.clone()]),
+                    DataType::Int64,
+                ) - lit(4i64),
                 lit(0i64),
             ]);
             string::concat().call(vec![

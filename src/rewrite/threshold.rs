@@ -13,12 +13,14 @@
 //! `small_groups = "remainder"` (§3.4) is not implemented yet: such tables are treated
 //! as `drop`, which releases less, never more.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use datafusion::arrow::datatypes::DataType;
+use datafusion::common::ExprSchema;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::Transformed;
-use datafusion::common::ExprSchema;
 use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::error::Result;
 use datafusion::functions_aggregate::expr_fn::count_distinct;
@@ -27,7 +29,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::optimizer::AnalyzerRule;
 
-use super::scan::k_of;
+use super::scan::EntityColumn;
 use super::{HIDDEN_PREFIX, is_hidden};
 
 #[derive(Debug)]
@@ -47,7 +49,7 @@ impl AnalyzerRule for ThresholdRule {
 fn hidden(schema: &DFSchemaRef) -> Vec<Column> {
     schema
         .iter()
-        .filter(|(_, f)| is_hidden(f.name()) && k_of(f.name()).is_some())
+        .filter(|(_, f)| EntityColumn::parse(f.name()).is_some())
         .map(|(q, f)| Column::new(q.cloned(), f.name()))
         .collect()
 }
@@ -65,7 +67,9 @@ fn carry(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
                     exprs.push(Expr::Column(c));
                 }
             }
-            Ok(Transformed::yes(LogicalPlan::Projection(Projection::try_new(exprs, p.input)?)))
+            Ok(Transformed::yes(LogicalPlan::Projection(
+                Projection::try_new(exprs, p.input)?,
+            )))
         }
         LogicalPlan::Aggregate(a) => threshold(a).map(Transformed::yes),
         LogicalPlan::Distinct(Distinct::All(input)) => {
@@ -78,46 +82,64 @@ fn carry(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
             let agg = Aggregate::try_new(input, groups, vec![])?;
             threshold(agg).map(Transformed::yes)
         }
-        LogicalPlan::Union(u) => {
-            // Every branch must carry the same hidden columns in the same order.
-            let mut names: Vec<(String, DataType)> = u
-                .inputs
-                .iter()
-                .flat_map(|i| {
-                    hidden(i.schema())
-                        .into_iter()
-                        .filter_map(|c| {
-                            let t = i.schema().field_from_column(&c).ok()?.data_type().clone();
-                            Some((c.name, t))
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            names.sort_by(|a, b| a.0.cmp(&b.0));
-            names.dedup_by(|a, b| a.0 == b.0);
-            let mut inputs = Vec::with_capacity(u.inputs.len());
-            for input in u.inputs {
-                let mut exprs: Vec<Expr> = input
-                    .schema()
-                    .iter()
-                    .filter(|(_, f)| !is_hidden(f.name()))
-                    .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
-                    .collect();
-                for (name, data_type) in &names {
-                    let present = input.schema().iter().find(|(_, f)| f.name() == name);
-                    exprs.push(match present {
-                        Some((q, f)) => Expr::Column(Column::new(q.cloned(), f.name())),
-                        None => Expr::Literal(ScalarValue::try_from(data_type)?, None).alias(name),
-                    });
-                }
-                inputs.push(Arc::new(LogicalPlan::Projection(Projection::try_new(exprs, input)?)));
-            }
-            Ok(Transformed::yes(LogicalPlan::Union(Union::try_new_with_loose_types(inputs)?)))
-        }
+        LogicalPlan::Union(u) => union(u).map(Transformed::yes),
         // Filters, sorts, limits, aliases, joins, windows: recompute the schema so the
         // hidden columns pass through.
         other => Ok(Transformed::yes(other.recompute_schema()?)),
     }
+}
+
+/// Aligns the hidden columns of a union's branches. The n-th occurrence of table T in
+/// one branch and the n-th in another hold the same table's entities in different rows,
+/// so they share one output column: counting distinct values there counts T's entities
+/// across the branches (UNION ALL copies of one person count once).
+fn union(u: Union) -> Result<LogicalPlan> {
+    static UNIONS: AtomicUsize = AtomicUsize::new(0);
+    let id = UNIONS.fetch_add(1, Ordering::Relaxed);
+    // For each branch: (table, slot) → (column, type).
+    let mut branches = Vec::with_capacity(u.inputs.len());
+    let mut slots: BTreeMap<(String, usize), (u64, DataType)> = BTreeMap::new();
+    for input in &u.inputs {
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        let mut mine = BTreeMap::new();
+        for c in hidden(input.schema()) {
+            let Some(e) = EntityColumn::parse(&c.name) else {
+                continue;
+            };
+            let slot = seen.entry(e.table.clone()).or_insert(0);
+            let t = input.schema().field_from_column(&c)?.data_type().clone();
+            let entry = slots.entry((e.table.clone(), *slot)).or_insert((e.k, t));
+            entry.0 = entry.0.max(e.k);
+            mine.insert((e.table.clone(), *slot), c);
+            *slot += 1;
+        }
+        branches.push(mine);
+    }
+    let mut inputs = Vec::with_capacity(u.inputs.len());
+    for (input, mine) in u.inputs.into_iter().zip(branches) {
+        let mut exprs: Vec<Expr> = input
+            .schema()
+            .iter()
+            .filter(|(_, f)| !is_hidden(f.name()))
+            .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+            .collect();
+        for ((table, slot), (k, data_type)) in &slots {
+            let name = EntityColumn {
+                id: format!("u{id}s{slot}"),
+                k: *k,
+                table: table.clone(),
+            }
+            .name();
+            exprs.push(match mine.get(&(table.clone(), *slot)) {
+                Some(c) => Expr::Column(c.clone()).alias(name),
+                None => Expr::Literal(ScalarValue::try_from(data_type)?, None).alias(name),
+            });
+        }
+        inputs.push(Arc::new(LogicalPlan::Projection(Projection::try_new(
+            exprs, input,
+        )?)));
+    }
+    Ok(LogicalPlan::Union(Union::try_new_with_loose_types(inputs)?))
 }
 
 /// Adds the entity counts to an aggregate over hidden columns and keeps only groups
@@ -132,13 +154,16 @@ fn threshold(a: Aggregate) -> Result<LogicalPlan> {
     let mut aggr = a.aggr_expr.clone();
     let mut conditions = Vec::with_capacity(entities.len());
     for (i, c) in entities.iter().enumerate() {
-        let k = k_of(&c.name).unwrap_or(u64::MAX);
+        let k = EntityColumn::parse(&c.name).map_or(u64::MAX, |e| e.k);
         let name = format!("{HIDDEN_PREFIX}count_{i}");
         aggr.push(count_distinct(Expr::Column(c.clone())).alias(&name));
         conditions.push(Expr::Column(Column::from_name(&name)).gt_eq(lit(k as i64)));
     }
     let counted = LogicalPlan::Aggregate(Aggregate::try_new(a.input, a.group_expr, aggr)?);
-    let predicate = conditions.into_iter().reduce(Expr::and).unwrap_or_else(|| lit(true));
+    let predicate = conditions
+        .into_iter()
+        .reduce(Expr::and)
+        .unwrap_or_else(|| lit(true));
     let kept = LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(counted))?);
     LogicalPlanBuilder::from(kept).project(original)?.build()
 }

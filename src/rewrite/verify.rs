@@ -34,7 +34,10 @@ fn unclassified(why: String) -> datafusion::error::DataFusionError {
 impl AnalyzerRule for VerifyRule {
     fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> Result<LogicalPlan> {
         if let Some(f) = plan.schema().fields().iter().find(|f| is_hidden(f.name())) {
-            return Err(unclassified(format!("internal column {} would reach the output", f.name())));
+            return Err(unclassified(format!(
+                "internal column {} would reach the output",
+                f.name()
+            )));
         }
         self.check(&plan, None)?;
         Ok(plan)
@@ -55,21 +58,31 @@ impl VerifyRule {
             LogicalPlan::TableScan(scan) => {
                 if let Some((name, rules)) = self.ctx.rules(&scan.table_name) {
                     let under_mask = matches!(parent, Some(LogicalPlan::Projection(p))
-                        if !rules.automatic() || p.schema.fields().iter().any(|f| f.name().starts_with(&format!("{HIDDEN_PREFIX}entity_"))));
-                    let under_filter = matches!(parent, Some(LogicalPlan::Filter(_))) && rules.row_filter.is_some();
+                        if !rules.automatic() || p.schema.fields().iter().any(|f| super::scan::EntityColumn::parse(f.name()).is_some()));
+                    let under_filter = matches!(parent, Some(LogicalPlan::Filter(_)))
+                        && rules.row_filter.is_some();
                     if !under_mask && !under_filter {
-                        return Err(unclassified(format!("scan of {name} is not protected by the scan rule")));
+                        return Err(unclassified(format!(
+                            "scan of {name} is not protected by the scan rule"
+                        )));
                     }
                 }
             }
             LogicalPlan::Aggregate(a) if input_hidden => {
                 let counted = a.aggr_expr.iter().any(|e| matches!(e, Expr::Alias(al) if al.name.starts_with(&format!("{HIDDEN_PREFIX}count_"))));
                 if !counted {
-                    return Err(unclassified("an aggregate over protected rows has no entity threshold".into()));
+                    return Err(unclassified(
+                        "an aggregate over protected rows has no entity threshold".into(),
+                    ));
                 }
             }
-            LogicalPlan::Window(_) | LogicalPlan::Distinct(_) | LogicalPlan::RecursiveQuery(_) if input_hidden => {
-                return Err(unclassified(format!("{} over protected rows", plan.display())));
+            LogicalPlan::Window(_) | LogicalPlan::Distinct(_) | LogicalPlan::RecursiveQuery(_)
+                if input_hidden =>
+            {
+                return Err(unclassified(format!(
+                    "{} over protected rows",
+                    plan.display()
+                )));
             }
             LogicalPlan::Projection(_)
             | LogicalPlan::Filter(_)
@@ -89,15 +102,26 @@ impl VerifyRule {
             | LogicalPlan::Distinct(_)
             | LogicalPlan::Unnest(_)
             | LogicalPlan::RecursiveQuery(_) => {}
-            other => return Err(unclassified(format!("unexpected plan node {}", other.display()))),
+            other => {
+                return Err(unclassified(format!(
+                    "unexpected plan node {}",
+                    other.display()
+                )));
+            }
         }
         // A row-filtered scan sits under Filter under the mask projection; check that pair.
-        if let (LogicalPlan::Filter(_), Some(LogicalPlan::TableScan(scan))) = (plan, plan.inputs().first().copied())
-            && self.ctx.rules(&scan.table_name).is_some_and(|(_, r)| r.row_filter.is_some())
+        if let (LogicalPlan::Filter(_), Some(LogicalPlan::TableScan(scan))) =
+            (plan, plan.inputs().first().copied())
+            && self
+                .ctx
+                .rules(&scan.table_name)
+                .is_some_and(|(_, r)| r.row_filter.is_some())
         {
             let masked = matches!(parent, Some(LogicalPlan::Projection(_)));
             if !masked {
-                return Err(unclassified("a row-filtered scan is not under its mask projection".into()));
+                return Err(unclassified(
+                    "a row-filtered scan is not under its mask projection".into(),
+                ));
             }
         }
         for e in plan.expressions() {
@@ -114,7 +138,9 @@ impl VerifyRule {
             });
             for s in subs {
                 if s.schema().fields().iter().any(|f| is_hidden(f.name())) {
-                    return Err(unclassified("a subquery would expose internal columns".into()));
+                    return Err(unclassified(
+                        "a subquery would expose internal columns".into(),
+                    ));
                 }
                 self.check(&s, None)?;
             }

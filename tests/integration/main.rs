@@ -4,4 +4,5 @@ mod catalog;
 mod cli;
 mod flight_sql;
 mod limits;
+mod policy_slt;
 mod support;
