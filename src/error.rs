@@ -79,7 +79,7 @@ impl Error {
                 | DataFusionError::Plan(_)
                 | DataFusionError::SchemaError(..)
                 | DataFusionError::NotImplemented(_)
-                | DataFusionError::Configuration(_) => Error::Query(err.strip_backtrace()),
+                | DataFusionError::Configuration(_) => Error::Query(root(&err).strip_backtrace()),
                 _ => Error::Internal(err.to_string()),
             },
         }
@@ -125,11 +125,14 @@ impl Error {
     }
 }
 
+/// The error under any context, diagnostic or sharing wrapper; the first of a collection
+/// (the planner reports several problems of one query that way).
 fn root(err: &DataFusionError) -> &DataFusionError {
     match err {
         DataFusionError::Context(_, inner) => root(inner),
         DataFusionError::Diagnostic(_, inner) => root(inner),
         DataFusionError::Shared(inner) => root(inner),
+        DataFusionError::Collection(errs) if !errs.is_empty() => root(&errs[0]),
         other => other,
     }
 }

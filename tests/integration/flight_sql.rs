@@ -181,6 +181,15 @@ async fn syntax_errors_and_unknown_tables_are_invalid_argument() {
     let mut c = analyst(&server).await;
     let err = query(&mut c, "SELEC 1").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // The planner reports several problems at once as a collection: still a client error.
+    let err = query(
+        &mut c,
+        "SELECT upper(x.ward), count(*) FROM hospital.patients p GROUP BY upper(x.ward)",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("x.ward"), "{err:?}");
     let missing = query(&mut c, "SELECT count(*) FROM hospital.nosuch")
         .await
         .unwrap_err();

@@ -5,4 +5,5 @@ mod cli;
 mod flight_sql;
 mod limits;
 mod policy_slt;
+mod property;
 mod support;
