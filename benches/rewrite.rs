@@ -22,12 +22,15 @@ use datafusion::optimizer::Analyzer;
 fn rewrite(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let catalog = Catalog::from_tables(schema::tables().into_iter().map(|(name, schema)| {
-        let table: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(MemTable::try_new(schema, vec![vec![]]).unwrap());
+        let table: Arc<dyn datafusion::catalog::TableProvider> =
+            Arc::new(MemTable::try_new(schema, vec![vec![]]).unwrap());
         (TableName::parse(&format!("tpch.{name}")).unwrap(), table)
     }));
     let users = airlock::auth::Users::from_entries([]);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/tpch/policies");
-    let policy = rt.block_on(PolicyStore::open(dir, &users, &catalog)).unwrap();
+    let policy = rt
+        .block_on(PolicyStore::open(dir, &users, &catalog))
+        .unwrap();
     let sessions = Sessions::new(Arc::new(policy), Arc::new(catalog), Limits::default()).unwrap();
     let analyst = Arc::new(Principal {
         name: "bench_analyst".into(),

@@ -19,10 +19,22 @@ pub fn tables() -> Vec<(&'static str, SchemaRef)> {
     use DataType::*;
     let money = Decimal128(15, 2);
     vec![
-        ("region", schema(&[("r_regionkey", Int64), ("r_name", Utf8), ("r_comment", Utf8)])),
+        (
+            "region",
+            schema(&[
+                ("r_regionkey", Int64),
+                ("r_name", Utf8),
+                ("r_comment", Utf8),
+            ]),
+        ),
         (
             "nation",
-            schema(&[("n_nationkey", Int64), ("n_name", Utf8), ("n_regionkey", Int64), ("n_comment", Utf8)]),
+            schema(&[
+                ("n_nationkey", Int64),
+                ("n_name", Utf8),
+                ("n_regionkey", Int64),
+                ("n_comment", Utf8),
+            ]),
         ),
         (
             "supplier",

@@ -83,8 +83,14 @@ pub async fn prepare(session: Arc<PrincipalSession>, sql: &str) -> Result<Prepar
         .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
     let parameter_schema = Arc::new(parameter_schema(&types)?);
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    // The rewriter may add columns (remainder mode); report the schema DoGet will have
+    // when the plan can be analyzed without its parameters, else the query's own.
+    let dataset_schema = match session.state.optimize(&plan) {
+        Ok(analyzed) => analyzed.schema().as_arrow().clone(),
+        Err(_) => plan.schema().as_arrow().clone(),
+    };
     Ok(Prepared {
-        dataset_schema: Arc::new(plan.schema().as_arrow().clone()),
+        dataset_schema: Arc::new(dataset_schema),
         parameter_schema,
     })
 }

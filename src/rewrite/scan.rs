@@ -5,8 +5,9 @@
 //! projection sees only the masks, under the column's own name and Arrow type, so
 //! filters, joins, group keys, ORDER BY and functions cannot use a wiped value as an
 //! oracle. For tables the threshold must count, the projection also carries a hidden
-//! column `__airlock_entity#<n>#<k>#<table>`: the entity key (or, for a table without
-//! one, the whole row, since every row is its own entity).
+//! column `__airlock_entity#<n>#<k>#<d|r>#<table>` (k, and drop or remainder for small
+//! groups): the entity key (or, for a table without one, the whole row, since every row
+//! is its own entity).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,24 +47,37 @@ impl ScanRule {
 pub struct EntityColumn {
     pub id: String,
     pub k: u64,
+    /// `small_groups = "remainder"` (§3.4) rather than drop.
+    pub remainder: bool,
     pub table: String,
 }
 
 impl EntityColumn {
     pub fn name(&self) -> String {
+        let mode = if self.remainder { "r" } else { "d" };
         format!(
-            "{HIDDEN_PREFIX}entity#{}#{}#{}",
+            "{HIDDEN_PREFIX}entity#{}#{}#{mode}#{}",
             self.id, self.k, self.table
         )
     }
 
     pub fn parse(name: &str) -> Option<Self> {
         let rest = name.strip_prefix(HIDDEN_PREFIX)?.strip_prefix("entity#")?;
-        let mut parts = rest.splitn(3, '#');
+        let mut parts = rest.splitn(4, '#');
         let id = parts.next()?.to_string();
         let k = parts.next()?.parse().ok()?;
+        let remainder = match parts.next()? {
+            "r" => true,
+            "d" => false,
+            _ => return None,
+        };
         let table = parts.next()?.to_string();
-        Some(Self { id, k, table })
+        Some(Self {
+            id,
+            k,
+            remainder,
+            table,
+        })
     }
 }
 
@@ -142,6 +156,8 @@ impl ScanRule {
             let name = EntityColumn {
                 id: n.to_string(),
                 k,
+                remainder: rules.policy.small_groups
+                    == crate::policy::tables::SmallGroups::Remainder,
                 table: table.to_string(),
             }
             .name();

@@ -10,8 +10,9 @@
 //! Each scan occurrence is checked on its own (a self-join needs k entities on each
 //! side), which is never weaker than counting their union.
 //!
-//! `small_groups = "remainder"` (§3.4) is not implemented yet: such tables are treated
-//! as `drop`, which releases less, never more.
+//! With `small_groups = "remainder"` (§3.4) the groups below k are merged into one row
+//! with NULL keys, itself released only if it reaches k, and marked by the boolean
+//! column `airlock_remainder`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,9 +55,21 @@ fn hidden(schema: &DFSchemaRef) -> Vec<Column> {
         .collect()
 }
 
+/// The column that tells the remainder row (true) from real groups (false), added to
+/// results of aggregates over tables with `small_groups = "remainder"`.
+pub const REMAINDER_COLUMN: &str = "airlock_remainder";
+
 fn carry(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
-    let inputs_hidden = plan.inputs().iter().any(|i| !hidden(i.schema()).is_empty());
-    if !inputs_hidden {
+    let marker = |p: &LogicalPlan| {
+        p.schema()
+            .fields()
+            .iter()
+            .any(|f| f.name() == REMAINDER_COLUMN)
+    };
+    let marker_to_carry =
+        matches!(&plan, LogicalPlan::Projection(p) if marker(&p.input) && !marker(&plan));
+    let hidden_below = plan.inputs().iter().any(|i| !hidden(i.schema()).is_empty());
+    if !marker_to_carry && !hidden_below {
         return Ok(Transformed::no(plan));
     }
     match plan {
@@ -66,6 +79,19 @@ fn carry(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
                 if !p.schema.has_column(&c) {
                     exprs.push(Expr::Column(c));
                 }
+            }
+            if let Some((q, f)) = p
+                .input
+                .schema()
+                .iter()
+                .find(|(_, f)| f.name() == REMAINDER_COLUMN)
+                && !p
+                    .schema
+                    .fields()
+                    .iter()
+                    .any(|f| f.name() == REMAINDER_COLUMN)
+            {
+                exprs.push(Expr::Column(Column::new(q.cloned(), f.name())));
             }
             Ok(Transformed::yes(LogicalPlan::Projection(
                 Projection::try_new(exprs, p.input)?,
@@ -98,7 +124,7 @@ fn union(u: Union) -> Result<LogicalPlan> {
     let id = UNIONS.fetch_add(1, Ordering::Relaxed);
     // For each branch: (table, slot) → (column, type).
     let mut branches = Vec::with_capacity(u.inputs.len());
-    let mut slots: BTreeMap<(String, usize), (u64, DataType)> = BTreeMap::new();
+    let mut slots: BTreeMap<(String, usize), (u64, bool, DataType)> = BTreeMap::new();
     for input in &u.inputs {
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let mut mine = BTreeMap::new();
@@ -108,8 +134,11 @@ fn union(u: Union) -> Result<LogicalPlan> {
             };
             let slot = seen.entry(e.table.clone()).or_insert(0);
             let t = input.schema().field_from_column(&c)?.data_type().clone();
-            let entry = slots.entry((e.table.clone(), *slot)).or_insert((e.k, t));
+            let entry = slots
+                .entry((e.table.clone(), *slot))
+                .or_insert((e.k, e.remainder, t));
             entry.0 = entry.0.max(e.k);
+            entry.1 &= e.remainder;
             mine.insert((e.table.clone(), *slot), c);
             *slot += 1;
         }
@@ -123,10 +152,11 @@ fn union(u: Union) -> Result<LogicalPlan> {
             .filter(|(_, f)| !is_hidden(f.name()))
             .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
             .collect();
-        for ((table, slot), (k, data_type)) in &slots {
+        for ((table, slot), (k, remainder, data_type)) in &slots {
             let name = EntityColumn {
                 id: format!("u{id}s{slot}"),
                 k: *k,
+                remainder: *remainder,
                 table: table.clone(),
             }
             .name();
@@ -143,15 +173,36 @@ fn union(u: Union) -> Result<LogicalPlan> {
 }
 
 /// Adds the entity counts to an aggregate over hidden columns and keeps only groups
-/// where every count reaches its k.
+/// where every count reaches its k (or, in remainder mode, merges the others).
 fn threshold(a: Aggregate) -> Result<LogicalPlan> {
     let entities = hidden(a.input.schema());
+    let remainder = entities
+        .iter()
+        .any(|c| EntityColumn::parse(&c.name).is_some_and(|e| e.remainder));
+    let plain_groups = !a.group_expr.is_empty()
+        && !a
+            .group_expr
+            .iter()
+            .any(|e| matches!(e, Expr::GroupingSet(_)));
+    if remainder && plain_groups {
+        return threshold_with_remainder(a);
+    }
     let original: Vec<Expr> = a
         .schema
         .iter()
         .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
         .collect();
+    let (counts, predicate) = entity_counts(&entities);
     let mut aggr = a.aggr_expr.clone();
+    aggr.extend(counts);
+    let counted = LogicalPlan::Aggregate(Aggregate::try_new(a.input, a.group_expr, aggr)?);
+    let kept = LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(counted))?);
+    LogicalPlanBuilder::from(kept).project(original)?.build()
+}
+
+/// The entity counts and the condition that every one reaches its k.
+fn entity_counts(entities: &[Column]) -> (Vec<Expr>, Expr) {
+    let mut aggr = Vec::with_capacity(entities.len());
     let mut conditions = Vec::with_capacity(entities.len());
     for (i, c) in entities.iter().enumerate() {
         let k = EntityColumn::parse(&c.name).map_or(u64::MAX, |e| e.k);
@@ -159,11 +210,122 @@ fn threshold(a: Aggregate) -> Result<LogicalPlan> {
         aggr.push(count_distinct(Expr::Column(c.clone())).alias(&name));
         conditions.push(Expr::Column(Column::from_name(&name)).gt_eq(lit(k as i64)));
     }
-    let counted = LogicalPlan::Aggregate(Aggregate::try_new(a.input, a.group_expr, aggr)?);
-    let predicate = conditions
-        .into_iter()
-        .reduce(Expr::and)
-        .unwrap_or_else(|| lit(true));
-    let kept = LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(counted))?);
-    LogicalPlanBuilder::from(kept).project(original)?.build()
+    (
+        aggr,
+        conditions
+            .into_iter()
+            .reduce(Expr::and)
+            .unwrap_or_else(|| lit(true)),
+    )
+}
+
+/// `small_groups = "remainder"` (§3.4): groups below k are merged into one row whose
+/// group keys are NULL, released only if it reaches k itself. A boolean column
+/// [`REMAINDER_COLUMN`] tells that row from a real group whose key is NULL.
+///
+/// The input is used twice: once for the per-group counts, and once, joined (NULL-safe)
+/// to the keys of the small groups, to aggregate those groups' rows together.
+fn threshold_with_remainder(a: Aggregate) -> Result<LogicalPlan> {
+    let entities = hidden(a.input.schema());
+    let (counts, passes) = entity_counts(&entities);
+    let mut aggr = a.aggr_expr.clone();
+    aggr.extend(counts.iter().cloned());
+    let key_names: Vec<Column> = a
+        .schema
+        .iter()
+        .take(a.group_expr.len())
+        .map(|(q, f)| Column::new(q.cloned(), f.name()))
+        .collect();
+    let original: Vec<Expr> = a
+        .schema
+        .iter()
+        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+        .collect();
+    let counted = LogicalPlan::Aggregate(Aggregate::try_new(
+        Arc::clone(&a.input),
+        a.group_expr.clone(),
+        aggr.clone(),
+    )?);
+
+    // Groups that reach k, as they are.
+    let mut passing_cols = original.clone();
+    passing_cols.push(lit(false).alias(REMAINDER_COLUMN));
+    let passing = LogicalPlanBuilder::from(counted.clone())
+        .filter(passes.clone())?
+        .project(passing_cols)?
+        .build()?;
+
+    // The keys of the groups that do not.
+    let small_keys: Vec<Expr> = key_names
+        .iter()
+        .enumerate()
+        .map(|(j, c)| Expr::Column(c.clone()).alias(format!("{HIDDEN_PREFIX}small_{j}")))
+        .collect();
+    let small = LogicalPlanBuilder::from(counted)
+        .filter(datafusion::logical_expr::not(passes.clone()))?
+        .project(small_keys)?
+        .build()?;
+
+    // Their rows, aggregated together.
+    let mut keyed: Vec<Expr> = a
+        .input
+        .schema()
+        .iter()
+        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+        .collect();
+    keyed.extend(
+        a.group_expr
+            .iter()
+            .enumerate()
+            .map(|(j, e)| e.clone().alias(format!("{HIDDEN_PREFIX}key_{j}"))),
+    );
+    let left_keys: Vec<Column> = (0..key_names.len())
+        .map(|j| Column::from_name(format!("{HIDDEN_PREFIX}key_{j}")))
+        .collect();
+    let right_keys: Vec<Column> = (0..key_names.len())
+        .map(|j| Column::from_name(format!("{HIDDEN_PREFIX}small_{j}")))
+        .collect();
+    let merged = LogicalPlanBuilder::from(Arc::unwrap_or_clone(a.input))
+        .project(keyed)?
+        .join_detailed(
+            small,
+            datafusion::logical_expr::JoinType::Inner,
+            (left_keys, right_keys),
+            None,
+            datafusion::common::NullEquality::NullEqualsNull,
+        )?
+        .aggregate(Vec::<Expr>::new(), aggr)?
+        .filter(passes)?
+        .build()?;
+    let mut remainder_cols: Vec<Expr> = Vec::with_capacity(original.len() + 1);
+    for (i, (q, f)) in a.schema.iter().enumerate() {
+        if i < key_names.len() {
+            remainder_cols.push(
+                Expr::Literal(ScalarValue::try_from(f.data_type())?, None)
+                    .alias_qualified(q.cloned(), f.name()),
+            );
+        } else {
+            remainder_cols.push(Expr::Column(Column::from_name(f.name())));
+        }
+    }
+    remainder_cols.push(lit(true).alias(REMAINDER_COLUMN));
+    let remainder_row = LogicalPlanBuilder::from(merged)
+        .project(remainder_cols)?
+        .build()?;
+    let union = LogicalPlan::Union(Union::try_new_with_loose_types(vec![
+        Arc::new(passing),
+        Arc::new(remainder_row),
+    ])?);
+    // A union's columns are unqualified: restore the aggregate's own qualifiers.
+    let mut requalified: Vec<Expr> = a
+        .schema
+        .iter()
+        .map(|(q, f)| {
+            Expr::Column(Column::from_name(f.name())).alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    requalified.push(Expr::Column(Column::from_name(REMAINDER_COLUMN)));
+    LogicalPlanBuilder::from(union)
+        .project(requalified)?
+        .build()
 }
