@@ -6,4 +6,5 @@ mod flight_sql;
 mod limits;
 mod policy_slt;
 mod property;
+mod reload;
 mod support;

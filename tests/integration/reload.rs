@@ -1,0 +1,147 @@
+//! Policy reload without restart: the admin Flight action and SIGHUP. Atomic; a bad
+//! policy leaves the last good one in force.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use airlock::client::Client;
+
+use crate::support::*;
+
+const MAX_SQL: &str = "SELECT max(cost) FROM hospital.patients";
+
+fn copy_policies(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    for f in ["model.conf", "policy.csv", "tables.toml"] {
+        std::fs::copy(format!("{root}/policies/{f}"), to.join(f)).unwrap();
+    }
+}
+
+fn allow_max(dir: &Path) {
+    let text = std::fs::read_to_string(dir.join("tables.toml")).unwrap().replace(
+        "min_group_size = 10             # k",
+        "aggregates = [\"count\", \"sum\", \"avg\", \"max\"]\nmin_group_size = 10             # k",
+    );
+    assert!(text.contains("\"max\""));
+    std::fs::write(dir.join("tables.toml"), text).unwrap();
+}
+
+#[tokio::test]
+async fn admin_action_reloads_atomically_and_keeps_the_last_good_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = demo_config();
+    config.policy_dir = dir.path().to_path_buf();
+    copy_policies(dir.path());
+    let server = start_with(config).await;
+    let url = format!("grpc://{}", server.addr);
+    let mut analyst = Client::connect(&url, "analyst", "analyst", None)
+        .await
+        .unwrap();
+    let mut owner = Client::connect(&url, "owner", "owner", None).await.unwrap();
+
+    let before = analyst.query(MAX_SQL).await.unwrap_err();
+    assert!(
+        before.to_string().contains("AGGREGATE_NOT_ALLOWED"),
+        "{before}"
+    );
+
+    // Only a service admin may reload.
+    let err = analyst.reload_policy().await.unwrap_err();
+    assert_eq!(err.reason_code().as_deref(), Some("ACCESS_DENIED"));
+
+    allow_max(dir.path());
+    let answer = owner.reload_policy().await.unwrap();
+    assert!(answer.starts_with("policy version 2"), "{answer}");
+    assert!(
+        analyst.query(MAX_SQL).await.is_ok(),
+        "the new policy is in force"
+    );
+
+    // A broken policy is refused with its file and line; the last good one stays.
+    std::fs::write(
+        dir.path().join("tables.toml"),
+        "[tables.\"hospital.patients\"]\nprivacy_unit = \"nobody\"\n",
+    )
+    .unwrap();
+    let err = owner.reload_policy().await.unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "tables.toml:2: hospital.patients: privacy_unit column \"nobody\" does not exist"
+        ),
+        "{err}"
+    );
+    assert!(
+        analyst.query(MAX_SQL).await.is_ok(),
+        "still the last good policy"
+    );
+}
+
+#[test]
+fn sighup_reloads_the_policy_of_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    copy_policies(&policies);
+    let config = demo_config();
+    let mut conf = format!(
+        "listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\nusers_file = \"{}\"\nstate_dir = \"{}\"\n",
+        policies.display(),
+        config.users_file.display(),
+        dir.path().display()
+    );
+    for d in &config.datasets {
+        conf.push_str(&format!(
+            "\n[[datasets]]\nname = \"{}\"\npath = \"{}\"\n",
+            d.name,
+            d.path.display()
+        ));
+    }
+    std::fs::write(dir.path().join("airlock.toml"), conf).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("airlock.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("airlock listening on ")
+        .expect("ready line")
+        .to_string();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("grpc://{addr}");
+    let mut analyst = rt
+        .block_on(Client::connect(&url, "analyst", "analyst", None))
+        .unwrap();
+    assert!(rt.block_on(analyst.query(MAX_SQL)).is_err());
+
+    allow_max(&policies);
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Wait (bounded) for the reload to take effect.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if rt.block_on(analyst.query(MAX_SQL)).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the policy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
