@@ -43,6 +43,35 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How to reach and log in to a server (shared by `airlock sql` and `airlock approvals`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// Server URL, e.g. grpc://127.0.0.1:50051 (grpc+tls:// for TLS).
+    #[arg(long, env = "AIRLOCK_URL", default_value = "grpc://127.0.0.1:50051")]
+    pub url: String,
+    /// User name.
+    #[arg(long, env = "AIRLOCK_USER")]
+    pub user: String,
+    /// Password (prefer the environment variable over the flag).
+    #[arg(long, env = "AIRLOCK_PASSWORD", hide_env_values = true)]
+    pub password: String,
+    /// CA certificate (PEM) to trust for grpc+tls:// URLs.
+    #[arg(long, env = "AIRLOCK_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl ConnectArgs {
+    pub async fn connect(&self) -> Result<Client> {
+        Client::connect(
+            &self.url,
+            &self.user,
+            &self.password,
+            self.tls_ca.as_deref(),
+        )
+        .await
+    }
+}
+
 /// Output formats of `airlock sql`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -188,6 +217,20 @@ impl Client {
             .iter()
             .map(|b| String::from_utf8_lossy(b).into_owned())
             .collect())
+    }
+
+    /// Runs an action whose body and answer are JSON text.
+    pub async fn json_action(
+        &mut self,
+        kind: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let bodies = self.action(kind, body.to_string().into_bytes()).await?;
+        let text: String = bodies
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        serde_json::from_str(&text).map_err(|e| Error::Output(format!("bad answer to {kind}: {e}")))
     }
 
     /// Asks the server to reload its policy (admin on `*`).

@@ -19,6 +19,7 @@
 //! `server` (wiring and serving), `demo` (the synthetic hospital), `client` (the
 //! `airlock sql` client) and `telemetry`.
 
+pub mod approval;
 pub mod auth;
 pub mod catalog;
 pub mod client;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use airlock::client::{Client, Format};
+use airlock::client::{ConnectArgs, Format};
 use airlock::config::{ConfigArgs, ServiceConfig};
 use airlock::server::Airlock;
 use anyhow::Context;
@@ -43,6 +43,13 @@ enum Command {
     },
     /// Validate configuration, users, datasets and policies without serving.
     Check(ConfigArgs),
+    /// The data owner's approval workflow: list, show, approve and deny requests.
+    Approvals {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// User administration.
     User {
         #[command(subcommand)]
@@ -51,18 +58,8 @@ enum Command {
     /// Run one SQL query against a server and print the result (or, with --explain, how
     /// the privacy policy treats it).
     Sql {
-        /// Server URL, e.g. grpc://127.0.0.1:50051 (grpc+tls:// for TLS).
-        #[arg(long, env = "AIRLOCK_URL", default_value = "grpc://127.0.0.1:50051")]
-        url: String,
-        /// User name.
-        #[arg(long, env = "AIRLOCK_USER")]
-        user: String,
-        /// Password (prefer the environment variable over the flag).
-        #[arg(long, env = "AIRLOCK_PASSWORD", hide_env_values = true)]
-        password: String,
-        /// CA certificate (PEM) to trust for grpc+tls:// URLs.
-        #[arg(long, env = "AIRLOCK_TLS_CA", value_name = "FILE")]
-        tls_ca: Option<PathBuf>,
+        #[command(flatten)]
+        connect: ConnectArgs,
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
@@ -71,6 +68,38 @@ enum Command {
         explain: bool,
         /// The query.
         sql: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApprovalsCommand {
+    /// List the requests you may decide (pending ones unless --all).
+    List {
+        /// Include decided requests.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one request: who, when, the SQL, the rewritten plan, why, and how many rows
+    /// approving it would release.
+    Show { id: String },
+    /// Approve a request.
+    Approve {
+        id: String,
+        /// Release at most this many rows.
+        #[arg(long)]
+        max_rows: Option<u64>,
+        /// How long the approval holds (e.g. 24h, 30m).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        expires: std::time::Duration,
+        /// Let the analyst run the query more than once while the approval holds.
+        #[arg(long)]
+        reusable: bool,
+    },
+    /// Deny a request, with a reason the analyst will see.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -144,17 +173,25 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 airlock::auth::hash_password(password).map_err(|e| anyhow::anyhow!("{e}"))?
             );
         }
+        Command::Approvals { connect, command } => {
+            let result = approvals(&connect, command).await;
+            if let Err(e) = result {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(if e.reason_code().is_some() {
+                    3
+                } else {
+                    1
+                }));
+            }
+        }
         Command::Sql {
-            url,
-            user,
-            password,
-            tls_ca,
+            connect,
             format,
             explain,
             sql,
         } => {
             let result = async {
-                let mut client = Client::connect(&url, &user, &password, tls_ca.as_deref()).await?;
+                let mut client = connect.connect().await?;
                 if explain {
                     print!("{}", client.explain(&sql).await?);
                     return Ok(0);
@@ -174,6 +211,38 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn approvals(
+    connect: &ConnectArgs,
+    command: ApprovalsCommand,
+) -> Result<(), airlock::client::Error> {
+    use airlock::flight::approvals as a;
+    use serde_json::json;
+    let mut client = connect.connect().await?;
+    let answer = match command {
+        ApprovalsCommand::List { all } => client.json_action(a::LIST, json!({ "pending": !all })).await?,
+        ApprovalsCommand::Show { id } => client.json_action(a::SHOW, json!({ "id": id })).await?,
+        ApprovalsCommand::Approve {
+            id,
+            max_rows,
+            expires,
+            reusable,
+        } => {
+            client
+                .json_action(
+                    a::APPROVE,
+                    json!({ "id": id, "max_rows": max_rows, "expires_in_secs": expires.as_secs(), "reusable": reusable }),
+                )
+                .await?
+        }
+        ApprovalsCommand::Deny { id, reason } => client.json_action(a::DENY, json!({ "id": id, "reason": reason })).await?,
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&answer).unwrap_or_default()
+    );
+    Ok(())
 }
 
 async fn serve(config: ServiceConfig) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use crate::approval::{ApprovalStore, SqliteStore};
 use crate::auth::{Authenticator, Users};
 use crate::catalog::Catalog;
 use crate::config::{Diagnostics, ServiceConfig};
@@ -38,6 +39,8 @@ pub enum Error {
     Tls(String),
     #[error("cannot start the server runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Approvals(#[from] crate::approval::Error),
     #[error("query engine: {0}")]
     Engine(#[from] datafusion::error::DataFusionError),
     #[error("server: {0}")]
@@ -53,6 +56,7 @@ pub struct Airlock {
     pub users: Users,
     pub sessions: Arc<Sessions>,
     pub auth: Arc<Authenticator>,
+    pub approvals: Arc<dyn ApprovalStore>,
 }
 
 /// Stack size of the server's threads: planning and evaluation recurse through
@@ -113,11 +117,14 @@ impl Airlock {
             config.limits.clone(),
         )?);
         let auth = Arc::new(Authenticator::new(users.clone(), config.limits.token_ttl));
+        let approvals: Arc<dyn ApprovalStore> =
+            Arc::new(SqliteStore::open(&config.state_dir.join("approvals"))?);
         Ok(Self {
             config,
             users,
             sessions,
             auth,
+            approvals,
         })
     }
 
@@ -188,6 +195,7 @@ impl Airlock {
                 Arc::clone(&server.auth),
                 Arc::clone(&server.sessions),
                 server.users.clone(),
+                Arc::clone(&server.approvals),
             );
             let router = builder
                 .layer(RequestIdLayer)

@@ -37,6 +37,9 @@ pub struct PrincipalSession {
     /// The principal's rights on every protected table, as the rewriter applies them.
     pub privacy: Arc<PolicyContext>,
     pub state: SessionState,
+    /// The same session for releasing owner-approved results (masks and row filters
+    /// only, PRIVACY.md §4).
+    pub approved_state: SessionState,
     catalog_generation: u64,
 }
 
@@ -156,8 +159,27 @@ impl Sessions {
             Arc::clone(&policy),
             &catalog.catalog,
         ));
-        let state = SessionStateBuilder::new()
-            .with_analyzer_rules(privacy.analyzer_rules())
+        let approved = Arc::new(privacy.approved());
+        let state = self.state(Arc::clone(&view), privacy.analyzer_rules());
+        let approved_state = self.state(view, approved.analyzer_rules());
+        PrincipalSession {
+            principal: Arc::clone(principal),
+            policy,
+            privacy,
+            state,
+            approved_state,
+            catalog_generation: catalog.generation,
+        }
+    }
+
+    /// A locked-down state over `view` with the given analyzer.
+    fn state(
+        &self,
+        view: Arc<dyn datafusion::catalog::CatalogProviderList>,
+        analyzer_rules: Vec<Arc<dyn datafusion::optimizer::AnalyzerRule + Send + Sync>>,
+    ) -> SessionState {
+        SessionStateBuilder::new()
+            .with_analyzer_rules(analyzer_rules)
             .with_config(base_config())
             .with_runtime_env(Arc::clone(&self.runtime))
             .with_catalog_list(view)
@@ -171,14 +193,7 @@ impl Sessions {
                     .filter(|f| matches!(f.name(), "generate_series" | "range"))
                     .collect(),
             )
-            .build();
-        PrincipalSession {
-            principal: Arc::clone(principal),
-            policy,
-            privacy,
-            state,
-            catalog_generation: catalog.generation,
-        }
+            .build()
     }
 
     /// A task context for one query: the session's state with a fresh memory pool of the

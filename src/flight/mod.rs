@@ -4,6 +4,7 @@
 //! layer for the caller's locked-down session, hands SQL to `query`, and streams what
 //! comes back. Errors become statuses in exactly one place (`Error::into_status`).
 
+pub mod approvals;
 pub mod handles;
 pub mod metadata;
 pub mod request_id;
@@ -40,6 +41,7 @@ use futures::{Stream, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::approval::ApprovalStore;
 use crate::auth::{Authenticator, Credentials, Principal};
 use crate::error::{Error, Result};
 use crate::policy::refusal::{ReasonCode, Refusal};
@@ -68,6 +70,7 @@ pub struct AirlockService {
     auth: Arc<Authenticator>,
     sessions: Arc<Sessions>,
     users: crate::auth::Users,
+    approvals: Arc<dyn ApprovalStore>,
     handles: Handles,
 }
 
@@ -76,11 +79,13 @@ impl AirlockService {
         auth: Arc<Authenticator>,
         sessions: Arc<Sessions>,
         users: crate::auth::Users,
+        approvals: Arc<dyn ApprovalStore>,
     ) -> Self {
         Self {
             auth,
             sessions,
             users,
+            approvals,
             handles: Handles::default(),
         }
     }
@@ -128,7 +133,8 @@ impl AirlockService {
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo> {
         let session = self.sessions.session_for(principal);
-        let planned = query::plan(session, sql, params).await?;
+        let planned =
+            query::plan_with_approvals(session, sql, params, self.approvals.as_ref()).await?;
         let schema = Arc::clone(&planned.schema);
         let handle = self.handles.put_query(planned);
         let ticket = TicketStatementQuery {
@@ -452,7 +458,13 @@ impl FlightSqlService for AirlockService {
                 .prepared(&cmd.prepared_statement_handle, &principal)?;
             let params = params_for(&stmt)?;
             let session = self.sessions.session_for(&principal);
-            let planned = query::plan(session, &stmt.sql, params.as_deref()).await?;
+            let planned = query::plan_with_approvals(
+                session,
+                &stmt.sql,
+                params.as_deref(),
+                self.approvals.as_ref(),
+            )
+            .await?;
             self.run_planned(&planned, rid.clone()).await
         })
         .await
@@ -838,7 +850,18 @@ impl FlightSqlService for AirlockService {
                         ))),
                     }
                 }
-                other => Err(Error::InvalidRequest(format!("unknown action {other:?}"))),
+                other => match approvals::handle(
+                    other,
+                    &action.body,
+                    &principal,
+                    &self.sessions,
+                    self.approvals.as_ref(),
+                )
+                .await
+                {
+                    Some(result) => result,
+                    None => Err(Error::InvalidRequest(format!("unknown action {other:?}"))),
+                },
             }
         })
         .await?;
@@ -855,6 +878,26 @@ impl FlightSqlService for AirlockService {
             Ok(arrow_flight::ActionType {
                 r#type: actions::PRIVACY_EXPLAIN.into(),
                 description: "Explain in plain words how the privacy policy rewrites a query (body: SQL); shows no data".into(),
+            }),
+            Ok(arrow_flight::ActionType {
+                r#type: approvals::LIST.into(),
+                description: "List approval requests you may decide (body: {\"pending\": bool}); JSON".into(),
+            }),
+            Ok(arrow_flight::ActionType {
+                r#type: approvals::SHOW.into(),
+                description: "Show one request: who, when, SQL, rewritten plan, reasons, rows it would release".into(),
+            }),
+            Ok(arrow_flight::ActionType {
+                r#type: approvals::APPROVE.into(),
+                description: "Approve a request (body: {\"id\", \"max_rows\"?, \"expires_in_secs\"?, \"reusable\"?})".into(),
+            }),
+            Ok(arrow_flight::ActionType {
+                r#type: approvals::DENY.into(),
+                description: "Deny a request with a reason (body: {\"id\", \"reason\"})".into(),
+            }),
+            Ok(arrow_flight::ActionType {
+                r#type: approvals::STATUS.into(),
+                description: "The status of a request, for clients that poll (body: {\"id\"})".into(),
             }),
             Ok(arrow_flight::ActionType {
                 r#type: actions::RELOAD_POLICY.into(),

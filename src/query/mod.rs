@@ -16,11 +16,12 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::TableReference;
 use datafusion::common::{ParamValues, ScalarValue};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::sql::parser::Statement as DFStatement;
 
 pub use execute::{QueryStream, execute};
 
+use crate::approval::{ApprovalStore, NewRequest, RequestKey, Status};
 use crate::auth::Principal;
 use crate::config::TableName;
 use crate::error::{Error, Phase, Result};
@@ -38,6 +39,8 @@ pub struct PlannedQuery {
     pub plan: LogicalPlan,
     /// What DoGet streams, exactly: FlightInfo carries the same schema.
     pub schema: SchemaRef,
+    /// The approval request this plan releases, when an owner approved it.
+    pub approval: Option<String>,
 }
 
 impl PlannedQuery {
@@ -72,7 +75,147 @@ pub async fn plan(
         sql: sql.to_string(),
         plan,
         schema,
+        approval: None,
     })
+}
+
+/// Plans `sql` and, when the automatic rules send it to approval (§4), finds or creates
+/// its request: pending or denied requests refuse with their id; an approved, unexpired
+/// one releases the rows (masks and row filters still applied, at most the approved row
+/// cap).
+pub async fn plan_with_approvals(
+    session: Arc<PrincipalSession>,
+    sql: &str,
+    params: Option<&[ScalarValue]>,
+    approvals: &dyn ApprovalStore,
+) -> Result<PlannedQuery> {
+    let why = match plan(Arc::clone(&session), sql, params).await {
+        Err(Error::Refused(r)) if r.code == ReasonCode::ApprovalPending => r.message,
+        other => return other,
+    };
+    let unbound = logical_plan(&session, sql).await?;
+    let fingerprint = fingerprint(&unbound);
+    let bound = bind(unbound, params)?;
+    let bound = output::normalize(bound).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    let tables: Vec<String> = crate::rewrite::gate::evaluate(&bound, &session.privacy)
+        .1
+        .iter()
+        .flat_map(|v| v.tables.iter().map(ToString::to_string))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let released = session
+        .approved_state
+        .optimize(&bound)
+        .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    let now = crate::approval::now();
+    let request = approvals
+        .find_or_create(
+            NewRequest {
+                key: RequestKey {
+                    principal: session.principal.name.clone(),
+                    fingerprint,
+                    params: params_key(params.unwrap_or_default()),
+                    policy: session.policy.digest.clone(),
+                },
+                roles: session.principal.roles.clone(),
+                sql: sql.to_string(),
+                tables,
+                reasons: why,
+                plan: released.display_indent().to_string(),
+            },
+            now,
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    match &request.status {
+        Status::Denied { reason } => Err(Refusal::new(
+            ReasonCode::ApprovalDenied,
+            format!("request {}: {reason}", request.id),
+        )
+        .into()),
+        Status::Approved { max_rows, .. }
+            if request.usable(now)
+                && approvals
+                    .consume(&request.id, now)
+                    .map_err(|e| Error::Internal(e.to_string()))? =>
+        {
+            let plan = match max_rows {
+                Some(n) => LogicalPlanBuilder::from(released)
+                    .limit(0, Some(*n as usize))
+                    .and_then(|b| b.build())
+                    .map_err(|e| Error::from_datafusion(e, Phase::Planning))?,
+                None => released,
+            };
+            let schema = Arc::new(plan.schema().as_arrow().clone());
+            tracing::info!(request = %request.id, "releasing an approved result");
+            Ok(PlannedQuery {
+                session,
+                sql: sql.to_string(),
+                plan,
+                schema,
+                approval: Some(request.id),
+            })
+        }
+        _ => Err(Refusal::new(
+            ReasonCode::ApprovalPending,
+            format!("request {}: {}", request.id, request.reasons),
+        )
+        .into()),
+    }
+}
+
+/// The normalized fingerprint of a query: a hash of its logical plan before any policy
+/// rule, so whitespace, case and comments do not matter and any edit that changes the
+/// query does.
+pub fn fingerprint(plan: &LogicalPlan) -> String {
+    use sha2::{Digest, Sha256};
+    let text = plan.display_indent_schema().to_string();
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Bound parameters as a stable JSON text (type and value of each).
+pub fn params_key(params: &[ScalarValue]) -> String {
+    let list: Vec<(String, String)> = params
+        .iter()
+        .map(|p| (p.data_type().to_string(), p.to_string()))
+        .collect();
+    serde_json::to_string(&list).unwrap_or_default()
+}
+
+/// The parameters of a [`params_key`] text.
+pub fn params_from_key(key: &str) -> Result<Vec<ScalarValue>> {
+    let list: Vec<(String, String)> = serde_json::from_str(key)
+        .map_err(|e| Error::Internal(format!("stored parameters: {e}")))?;
+    list.into_iter()
+        .map(|(t, v)| {
+            let t: DataType = t
+                .parse()
+                .map_err(|e| Error::Internal(format!("stored parameter type: {e}")))?;
+            if v == "NULL" {
+                ScalarValue::try_from(&t).map_err(|e| Error::Internal(e.to_string()))
+            } else {
+                ScalarValue::try_from_string(v, &t).map_err(|e| Error::Internal(e.to_string()))
+            }
+        })
+        .collect()
+}
+
+/// The approved form of `sql` for the session's principal (masks and row filters only):
+/// what an approval would release.
+pub async fn approved_plan(
+    session: &PrincipalSession,
+    sql: &str,
+    params: Option<&[ScalarValue]>,
+) -> Result<LogicalPlan> {
+    let plan = bind(logical_plan(session, sql).await?, params)?;
+    let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    session
+        .approved_state
+        .optimize(&plan)
+        .map_err(|e| Error::from_datafusion(e, Phase::Planning))
 }
 
 /// Plans `sql` without parameters to learn its result and parameter schemas.
@@ -238,4 +381,44 @@ fn parameter_schema(types: &HashMap<String, Option<DataType>>) -> Result<Schema>
     Ok(Schema::new(
         fields.into_iter().map(|(_, f)| f).collect::<Vec<_>>(),
     ))
+}
+
+/// How many rows an (already analyzed) plan would release: runs `count(*)` over it.
+pub async fn count_rows(
+    sessions: &crate::session::Sessions,
+    session: &PrincipalSession,
+    plan: LogicalPlan,
+) -> Result<u64> {
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::functions_aggregate::expr_fn::count;
+    use datafusion::logical_expr::lit;
+    use futures::TryStreamExt;
+    let counted = LogicalPlanBuilder::from(plan)
+        .aggregate(
+            Vec::<datafusion::logical_expr::Expr>::new(),
+            vec![count(lit(1)).alias("n")],
+        )
+        .and_then(|b| b.build())
+        .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    let state = &session.approved_state;
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&counted, state)
+        .await
+        .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    let batches: Vec<_> =
+        datafusion::physical_plan::execute_stream(physical, sessions.task_context(session))
+            .map_err(|e| Error::from_datafusion(e, Phase::Execution))?
+            .try_collect()
+            .await
+            .map_err(|e| Error::from_datafusion(e, Phase::Execution))?;
+    Ok(batches
+        .first()
+        .and_then(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .map(|a| a.value(0))
+        })
+        .unwrap_or(0) as u64)
 }

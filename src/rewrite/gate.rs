@@ -127,13 +127,10 @@ pub fn refusal(decision: Decision) -> Option<Refusal> {
         Decision::Refuse(v) => Some(Refusal::new(v.code, v.message)),
         Decision::Approval(vs) => Some(Refusal::new(
             ReasonCode::ApprovalPending,
-            format!(
-                "this result needs the data owner's approval: {}",
-                vs.iter()
-                    .map(|v| format!("{}: {}", v.code, v.message))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
+            vs.iter()
+                .map(|v| format!("{}: {}", v.code, v.message))
+                .collect::<Vec<_>>()
+                .join("; "),
         )),
     }
 }

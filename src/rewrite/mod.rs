@@ -53,12 +53,14 @@ pub struct TableRules {
     pub unmasked: bool,
     /// The row filters of the principal's roles, AND-ed (the most restrictive reading).
     pub row_filter: Option<Expr>,
+    /// The result was approved by an owner (§4): released like `read`, masks still apply.
+    pub approved: bool,
 }
 
 impl TableRules {
     /// Whether the automatic rules (gate, threshold) apply to this principal.
     pub fn automatic(&self) -> bool {
-        !self.read
+        !self.read && !self.approved
     }
 }
 
@@ -68,6 +70,8 @@ pub struct PolicyContext {
     pub principal: Arc<Principal>,
     pub policy: Arc<PolicySnapshot>,
     pub tables: BTreeMap<TableName, TableRules>,
+    /// Plans of this context release an owner-approved result.
+    pub approved: bool,
 }
 
 impl PolicyContext {
@@ -106,6 +110,7 @@ impl PolicyContext {
                     read: allows(Action::Read),
                     unmasked: allows(Action::Unmasked),
                     row_filter,
+                    approved: false,
                 },
             );
         }
@@ -113,6 +118,22 @@ impl PolicyContext {
             principal,
             policy,
             tables,
+            approved: false,
+        }
+    }
+
+    /// The same rights, for releasing a result an owner approved: no gate and no
+    /// threshold, but masks and row filters as always.
+    pub fn approved(&self) -> Self {
+        let mut tables = self.tables.clone();
+        for r in tables.values_mut() {
+            r.approved = true;
+        }
+        Self {
+            principal: Arc::clone(&self.principal),
+            policy: Arc::clone(&self.policy),
+            tables,
+            approved: true,
         }
     }
 
@@ -128,6 +149,14 @@ impl PolicyContext {
     pub fn analyzer_rules(self: &Arc<Self>) -> Vec<Arc<dyn AnalyzerRule + Send + Sync>> {
         use datafusion::optimizer::analyzer::resolve_grouping_function::ResolveGroupingFunction;
         use datafusion::optimizer::analyzer::type_coercion::TypeCoercion;
+        if self.approved {
+            return vec![
+                Arc::new(ResolveGroupingFunction::new()),
+                Arc::new(scan::ScanRule::new(Arc::clone(self))),
+                Arc::new(TypeCoercion::new()),
+                Arc::new(verify::VerifyRule::new(Arc::clone(self))),
+            ];
+        }
         vec![
             Arc::new(ResolveGroupingFunction::new()),
             Arc::new(gate::PolicyGate::new(Arc::clone(self))),

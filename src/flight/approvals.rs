@@ -1,0 +1,252 @@
+//! The owners' side of approvals as Flight actions (JSON bodies), and the analyst's
+//! status poll. No decision logic beyond who may see and decide what.
+//!
+//! | action | body | who |
+//! |---|---|---|
+//! | `ListRequests` | `{"pending": bool}` | approvers of every table a request touches; admins see all |
+//! | `ShowRequest` | `{"id": ...}` | the same |
+//! | `ApproveRequest` | `{"id", "max_rows"?, "expires_in_secs"? (86400), "reusable"?}` | `approve` on every table |
+//! | `DenyRequest` | `{"id", "reason"}` | `approve` on every table |
+//! | `RequestStatus` | `{"id"}` | the requester and approvers |
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::approval::{ApprovalStore, Decision, Request, Status, now};
+use crate::auth::Principal;
+use crate::config::TableName;
+use crate::error::{Error, Result};
+use crate::policy::Action;
+use crate::policy::refusal::{ReasonCode, Refusal};
+use crate::query;
+use crate::session::Sessions;
+
+pub const LIST: &str = "ListRequests";
+pub const SHOW: &str = "ShowRequest";
+pub const APPROVE: &str = "ApproveRequest";
+pub const DENY: &str = "DenyRequest";
+pub const STATUS: &str = "RequestStatus";
+
+/// Default lifetime of an approval: 24 hours.
+pub const DEFAULT_EXPIRY_SECS: i64 = 24 * 3600;
+
+#[derive(Debug, Default, Deserialize)]
+struct IdBody {
+    id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ListBody {
+    #[serde(default)]
+    pending: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApproveBody {
+    id: String,
+    max_rows: Option<u64>,
+    expires_in_secs: Option<i64>,
+    #[serde(default)]
+    reusable: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct DenyBody {
+    id: String,
+    reason: String,
+}
+
+/// What an owner sees of a request.
+#[derive(Debug, Serialize)]
+pub struct RequestView<'a> {
+    #[serde(flatten)]
+    pub request: &'a Request,
+    pub would_release_rows: Option<u64>,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::InvalidRequest(format!("bad action body: {e}")))
+}
+
+fn tables(r: &Request) -> Vec<TableName> {
+    r.tables
+        .iter()
+        .filter_map(|t| TableName::parse(t).ok())
+        .collect()
+}
+
+/// Whether `principal` may decide `r`: `approve` on every table it touches.
+fn can_decide(sessions: &Sessions, principal: &Principal, r: &Request) -> bool {
+    let policy = sessions.policy().current();
+    let t = tables(r);
+    !t.is_empty()
+        && t.len() == r.tables.len()
+        && t.iter()
+            .all(|t| policy.allows(principal, t, Action::Approve))
+}
+
+fn can_see(sessions: &Sessions, principal: &Principal, r: &Request) -> bool {
+    sessions.policy().current().is_service_admin(principal) || can_decide(sessions, principal, r)
+}
+
+fn not_yours(id: &str) -> Error {
+    // The same answer as an unknown id: requests of others do not exist for you.
+    Error::InvalidRequest(format!("no approval request {id}"))
+}
+
+fn store_err(e: crate::approval::Error) -> Error {
+    match e {
+        crate::approval::Error::NotFound(id) => {
+            Error::InvalidRequest(format!("no approval request {id}"))
+        }
+        crate::approval::Error::AlreadyDecided(id) => {
+            Error::InvalidRequest(format!("request {id} was already decided"))
+        }
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+/// Runs one approval action; `None` when `kind` is not one.
+pub async fn handle(
+    kind: &str,
+    body: &[u8],
+    principal: &Arc<Principal>,
+    sessions: &Sessions,
+    store: &dyn ApprovalStore,
+) -> Option<Result<String>> {
+    let result = match kind {
+        LIST => list(body, principal, sessions, store),
+        SHOW => show(body, principal, sessions, store).await,
+        APPROVE => decide(body, principal, sessions, store, true),
+        DENY => decide(body, principal, sessions, store, false),
+        STATUS => status(body, principal, sessions, store),
+        _ => return None,
+    };
+    Some(result)
+}
+
+fn list(
+    body: &[u8],
+    principal: &Principal,
+    sessions: &Sessions,
+    store: &dyn ApprovalStore,
+) -> Result<String> {
+    let b: ListBody = if body.is_empty() {
+        ListBody::default()
+    } else {
+        parse(body)?
+    };
+    let all = store.list(b.pending).map_err(store_err)?;
+    let visible: Vec<&Request> = all
+        .iter()
+        .filter(|r| can_see(sessions, principal, r))
+        .collect();
+    Ok(serde_json::to_string(&visible).unwrap_or_default())
+}
+
+async fn show(
+    body: &[u8],
+    principal: &Principal,
+    sessions: &Sessions,
+    store: &dyn ApprovalStore,
+) -> Result<String> {
+    let b: IdBody = parse(body)?;
+    let r = store.get(&b.id).map_err(store_err)?;
+    if !can_see(sessions, principal, &r) {
+        return Err(not_yours(&b.id));
+    }
+    // How many rows approving it would release, computed as the requester.
+    let requester = Arc::new(Principal {
+        name: r.key.principal.clone(),
+        roles: r.roles.clone(),
+    });
+    let session = sessions.session_for(&requester);
+    let rows = async {
+        let params = query::params_from_key(&r.key.params)?;
+        let plan = query::approved_plan(&session, &r.sql, Some(&params)).await?;
+        query::count_rows(sessions, &session, plan).await
+    }
+    .await
+    .ok();
+    Ok(serde_json::to_string(&RequestView {
+        request: &r,
+        would_release_rows: rows,
+    })
+    .unwrap_or_default())
+}
+
+fn decide(
+    body: &[u8],
+    principal: &Principal,
+    sessions: &Sessions,
+    store: &dyn ApprovalStore,
+    approve: bool,
+) -> Result<String> {
+    let (id, decision) = if approve {
+        let b: ApproveBody = parse(body)?;
+        let expires = b.expires_in_secs.unwrap_or(DEFAULT_EXPIRY_SECS);
+        if expires <= 0 {
+            return Err(Error::InvalidRequest(
+                "expires_in_secs must be positive".into(),
+            ));
+        }
+        (
+            b.id,
+            Decision::Approve {
+                max_rows: b.max_rows,
+                expires_at: now() + expires,
+                reusable: b.reusable,
+            },
+        )
+    } else {
+        let b: DenyBody = parse(body)?;
+        if b.reason.trim().is_empty() {
+            return Err(Error::InvalidRequest("a denial needs a reason".into()));
+        }
+        (b.id, Decision::Deny { reason: b.reason })
+    };
+    let r = store.get(&id).map_err(store_err)?;
+    if !can_decide(sessions, principal, &r) {
+        if can_see(sessions, principal, &r) {
+            return Err(Refusal::new(
+                ReasonCode::AccessDenied,
+                format!(
+                    "deciding request {id} needs the approve action on {}",
+                    r.tables.join(", ")
+                ),
+            )
+            .into());
+        }
+        return Err(not_yours(&id));
+    }
+    let decided = store
+        .decide(&id, decision, &principal.name, now())
+        .map_err(store_err)?;
+    tracing::info!(request = %id, decided_by = %principal.name, approved = approve, "approval decision");
+    Ok(serde_json::to_string(&decided).unwrap_or_default())
+}
+
+fn status(
+    body: &[u8],
+    principal: &Principal,
+    sessions: &Sessions,
+    store: &dyn ApprovalStore,
+) -> Result<String> {
+    let b: IdBody = parse(body)?;
+    let r = store.get(&b.id).map_err(store_err)?;
+    if r.key.principal != principal.name && !can_see(sessions, principal, &r) {
+        return Err(not_yours(&b.id));
+    }
+    let expired = matches!(r.status, Status::Approved { expires_at, .. } if expires_at <= now());
+    Ok(json!({
+        "id": r.id,
+        "status": r.status,
+        "expired": expired,
+        "reasons": r.reasons,
+        "created_at": r.created_at,
+        "decided_at": r.decided_at,
+    })
+    .to_string())
+}
