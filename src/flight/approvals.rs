@@ -3,7 +3,7 @@
 //!
 //! | action | body | who |
 //! |---|---|---|
-//! | `ListRequests` | `{"pending": bool}` | approvers of every table a request touches; admins see all |
+//! | `ListRequests` | `{"pending": bool}` | approvers of a table the request touches; admins see all |
 //! | `ShowRequest` | `{"id": ...}` | the same |
 //! | `ApproveRequest` | `{"id", "max_rows"?, "expires_in_secs"? (86400), "reusable"?}` | `approve` on every table |
 //! | `DenyRequest` | `{"id", "reason"}` | `approve` on every table |
@@ -87,8 +87,13 @@ fn can_decide(sessions: &Sessions, principal: &Principal, r: &Request) -> bool {
             .all(|t| policy.allows(principal, t, Action::Approve))
 }
 
+/// Admins see every request; an approver sees those touching a table they approve for.
 fn can_see(sessions: &Sessions, principal: &Principal, r: &Request) -> bool {
-    sessions.policy().current().is_service_admin(principal) || can_decide(sessions, principal, r)
+    let policy = sessions.policy().current();
+    policy.is_service_admin(principal)
+        || tables(r)
+            .iter()
+            .any(|t| policy.allows(principal, t, Action::Approve))
 }
 
 fn not_yours(id: &str) -> Error {
@@ -240,13 +245,18 @@ fn status(
         return Err(not_yours(&b.id));
     }
     let expired = matches!(r.status, Status::Approved { expires_at, .. } if expires_at <= now());
-    Ok(json!({
-        "id": r.id,
-        "status": r.status,
-        "expired": expired,
-        "reasons": r.reasons,
-        "created_at": r.created_at,
-        "decided_at": r.decided_at,
-    })
-    .to_string())
+    // {"status": "...", plus the decision's own fields}, then the request's.
+    let mut out = serde_json::to_value(&r.status).unwrap_or_default();
+    if let Some(o) = out.as_object_mut() {
+        for (k, v) in [
+            ("id", json!(r.id)),
+            ("expired", json!(expired)),
+            ("reasons", json!(r.reasons)),
+            ("created_at", json!(r.created_at)),
+            ("decided_at", json!(r.decided_at)),
+        ] {
+            o.insert(k.into(), v);
+        }
+    }
+    Ok(out.to_string())
 }

@@ -1,5 +1,6 @@
 //! The one integration test binary: every server-level test links DataFusion once.
 
+mod approvals;
 mod catalog;
 mod cli;
 mod flight_sql;
