@@ -20,6 +20,7 @@
 //! `airlock sql` client) and `telemetry`.
 
 pub mod approval;
+pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod client;

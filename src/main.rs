@@ -50,6 +50,11 @@ enum Command {
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+    /// The audit trail: verify its hash chain, or read its last records.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// User administration.
     User {
         #[command(subcommand)]
@@ -100,6 +105,25 @@ enum ApprovalsCommand {
         id: String,
         #[arg(long)]
         reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; exits non-zero naming the first bad record.
+    Verify {
+        /// The server's state directory.
+        #[arg(long, env = "AIRLOCK_STATE_DIR", default_value = "state")]
+        state_dir: PathBuf,
+    },
+    /// Print the last records (JSON lines).
+    Tail {
+        /// The server's state directory.
+        #[arg(long, env = "AIRLOCK_STATE_DIR", default_value = "state")]
+        state_dir: PathBuf,
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
     },
 }
 
@@ -172,6 +196,25 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 "{}",
                 airlock::auth::hash_password(password).map_err(|e| anyhow::anyhow!("{e}"))?
             );
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { state_dir },
+        } => {
+            let path = airlock::audit::path_in(&state_dir);
+            match airlock::audit::verify(&path) {
+                Ok((n, _)) => println!("{}: {n} records, chain intact", path.display()),
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        Command::Audit {
+            command: AuditCommand::Tail { state_dir, lines },
+        } => {
+            for line in airlock::audit::tail(&airlock::audit::path_in(&state_dir), lines)? {
+                println!("{line}");
+            }
         }
         Command::Approvals { connect, command } => {
             let result = approvals(&connect, command).await;

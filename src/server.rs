@@ -19,6 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::approval::{ApprovalStore, SqliteStore};
+use crate::audit::AuditLog;
 use crate::auth::{Authenticator, Users};
 use crate::catalog::Catalog;
 use crate::config::{Diagnostics, ServiceConfig};
@@ -41,6 +42,8 @@ pub enum Error {
     Runtime(std::io::Error),
     #[error(transparent)]
     Approvals(#[from] crate::approval::Error),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::Error),
     #[error("query engine: {0}")]
     Engine(#[from] datafusion::error::DataFusionError),
     #[error("server: {0}")]
@@ -57,6 +60,7 @@ pub struct Airlock {
     pub sessions: Arc<Sessions>,
     pub auth: Arc<Authenticator>,
     pub approvals: Arc<dyn ApprovalStore>,
+    pub audit: Arc<AuditLog>,
 }
 
 /// Stack size of the server's threads: planning and evaluation recurse through
@@ -119,12 +123,14 @@ impl Airlock {
         let auth = Arc::new(Authenticator::new(users.clone(), config.limits.token_ttl));
         let approvals: Arc<dyn ApprovalStore> =
             Arc::new(SqliteStore::open(&config.state_dir.join("approvals"))?);
+        let audit = Arc::new(AuditLog::open(&config.state_dir)?);
         Ok(Self {
             config,
             users,
             sessions,
             auth,
             approvals,
+            audit,
         })
     }
 
@@ -196,6 +202,7 @@ impl Airlock {
                 Arc::clone(&server.sessions),
                 server.users.clone(),
                 Arc::clone(&server.approvals),
+                Arc::clone(&server.audit),
             );
             let router = builder
                 .layer(RequestIdLayer)

@@ -15,9 +15,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::approval::{ApprovalStore, Decision, Request, Status, now};
+use crate::audit::{AuditLog, Event as AuditEvent};
 use crate::auth::Principal;
 use crate::config::TableName;
 use crate::error::{Error, Result};
+use crate::flight::RequestId;
 use crate::policy::Action;
 use crate::policy::refusal::{ReasonCode, Refusal};
 use crate::query;
@@ -120,12 +122,30 @@ pub async fn handle(
     principal: &Arc<Principal>,
     sessions: &Sessions,
     store: &dyn ApprovalStore,
+    audit: &AuditLog,
+    rid: &RequestId,
 ) -> Option<Result<String>> {
     let result = match kind {
         LIST => list(body, principal, sessions, store),
         SHOW => show(body, principal, sessions, store).await,
-        APPROVE => decide(body, principal, sessions, store, true),
-        DENY => decide(body, principal, sessions, store, false),
+        APPROVE | DENY => {
+            let approve = kind == APPROVE;
+            let result = decide(body, principal, sessions, store, approve);
+            if let Ok(text) = &result
+                && let Ok(r) = serde_json::from_str::<Request>(text)
+            {
+                audit.record(AuditEvent {
+                    kind: "decision".into(),
+                    principal: principal.name.clone(),
+                    request_id: rid.to_string(),
+                    approval: Some(r.id.clone()),
+                    sql: Some(r.sql.clone()),
+                    decision: if approve { "approved" } else { "denied" }.into(),
+                    ..Default::default()
+                });
+            }
+            result
+        }
         STATUS => status(body, principal, sessions, store),
         _ => return None,
     };

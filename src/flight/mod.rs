@@ -42,6 +42,7 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::approval::ApprovalStore;
+use crate::audit::{AuditLog, Event as AuditEvent};
 use crate::auth::{Authenticator, Credentials, Principal};
 use crate::error::{Error, Result};
 use crate::policy::refusal::{ReasonCode, Refusal};
@@ -71,6 +72,7 @@ pub struct AirlockService {
     sessions: Arc<Sessions>,
     users: crate::auth::Users,
     approvals: Arc<dyn ApprovalStore>,
+    audit: Arc<AuditLog>,
     handles: Handles,
 }
 
@@ -80,14 +82,50 @@ impl AirlockService {
         sessions: Arc<Sessions>,
         users: crate::auth::Users,
         approvals: Arc<dyn ApprovalStore>,
+        audit: Arc<AuditLog>,
     ) -> Self {
         Self {
             auth,
             sessions,
             users,
             approvals,
+            audit,
             handles: Handles::default(),
         }
+    }
+
+    /// Audits a query that was not released: refused, sent to approval, or failed.
+    fn audit_unreleased(&self, principal: &Principal, rid: &RequestId, sql: &str, err: &Error) {
+        let (decision, code) = match err {
+            Error::Refused(r) => (
+                match r.code {
+                    ReasonCode::ApprovalPending => "approval_pending",
+                    ReasonCode::ApprovalDenied => "approval_denied",
+                    _ => "refused",
+                },
+                Some(r.code.as_str().to_string()),
+            ),
+            _ => ("failed", None),
+        };
+        let approval = match err {
+            Error::Refused(r) => r
+                .message
+                .strip_prefix("request ")
+                .and_then(|m| m.split(':').next())
+                .map(str::to_string),
+            _ => None,
+        };
+        self.audit.record(AuditEvent {
+            kind: "query".into(),
+            principal: principal.name.clone(),
+            request_id: rid.to_string(),
+            approval,
+            sql_fingerprint: Some(sql_fingerprint(sql)),
+            sql: Some(sql.to_string()),
+            decision: decision.into(),
+            reason_code: code,
+            ..Default::default()
+        });
     }
 
     async fn principal<T>(&self, request: &Request<T>) -> Result<Arc<Principal>> {
@@ -125,6 +163,21 @@ impl AirlockService {
     }
 
     /// Plans SQL for the caller, keeps the plan server-side and answers with its ticket.
+    async fn plan_to_info_audited(
+        &self,
+        principal: &Arc<Principal>,
+        rid: &RequestId,
+        sql: &str,
+        params: Option<&[ScalarValue]>,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo> {
+        let result = self.plan_to_info(principal, sql, params, descriptor).await;
+        if let Err(e) = &result {
+            self.audit_unreleased(principal, rid, sql, e);
+        }
+        result
+    }
+
     async fn plan_to_info(
         &self,
         principal: &Arc<Principal>,
@@ -152,7 +205,36 @@ impl AirlockService {
         planned: &query::PlannedQuery,
         rid: RequestId,
     ) -> Result<DoGetStream> {
-        let stream = query::execute(planned, &self.sessions).await?;
+        let audit = Arc::clone(&self.audit);
+        let event = AuditEvent {
+            kind: "query".into(),
+            principal: planned.principal().name.clone(),
+            request_id: rid.to_string(),
+            approval: planned.approval.clone(),
+            sql_fingerprint: Some(sql_fingerprint(&planned.sql)),
+            sql: Some(planned.sql.clone()),
+            decision: if planned.approval.is_some() {
+                "released_approved"
+            } else {
+                "released"
+            }
+            .into(),
+            ..Default::default()
+        };
+        let stream = query::execute(planned, &self.sessions)
+            .await?
+            .on_finish(move |o| {
+                audit.record(AuditEvent {
+                    decision: if o.completed {
+                        event.decision.clone()
+                    } else {
+                        format!("{}_incomplete", event.decision)
+                    },
+                    groups_suppressed: Some(o.groups_suppressed),
+                    rows_released: Some(o.rows),
+                    ..event
+                });
+            });
         let schema = Arc::clone(stream.schema());
         let rid_for_errors = rid.clone();
         let batches =
@@ -261,7 +343,7 @@ impl FlightSqlService for AirlockService {
                     "transactions are not supported: the service is read-only".into(),
                 ));
             }
-            self.plan_to_info(&principal, &query.query, None, request.into_inner())
+            self.plan_to_info_audited(&principal, &rid, &query.query, None, request.into_inner())
                 .await
         })
         .await
@@ -296,8 +378,9 @@ impl FlightSqlService for AirlockService {
                 .handles
                 .prepared(&cmd.prepared_statement_handle, &principal)?;
             let params = params_for(&stmt)?;
-            self.plan_to_info(
+            self.plan_to_info_audited(
                 &principal,
+                &rid,
                 &stmt.sql,
                 params.as_deref(),
                 request.into_inner(),
@@ -856,6 +939,8 @@ impl FlightSqlService for AirlockService {
                     &principal,
                     &self.sessions,
                     self.approvals.as_ref(),
+                    &self.audit,
+                    &rid,
                 )
                 .await
                 {
@@ -959,5 +1044,15 @@ fn first_row(batches: &[RecordBatch]) -> Result<Vec<ScalarValue>> {
             ScalarValue::try_from_array(c, 0)
                 .map_err(|e| Error::InvalidRequest(format!("bad parameter: {e}")))
         })
+        .collect()
+}
+
+/// The SQL fingerprint recorded in the audit log: a hash of the text as sent.
+fn sql_fingerprint(sql: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(sql.trim().as_bytes())
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
         .collect()
 }

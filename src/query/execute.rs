@@ -22,6 +22,18 @@ use super::PlannedQuery;
 use crate::error::{Error, Phase, Result};
 use crate::session::Sessions;
 
+/// How a query's stream ended, for the audit log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub rows: u64,
+    /// Groups the threshold suppressed.
+    pub groups_suppressed: u64,
+    /// Every batch was produced (not cancelled, failed or timed out).
+    pub completed: bool,
+}
+
+type Finish = Box<dyn FnOnce(Outcome) + Send>;
+
 /// A running query.
 pub struct QueryStream {
     schema: SchemaRef,
@@ -29,12 +41,38 @@ pub struct QueryStream {
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
     finished: bool,
+    failed: bool,
+    rows: u64,
+    suppressed: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    finish: Option<Finish>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl QueryStream {
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
+    }
+
+    /// Calls `f` once when the stream is done with (ended, failed or dropped).
+    pub fn on_finish(mut self, f: impl FnOnce(Outcome) + Send + 'static) -> Self {
+        self.finish = Some(Box::new(f));
+        self
+    }
+}
+
+impl Drop for QueryStream {
+    fn drop(&mut self) {
+        if let Some(f) = self.finish.take() {
+            f(Outcome {
+                rows: self.rows,
+                groups_suppressed: self
+                    .suppressed
+                    .iter()
+                    .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                    .sum(),
+                completed: self.finished && !self.failed,
+            });
+        }
     }
 }
 
@@ -70,6 +108,10 @@ pub async fn execute(query: &PlannedQuery, sessions: &Sessions) -> Result<QueryS
         deadline: Box::pin(tokio::time::sleep_until(deadline)),
         timeout,
         finished: false,
+        failed: false,
+        rows: 0,
+        suppressed: crate::rewrite::threshold::suppression_counters(&query.plan),
+        finish: None,
         _slot: slot,
     })
 }
@@ -90,6 +132,7 @@ impl Stream for QueryStream {
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
             self.finished = true;
+            self.failed = true;
             return Poll::Ready(Some(Err(timed_out(self.timeout))));
         }
         match self.inner.as_mut().poll_next(cx) {
@@ -100,12 +143,17 @@ impl Stream for QueryStream {
             }
             Poll::Ready(Some(Err(e))) => {
                 self.finished = true;
+                self.failed = true;
                 Poll::Ready(Some(Err(Error::from_datafusion(e, Phase::Execution))))
             }
             Poll::Ready(Some(Ok(batch))) => {
                 let adapted = conform(batch, &self.schema);
-                if adapted.is_err() {
-                    self.finished = true;
+                match &adapted {
+                    Ok(b) => self.rows += b.num_rows() as u64,
+                    Err(_) => {
+                        self.finished = true;
+                        self.failed = true;
+                    }
                 }
                 Poll::Ready(Some(adapted))
             }

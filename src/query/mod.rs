@@ -19,7 +19,7 @@ use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::sql::parser::Statement as DFStatement;
 
-pub use execute::{QueryStream, execute};
+pub use execute::{Outcome, QueryStream, execute};
 
 use crate::approval::{ApprovalStore, NewRequest, RequestKey, Status};
 use crate::auth::Principal;

@@ -195,8 +195,8 @@ fn threshold(a: Aggregate) -> Result<LogicalPlan> {
     let (counts, predicate) = entity_counts(&entities);
     let mut aggr = a.aggr_expr.clone();
     aggr.extend(counts);
-    let counted = LogicalPlan::Aggregate(Aggregate::try_new(a.input, a.group_expr, aggr)?);
-    let kept = LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(counted))?);
+    let grouped = LogicalPlan::Aggregate(Aggregate::try_new(a.input, a.group_expr, aggr)?);
+    let kept = LogicalPlan::Filter(Filter::try_new(counted(predicate), Arc::new(grouped))?);
     LogicalPlanBuilder::from(kept).project(original)?.build()
 }
 
@@ -251,7 +251,7 @@ fn threshold_with_remainder(a: Aggregate) -> Result<LogicalPlan> {
     let mut passing_cols = original.clone();
     passing_cols.push(lit(false).alias(REMAINDER_COLUMN));
     let passing = LogicalPlanBuilder::from(counted.clone())
-        .filter(passes.clone())?
+        .filter(self::counted(passes.clone()))?
         .project(passing_cols)?
         .build()?;
 
@@ -328,4 +328,87 @@ fn threshold_with_remainder(a: Aggregate) -> Result<LogicalPlan> {
     LogicalPlanBuilder::from(union)
         .project(requalified)?
         .build()
+}
+
+/// A pass-through boolean function on the threshold's filter that counts the groups it
+/// suppresses, for the audit log and the metrics. Volatile, so no optimizer moves,
+/// merges or folds it.
+#[derive(Debug)]
+pub struct Released {
+    signature: datafusion::logical_expr::Signature,
+    suppressed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl PartialEq for Released {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.suppressed, &other.suppressed)
+    }
+}
+
+impl Eq for Released {}
+
+impl std::hash::Hash for Released {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (Arc::as_ptr(&self.suppressed) as usize).hash(state);
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for Released {
+    fn name(&self) -> &str {
+        "airlock_released"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> Result<datafusion::logical_expr::ColumnarValue> {
+        let array = args.args[0].clone().into_array(args.number_rows)?;
+        let flags = datafusion::common::cast::as_boolean_array(&array)?;
+        let kept = flags.true_count();
+        self.suppressed.fetch_add(
+            (flags.len() - kept) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(datafusion::logical_expr::ColumnarValue::Array(array))
+    }
+}
+
+/// Wraps a threshold predicate so that the groups it drops are counted.
+fn counted(predicate: Expr) -> Expr {
+    let udf = datafusion::logical_expr::ScalarUDF::new_from_impl(Released {
+        signature: datafusion::logical_expr::Signature::exact(
+            vec![DataType::Boolean],
+            datafusion::logical_expr::Volatility::Volatile,
+        ),
+        suppressed: Arc::default(),
+    });
+    udf.call(vec![predicate])
+}
+
+/// The suppressed-group counters of a rewritten plan (read them after execution).
+pub fn suppression_counters(plan: &LogicalPlan) -> Vec<Arc<std::sync::atomic::AtomicU64>> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut out = Vec::new();
+    let _ = plan.apply_with_subqueries(|p| {
+        p.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && let Some(r) =
+                        (f.func.inner().as_ref() as &dyn std::any::Any).downcast_ref::<Released>()
+                {
+                    out.push(Arc::clone(&r.suppressed));
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    out
 }

@@ -1,6 +1,7 @@
 //! The one integration test binary: every server-level test links DataFusion once.
 
 mod approvals;
+mod audit;
 mod catalog;
 mod cli;
 mod flight_sql;
