@@ -28,6 +28,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod flight;
+pub mod ingest;
 pub mod policy;
 pub mod query;
 pub mod rewrite;

@@ -113,7 +113,11 @@ impl Airlock {
     /// Opens users, catalog and policy. Every problem is reported with file and line.
     pub async fn build(config: ServiceConfig) -> Result<Self> {
         let users = Users::load(&config.users_file)?;
-        let catalog = Catalog::open(&config.datasets, &Sessions::bootstrap_state()).await?;
+        let bootstrap = Sessions::bootstrap_state();
+        let catalog = Catalog::open(&config.datasets, &bootstrap)
+            .await?
+            .with_uploads(&config.state_dir, &bootstrap)
+            .await?;
         let policy = PolicyStore::open(config.policy_dir.clone(), &users, &catalog).await?;
         let sessions = Arc::new(Sessions::new(
             Arc::new(policy),
@@ -203,6 +207,7 @@ impl Airlock {
                 server.users.clone(),
                 Arc::clone(&server.approvals),
                 Arc::clone(&server.audit),
+                server.config.state_dir.clone(),
             );
             let router = builder
                 .layer(RequestIdLayer)

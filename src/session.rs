@@ -80,7 +80,11 @@ impl Sessions {
         catalog: Arc<Catalog>,
         limits: Limits,
     ) -> datafusion::error::Result<Self> {
+        // No cached file listings: uploads add files to tables while the server runs.
+        let caches = datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
+            .with_list_files_cache_limit(0);
         let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(caches)
             .with_disk_manager_builder(
                 DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
             )

@@ -35,6 +35,8 @@ pub const CATALOG_NAME: &str = "airlock";
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
     tables: BTreeMap<TableName, Arc<dyn TableProvider>>,
+    /// Tables uploaded by owners (`<state-dir>/uploads/<schema>/<table>/`), not configured.
+    uploads: std::collections::BTreeSet<TableName>,
 }
 
 impl Catalog {
@@ -64,7 +66,10 @@ impl Catalog {
             }
         }
         if errors.is_empty() {
-            Ok(Self { tables })
+            Ok(Self {
+                tables,
+                uploads: Default::default(),
+            })
         } else {
             Err(Diagnostics(errors))
         }
@@ -76,7 +81,77 @@ impl Catalog {
     ) -> Self {
         Self {
             tables: tables.into_iter().collect(),
+            uploads: Default::default(),
         }
+    }
+
+    /// Adds every upload found under `<state-dir>/uploads/<schema>/<table>/`.
+    pub async fn with_uploads(
+        mut self,
+        state_dir: &Path,
+        state: &SessionState,
+    ) -> Result<Self, Diagnostics> {
+        let root = uploads_dir(state_dir);
+        let Ok(schemas) = std::fs::read_dir(&root) else {
+            return Ok(self);
+        };
+        let mut errors = Vec::new();
+        for schema in schemas.flatten().filter(|e| e.path().is_dir()) {
+            for table in std::fs::read_dir(schema.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = format!(
+                    "{}.{}",
+                    schema.file_name().to_string_lossy(),
+                    table.file_name().to_string_lossy()
+                );
+                let Ok(name) = TableName::parse(&name) else {
+                    continue;
+                };
+                if self.tables.contains_key(&name) {
+                    continue;
+                }
+                match open_upload(&table.path(), state).await {
+                    Ok(t) => {
+                        self.tables.insert(name.clone(), t);
+                        self.uploads.insert(name);
+                    }
+                    Err(e) => errors.push(Diagnostic::new(
+                        table.path(),
+                        None,
+                        format!("upload {name}: {e}"),
+                    )),
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(self)
+        } else {
+            Err(Diagnostics(errors))
+        }
+    }
+
+    /// This catalog with one more (or a replaced) uploaded table.
+    pub fn with_upload(&self, name: TableName, table: Arc<dyn TableProvider>) -> Self {
+        let mut next = self.clone();
+        next.tables.insert(name.clone(), table);
+        next.uploads.insert(name);
+        next
+    }
+
+    pub fn contains(&self, table: &TableName) -> bool {
+        self.tables.contains_key(table)
+    }
+
+    /// Whether a table was uploaded (rather than configured).
+    pub fn is_upload(&self, table: &TableName) -> bool {
+        self.uploads.contains(table)
+    }
+
+    pub fn uploads(&self) -> impl Iterator<Item = &TableName> {
+        self.uploads.iter()
     }
 
     pub fn schema(&self, table: &TableName) -> Option<SchemaRef> {
@@ -108,6 +183,30 @@ impl Catalog {
         list.register_catalog(CATALOG_NAME.to_string(), Arc::new(catalog));
         Arc::new(list)
     }
+}
+
+/// Where uploads live.
+pub fn uploads_dir(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("uploads")
+}
+
+/// An uploaded table: a directory of Parquet files.
+pub async fn open_upload(
+    dir: &Path,
+    state: &SessionState,
+) -> Result<Arc<dyn TableProvider>, String> {
+    open_dataset(
+        &DatasetConfig {
+            name: TableName::parse("uploads.table").expect("valid"),
+            path: dir.to_path_buf(),
+            format: DatasetFormat::Parquet,
+            has_header: true,
+            delimiter: b',',
+            origin: None,
+        },
+        state,
+    )
+    .await
 }
 
 async fn open_dataset(

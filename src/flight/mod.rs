@@ -73,6 +73,7 @@ pub struct AirlockService {
     users: crate::auth::Users,
     approvals: Arc<dyn ApprovalStore>,
     audit: Arc<AuditLog>,
+    state_dir: std::path::PathBuf,
     handles: Handles,
 }
 
@@ -83,6 +84,7 @@ impl AirlockService {
         users: crate::auth::Users,
         approvals: Arc<dyn ApprovalStore>,
         audit: Arc<AuditLog>,
+        state_dir: std::path::PathBuf,
     ) -> Self {
         Self {
             auth,
@@ -90,6 +92,7 @@ impl AirlockService {
             users,
             approvals,
             audit,
+            state_dir,
             handles: Handles::default(),
         }
     }
@@ -750,16 +753,15 @@ impl FlightSqlService for AirlockService {
 
     async fn do_put_statement_ingest(
         &self,
-        _cmd: CommandStatementIngest,
+        cmd: CommandStatementIngest,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
         let rid = RequestId::of(&request);
         respond(&rid, async {
-            self.principal(&request).await?;
-            refuse(
-                ReasonCode::WriteNotAllowed,
-                "bulk ingest is not enabled on this server",
-            )
+            let principal = self.principal(&request).await?;
+            let stream = request.into_inner().map_err(FlightError::from);
+            let batches = FlightRecordBatchStream::new_from_flight_data(stream);
+            crate::ingest::ingest(&self.sessions, &self.state_dir, &principal, cmd, batches).await
         })
         .await
     }

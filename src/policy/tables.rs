@@ -86,6 +86,23 @@ pub struct TablePolicy {
 }
 
 impl TablePolicy {
+    /// The product's default for a table without a section (uploads): every row its own
+    /// entity, k = 10, the default allow-list, every column filterable, small groups
+    /// dropped, no conditional aggregates, no masks.
+    pub fn defaults(schema: &Schema) -> Self {
+        Self {
+            privacy_unit: None,
+            min_group_size: DEFAULT_MIN_GROUP_SIZE,
+            wipe: BTreeSet::new(),
+            masks: BTreeMap::new(),
+            aggregates: DEFAULT_AGGREGATES.iter().map(|s| s.to_string()).collect(),
+            filterable: schema.fields().iter().map(|f| f.name().clone()).collect(),
+            small_groups: SmallGroups::Drop,
+            conditional_aggregates: false,
+            row_filters: vec![],
+        }
+    }
+
     /// The mask of a wiped column: its configured kind or the type's default.
     pub fn mask_for(&self, column: &str, data_type: &DataType) -> Option<MaskKind> {
         if !self.wipe.contains(column) {

@@ -82,7 +82,22 @@ impl PolicyContext {
         catalog: &crate::catalog::Catalog,
     ) -> Self {
         let mut tables = BTreeMap::new();
-        for (name, tp) in &policy.tables.tables {
+        // Uploads without a section in tables.toml are protected by the defaults.
+        let defaults: Vec<(TableName, TablePolicy)> = catalog
+            .uploads()
+            .filter(|t| policy.tables.get(t).is_none())
+            .filter_map(|t| {
+                catalog
+                    .schema(t)
+                    .map(|s| (t.clone(), TablePolicy::defaults(&s)))
+            })
+            .collect();
+        for (name, tp) in policy
+            .tables
+            .tables
+            .iter()
+            .chain(defaults.iter().map(|(n, p)| (n, p)))
+        {
             let allows = |a| policy.allows(&principal, name, a);
             let filters: Vec<Expr> = tp
                 .row_filters
