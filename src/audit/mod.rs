@@ -124,6 +124,14 @@ impl AuditLog {
             .append(true)
             .open(&path)
             .map_err(io)?;
+        // One writer per chain: a second server on the same state directory would
+        // interleave records and break it.
+        file.try_lock().map_err(|_| Error::Io {
+            path: path.clone(),
+            source: std::io::Error::other(
+                "the audit log is in use by another server on the same state directory",
+            ),
+        })?;
         Ok(Self {
             path: path.clone(),
             tail: Mutex::new(Tail { file, seq, last }),
@@ -233,6 +241,15 @@ mod tests {
             rows_released: Some(i),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn one_writer_per_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = AuditLog::open(dir.path()).unwrap();
+        assert!(AuditLog::open(dir.path()).is_err());
+        drop(first);
+        assert!(AuditLog::open(dir.path()).is_ok());
     }
 
     #[test]

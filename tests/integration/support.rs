@@ -34,8 +34,12 @@ pub async fn start() -> Running {
     start_with(demo_config()).await
 }
 
-pub async fn start_with(config: ServiceConfig) -> Running {
+pub async fn start_with(mut config: ServiceConfig) -> Running {
     airlock::telemetry::init("warn", false);
+    // Every server gets its own state (audit chain, approvals) unless the test chose one.
+    if config.state_dir == demo_config().state_dir {
+        config.state_dir = tempfile::tempdir().expect("temp dir").keep();
+    }
     Airlock::build(config)
         .await
         .expect("valid config")
