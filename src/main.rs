@@ -40,6 +40,8 @@ enum Command {
         /// Number of patients to generate.
         #[arg(long, env = "AIRLOCK_DEMO_PATIENTS", default_value_t = 100_000)]
         patients: usize,
+        #[command(flatten)]
+        telemetry: airlock::config::TelemetryArgs,
     },
     /// Validate configuration, users, datasets and policies without serving.
     Check(ConfigArgs),
@@ -133,9 +135,26 @@ enum UserCommand {
     Hash,
 }
 
+static LOG: std::sync::OnceLock<(String, bool)> = std::sync::OnceLock::new();
+
+fn log_filter() -> String {
+    LOG.get()
+        .map(|l| l.0.clone())
+        .unwrap_or_else(|| "info".into())
+}
+
+fn log_json() -> bool {
+    LOG.get().is_some_and(|l| l.1)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    airlock::telemetry::init(&cli.log, cli.log_json);
+    let _ = LOG.set((cli.log.clone(), cli.log_json));
+    // Serving may export spans: it installs its own subscriber once the config is known.
+    let serving = matches!(cli.command, Command::Serve(_) | Command::Demo { .. });
+    if !serving {
+        airlock::telemetry::init(&cli.log, cli.log_json);
+    }
     // The server runs on a runtime of its own (see airlock::server); this one only drives
     // the command line: the client, signals, waiting.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -161,14 +180,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             state_dir,
             patients,
+            telemetry,
         } => {
             let state_dir = state_dir.unwrap_or_else(airlock::demo::default_state_dir);
             let sizes = airlock::demo::Sizes {
                 patients,
                 ..Default::default()
             };
-            let config = airlock::demo::prepare(&state_dir, listen, sizes)
+            let mut config = airlock::demo::prepare(&state_dir, listen, sizes)
                 .context("writing the demo's files")?;
+            config.metrics_listen = telemetry.metrics_listen;
+            config.otlp_endpoint = telemetry.otlp_endpoint;
             println!(
                 "Airlock demo: a synthetic hospital ({patients} patients) in {}",
                 state_dir.display()
@@ -289,9 +311,19 @@ async fn approvals(
 }
 
 async fn serve(config: ServiceConfig) -> anyhow::Result<()> {
+    // A no-op when logging was already installed.
+    let _telemetry = airlock::telemetry::init_with_otlp(
+        &log_filter(),
+        log_json(),
+        config.otlp_endpoint.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let mut running = Airlock::build(config).await?.start().await?;
     // The first stdout line after start names the address (tests read it with port 0).
     println!("airlock listening on {}", running.addr);
+    if let Some(m) = running.metrics_addr {
+        println!("metrics on http://{m}/metrics");
+    }
     tokio::signal::ctrl_c().await.ok();
     tracing::info!("shutting down");
     running.shutdown();

@@ -71,6 +71,8 @@ pub const WORKER_STACK: usize = 32 * 1024 * 1024;
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when configured.
+    pub metrics_addr: Option<SocketAddr>,
     pub airlock: Arc<Airlock>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<()>>>,
@@ -174,6 +176,7 @@ impl Airlock {
             }
         };
         let (ready_tx, ready_rx) = oneshot::channel::<Result<SocketAddr>>();
+        let (metrics_tx, metrics_rx) = oneshot::channel::<SocketAddr>();
         let (tx, rx) = oneshot::channel::<()>();
         let server = Arc::clone(&airlock);
         let task = runtime.spawn(async move {
@@ -213,6 +216,21 @@ impl Airlock {
                 .layer(RequestIdLayer)
                 .add_service(service.into_server());
             spawn_reload_on_sighup(Arc::clone(&server));
+            if let Some(addr) = server.config.metrics_listen {
+                match crate::telemetry::bind_metrics(addr).await {
+                    Ok(l) => {
+                        if let Ok(a) = l.local_addr() {
+                            tracing::info!(addr = %a, "metrics on /metrics");
+                            let _ = metrics_tx.send(a);
+                        }
+                        tokio::spawn(crate::telemetry::serve_metrics(
+                            l,
+                            Arc::clone(&server.approvals),
+                        ));
+                    }
+                    Err(e) => tracing::error!(addr = %addr, error = %e, "cannot serve metrics"),
+                }
+            }
             tracing::info!(addr = %local, tls = server.config.tls.is_some(), "airlock listening");
             let _ = ready_tx.send(Ok(local));
             router
@@ -235,8 +253,13 @@ impl Airlock {
                 )));
             }
         };
+        let metrics_addr = match airlock.config.metrics_listen {
+            Some(_) => metrics_rx.await.ok(),
+            None => None,
+        };
         Ok(Running {
             addr,
+            metrics_addr,
             airlock,
             shutdown: Some(tx),
             task: Some(task),

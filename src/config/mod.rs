@@ -65,6 +65,19 @@ pub struct ConfigArgs {
     /// Queries executing at once; further ones wait for a slot within their timeout.
     #[arg(long, env = "AIRLOCK_MAX_CONCURRENT_QUERIES", value_name = "N")]
     pub max_concurrent_queries: Option<usize>,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// Where traces and metrics go (shared by `serve` and `demo`).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct TelemetryArgs {
+    /// Serve Prometheus metrics on GET /metrics at this address (port 0 picks one).
+    #[arg(long, env = "AIRLOCK_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export spans with OTLP/gRPC to this endpoint, e.g. http://127.0.0.1:4317.
+    #[arg(long, env = "AIRLOCK_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The validated configuration the server runs with.
@@ -77,6 +90,10 @@ pub struct ServiceConfig {
     pub users_file: PathBuf,
     pub state_dir: PathBuf,
     pub limits: Limits,
+    /// Prometheus metrics listener, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// OTLP/gRPC span export endpoint, if any.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -198,6 +215,8 @@ struct RawFile {
     state_dir: Option<String>,
     tls: Option<RawTls>,
     limits: Option<RawLimits>,
+    metrics_listen: Option<Spanned<String>>,
+    otlp_endpoint: Option<String>,
     #[serde(default)]
     datasets: Vec<Spanned<RawDataset>>,
 }
@@ -432,6 +451,28 @@ impl ServiceConfig {
             }
         }
 
+        let metrics_listen = match (&args.telemetry.metrics_listen, &raw.metrics_listen) {
+            (Some(a), _) => Some(*a),
+            (None, Some(s)) => match s.get_ref().parse() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    out.push(Diagnostic::at_span(
+                        &file,
+                        &text,
+                        Some(s.span()),
+                        format!("metrics_listen: {e}"),
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let otlp_endpoint = args
+            .telemetry
+            .otlp_endpoint
+            .clone()
+            .or(raw.otlp_endpoint.clone());
+
         out.finish(ServiceConfig {
             listen,
             tls,
@@ -440,6 +481,8 @@ impl ServiceConfig {
             users_file,
             state_dir,
             limits,
+            metrics_listen,
+            otlp_endpoint,
         })
     }
 }

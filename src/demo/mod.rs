@@ -70,6 +70,8 @@ pub fn prepare(
         users_file,
         state_dir: state_dir.to_path_buf(),
         limits: Limits::default(),
+        metrics_listen: None,
+        otlp_endpoint: None,
     })
 }
 

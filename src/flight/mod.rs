@@ -118,6 +118,10 @@ impl AirlockService {
                 .map(str::to_string),
             _ => None,
         };
+        crate::telemetry::metrics()
+            .queries
+            .with_label_values(&[decision, code.as_deref().unwrap_or("")])
+            .inc();
         self.audit.record(AuditEvent {
             kind: "query".into(),
             principal: principal.name.clone(),
@@ -224,9 +228,18 @@ impl AirlockService {
             .into(),
             ..Default::default()
         };
+        let started = std::time::Instant::now();
         let stream = query::execute(planned, &self.sessions)
             .await?
             .on_finish(move |o| {
+                let m = crate::telemetry::metrics();
+                m.queries
+                    .with_label_values(&[event.decision.as_str(), ""])
+                    .inc();
+                m.latency
+                    .with_label_values(&[event.decision.as_str()])
+                    .observe(started.elapsed().as_secs_f64());
+                m.groups_suppressed.inc_by(o.groups_suppressed);
                 audit.record(AuditEvent {
                     decision: if o.completed {
                         event.decision.clone()

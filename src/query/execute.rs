@@ -79,6 +79,13 @@ impl Drop for QueryStream {
 /// Starts executing `query`: waits for a slot (within the timeout), plans physically and
 /// opens the stream.
 pub async fn execute(query: &PlannedQuery, sessions: &Sessions) -> Result<QueryStream> {
+    use tracing::Instrument;
+    start(query, sessions)
+        .instrument(tracing::info_span!("execute"))
+        .await
+}
+
+async fn start(query: &PlannedQuery, sessions: &Sessions) -> Result<QueryStream> {
     let timeout = sessions.limits().query_timeout;
     let deadline = Instant::now() + timeout;
     let slot = tokio::time::timeout_at(deadline, Arc::clone(sessions.slots()).acquire_owned())

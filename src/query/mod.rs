@@ -62,13 +62,19 @@ pub async fn plan(
     sql: &str,
     params: Option<&[ScalarValue]>,
 ) -> Result<PlannedQuery> {
-    let plan = logical_plan(&session, sql).await?;
+    use tracing::Instrument;
+    let plan = logical_plan(&session, sql)
+        .instrument(tracing::info_span!("parse"))
+        .await?;
     let plan = bind(plan, params)?;
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
-    let plan = session
-        .state
-        .optimize(&plan)
-        .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    // The analyzer (the privacy rules) and the optimizer.
+    let plan = tracing::info_span!("rewrite").in_scope(|| {
+        session
+            .state
+            .optimize(&plan)
+            .map_err(|e| Error::from_datafusion(e, Phase::Planning))
+    })?;
     let schema = Arc::new(plan.schema().as_arrow().clone());
     Ok(PlannedQuery {
         session,

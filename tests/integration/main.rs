@@ -10,3 +10,4 @@ mod policy_slt;
 mod property;
 mod reload;
 mod support;
+mod telemetry;

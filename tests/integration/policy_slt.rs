@@ -112,6 +112,8 @@ async fn start_fixture(dir: &Path, state: &Path) -> Running {
         users_file,
         state_dir: state.to_path_buf(),
         limits: Limits::default(),
+        metrics_listen: None,
+        otlp_endpoint: None,
     })
     .await
 }

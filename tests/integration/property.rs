@@ -219,6 +219,8 @@ async fn no_released_row_has_fewer_than_k_entities() {
         users_file: dir.path().join("users.toml"),
         state_dir: dir.path().to_path_buf(),
         limits: Limits::default(),
+        metrics_listen: None,
+        otlp_endpoint: None,
     })
     .await;
     let mut client = analyst(&server).await;
