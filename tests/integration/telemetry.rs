@@ -76,9 +76,12 @@ async fn metrics_endpoint_answers() {
     assert!(http_get(addr, "/other").await.starts_with("HTTP/1.1 404"));
 }
 
+/// A received span: its name and attribute keys.
+type Span = (String, Vec<String>);
+
 #[derive(Default, Clone)]
 struct Receiver {
-    spans: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+    spans: Arc<Mutex<Vec<Span>>>,
 }
 
 #[tonic::async_trait]
