@@ -538,3 +538,36 @@ fn first_i64(batches: &[RecordBatch]) -> i64 {
         .unwrap()
         .value(0)
 }
+
+#[tokio::test]
+async fn runtime_failures_never_echo_data_values() {
+    let server = start().await;
+    let mut c = analyst(&server).await;
+    // A failed cast of a protected value: the value would be in DataFusion's message.
+    let err = query(
+        &mut c,
+        "SELECT ward, sum(CAST(diagnosis AS INT)) FROM hospital.patients GROUP BY ward",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("query failed during execution (request id "),
+        "{err:?}"
+    );
+    for value in ["hypertension", "influenza", "asthma", "diabetes"] {
+        assert!(!err.message().contains(value), "{err:?}");
+    }
+    // Division by zero inside a protected computation is just as generic.
+    let err = query(
+        &mut c,
+        "SELECT ward, sum(1 / (age - age)) FROM hospital.patients GROUP BY ward",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.message().starts_with("query failed during execution"),
+        "{err:?}"
+    );
+}
