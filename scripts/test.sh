@@ -2,6 +2,7 @@
 # Runs the whole test suite against real components:
 #   Rust unit and integration tests (one integration binary, servers on 127.0.0.1:0),
 #   Python tests through the real ADBC Flight SQL driver and pyarrow.flight,
+#   the Python client package (clients/python) against a real server,
 #   Java tests through the Apache Arrow Flight SQL JDBC driver from Maven Central.
 # Installs what the tests need (a Python venv from PyPI, Maven artifacts) on first run.
 set -euo pipefail
@@ -36,12 +37,19 @@ AIRLOCK_BIN="$BIN" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/pyt
 py_passed=$(grep -Eo '[0-9]+ passed' "$py_log" | tail -1 | awk '{print $1}')
 summary+=("python: ${py_passed:-0} passed")
 
+step "Python client tests (clients/python against a real server)"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e clients/python
+client_log=$(mktemp)
+AIRLOCK_BIN="$BIN" "$VENV/bin/python" -m pytest -q -p no:cacheprovider clients/python/tests 2>&1 | tee "$client_log"
+client_passed=$(grep -Eo '[0-9]+ passed' "$client_log" | tail -1 | awk '{print $1}')
+summary+=("python client: ${client_passed:-0} passed")
+
 step "Java tests (Flight SQL JDBC driver)"
 java_log=$(mktemp)
 (cd tests/java && mvn -B -ntp test -DairlockBin="$BIN") 2>&1 | tee "$java_log"
 java_passed=$(grep -E '^\[INFO\] Tests run: [0-9]+, Failures: 0, Errors: 0' "$java_log" | tail -1 | sed -E 's/.*Tests run: ([0-9]+).*/\1/')
 summary+=("java: ${java_passed:-0} passed")
 
-total=$((rust_passed + ${py_passed:-0} + ${java_passed:-0}))
+total=$((rust_passed + ${py_passed:-0} + ${client_passed:-0} + ${java_passed:-0}))
 printf '\n'; printf '%s\n' "${summary[@]}"
 echo "all: $total passed, 0 failed"

@@ -63,6 +63,9 @@ pub mod actions {
     pub const PRIVACY_EXPLAIN: &str = "PrivacyExplain";
     /// Body: empty. Result: the new policy version as UTF-8 text. Needs `admin` on `*`.
     pub const RELOAD_POLICY: &str = "ReloadPolicy";
+    /// Body: empty. Result: JSON `[{"table": "s.t", "actions": ["aggregate", ...]}]` for
+    /// every table the caller can see.
+    pub const MY_ACCESS: &str = "MyAccess";
 }
 
 /// The Flight SQL endpoint.
@@ -924,6 +927,23 @@ impl FlightSqlService for AirlockService {
                     })?;
                     let session = self.sessions.session_for(&principal);
                     query::explain_privacy(session, sql).await
+                }
+                actions::MY_ACCESS => {
+                    let policy = self.sessions.policy().current();
+                    let catalog = self.sessions.catalog();
+                    let access: Vec<serde_json::Value> = catalog
+                        .tables()
+                        .filter(|(t, _)| policy.can_see(&principal, t))
+                        .map(|(t, _)| {
+                            let actions: Vec<&str> = crate::policy::Action::ALL
+                                .into_iter()
+                                .filter(|a| policy.allows(&principal, t, *a))
+                                .map(crate::policy::Action::as_str)
+                                .collect();
+                            serde_json::json!({ "table": t.to_string(), "actions": actions })
+                        })
+                        .collect();
+                    Ok(serde_json::Value::Array(access).to_string())
                 }
                 actions::RELOAD_POLICY => {
                     if !self
