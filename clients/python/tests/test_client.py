@@ -184,3 +184,36 @@ def test_the_tutorial_runs_to_completion(server):
     )
     assert out.returncode == 0, out.stderr
     assert "Done." in out.stdout
+
+
+def test_exact_sql_of_a_simple_chain(analyst):
+    lf = analyst.table("hospital.patients").filter(col("age") > 40).group_by("ward").agg(airlock.count().alias("n"))
+    sql = lf.sql()
+    assert sql.startswith('SELECT "ward", count(*) AS "n" FROM (SELECT * FROM hospital.patients WHERE ("age" > 40)) AS _t')
+    assert sql.endswith(' GROUP BY "ward"')
+
+
+def test_string_date_and_statistics_helpers(analyst, owner):
+    def run(client):
+        p = client.table("hospital.patients")
+        return (
+            p.filter(col("diagnosis").str.starts_with("hyper") | col("diagnosis").str.contains("flu"))
+            .with_columns(
+                col("diagnosis").str.upper().alias("dx"),
+                col("diagnosis").str.len().alias("dx_len"),
+                col("diagnosis").str.slice(0, 3).alias("dx3"),
+                col("admitted").dt.month().alias("month"),
+                col("admitted").dt.truncate("year").alias("year_start"),
+            )
+            .group_by("dx", "dx3", "dx_len")
+            .agg(col("cost").var().alias("v"), col("month").n_unique().alias("months"), col("year_start").n_unique().alias("years"))
+            .sort("dx")
+            .fetch()
+        )
+
+    mine, truth = run(analyst), run(owner)
+    assert mine.column("dx").to_pylist() == ["HYPERTENSION", "INFLUENZA"]
+    assert mine.column("dx3").to_pylist() == ["hyp", "inf"]
+    assert mine.column("dx_len").to_pylist() == [12, 9]
+    assert mine.column("months").to_pylist() == [12, 12]
+    assert mine.column("v").to_pylist() == pytest.approx(truth.column("v").to_pylist())
