@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::common::TableReference;
 use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::sql::parser::Statement as DFStatement;
@@ -294,7 +293,7 @@ fn check_explain(session: &PrincipalSession, stmt: &DFStatement) -> Result<()> {
         .state
         .resolve_table_references(stmt)
         .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
-    let tables: Vec<TableName> = refs.iter().filter_map(table_name).collect();
+    let tables: Vec<TableName> = refs.iter().filter_map(crate::rewrite::table_name).collect();
     let allowed = !tables.is_empty()
         && tables.len() == refs.len()
         && tables
@@ -308,22 +307,6 @@ fn check_explain(session: &PrincipalSession, stmt: &DFStatement) -> Result<()> {
             "EXPLAIN shows counts before suppression and needs the admin action",
         )
         .into())
-    }
-}
-
-fn table_name(r: &TableReference) -> Option<TableName> {
-    match r {
-        TableReference::Partial { schema, table } => {
-            TableName::parse(&format!("{schema}.{table}")).ok()
-        }
-        TableReference::Full {
-            catalog,
-            schema,
-            table,
-        } if catalog.as_ref() == crate::catalog::CATALOG_NAME => {
-            TableName::parse(&format!("{schema}.{table}")).ok()
-        }
-        _ => None,
     }
 }
 

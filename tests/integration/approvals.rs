@@ -1,7 +1,6 @@
 //! The approval workflow end to end: analysts' requests, owners' decisions, durability.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airlock::client::{Client, Error};
@@ -258,41 +257,8 @@ async fn only_approvers_of_every_table_decide() {
 #[test]
 fn a_pending_request_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
-    let mut conf = format!(
-        "listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\nusers_file = \"{}\"\nstate_dir = \"{}\"\n",
-        config.policy_dir.display(),
-        config.users_file.display(),
-        config.state_dir.display()
-    );
-    for d in &config.datasets {
-        conf.push_str(&format!(
-            "\n[[datasets]]\nname = \"{}\"\npath = \"{}\"\n",
-            d.name,
-            d.path.display()
-        ));
-    }
-    let conf_path = dir.path().join("airlock.toml");
-    std::fs::write(&conf_path, conf).unwrap();
-    let serve = || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-            .args(["serve", "--config"])
-            .arg(&conf_path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-        let addr: std::net::SocketAddr = line
-            .trim()
-            .strip_prefix("airlock listening on ")
-            .expect("ready")
-            .parse()
-            .unwrap();
-        (child, addr)
-    };
+    let conf_path = write_config_file(dir.path(), &config(dir.path()));
+    let serve = || serve_binary(&conf_path);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (mut first, addr) = serve();
     let id = rt.block_on(async {

@@ -2,7 +2,7 @@
 //! policy leaves the last good one in force.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use airlock::client::Client;
@@ -83,36 +83,10 @@ fn sighup_reloads_the_policy_of_a_running_server() {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     copy_policies(&policies);
-    let config = demo_config();
-    let mut conf = format!(
-        "listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\nusers_file = \"{}\"\nstate_dir = \"{}\"\n",
-        policies.display(),
-        config.users_file.display(),
-        dir.path().display()
-    );
-    for d in &config.datasets {
-        conf.push_str(&format!(
-            "\n[[datasets]]\nname = \"{}\"\npath = \"{}\"\n",
-            d.name,
-            d.path.display()
-        ));
-    }
-    std::fs::write(dir.path().join("airlock.toml"), conf).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(["serve", "--config"])
-        .arg(dir.path().join("airlock.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("airlock listening on ")
-        .expect("ready line")
-        .to_string();
+    let mut config = demo_config();
+    config.policy_dir = policies.clone();
+    config.state_dir = dir.path().to_path_buf();
+    let (mut child, addr) = serve_binary(&write_config_file(dir.path(), &config));
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let url = format!("grpc://{addr}");

@@ -156,3 +156,44 @@ pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     req
 }
+
+/// Writes `config` as an `airlock.toml` under `dir` (for tests that run the binary).
+pub fn write_config_file(dir: &std::path::Path, config: &ServiceConfig) -> std::path::PathBuf {
+    let mut conf = format!(
+        "listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\nusers_file = \"{}\"\nstate_dir = \"{}\"\n",
+        config.policy_dir.display(),
+        config.users_file.display(),
+        config.state_dir.display()
+    );
+    for d in &config.datasets {
+        conf.push_str(&format!(
+            "\n[[datasets]]\nname = \"{}\"\npath = \"{}\"\n",
+            d.name,
+            d.path.display()
+        ));
+    }
+    let path = dir.join("airlock.toml");
+    std::fs::write(&path, conf).unwrap();
+    path
+}
+
+/// Runs `airlock serve --config <path>` and waits for its ready line.
+pub fn serve_binary(config: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("airlock listening on ")
+        .expect("ready line")
+        .parse()
+        .unwrap();
+    (child, addr)
+}
