@@ -994,36 +994,27 @@ impl FlightSqlService for AirlockService {
     }
 
     async fn list_custom_actions(&self) -> Option<Vec<Result<arrow_flight::ActionType, Status>>> {
-        Some(vec![
-            Ok(arrow_flight::ActionType {
-                r#type: actions::PRIVACY_EXPLAIN.into(),
-                description: "Explain in plain words how the privacy policy rewrites a query (body: SQL); shows no data".into(),
-            }),
-            Ok(arrow_flight::ActionType {
-                r#type: approvals::LIST.into(),
-                description: "List approval requests you may decide (body: {\"pending\": bool}); JSON".into(),
-            }),
-            Ok(arrow_flight::ActionType {
-                r#type: approvals::SHOW.into(),
-                description: "Show one request: who, when, SQL, rewritten plan, reasons, rows it would release".into(),
-            }),
-            Ok(arrow_flight::ActionType {
-                r#type: approvals::APPROVE.into(),
-                description: "Approve a request (body: {\"id\", \"max_rows\"?, \"expires_in_secs\"?, \"reusable\"?})".into(),
-            }),
-            Ok(arrow_flight::ActionType {
-                r#type: approvals::DENY.into(),
-                description: "Deny a request with a reason (body: {\"id\", \"reason\"})".into(),
-            }),
-            Ok(arrow_flight::ActionType {
-                r#type: approvals::STATUS.into(),
-                description: "The status of a request, for clients that poll (body: {\"id\"})".into(),
-            }),
-            Ok(arrow_flight::ActionType {
-                r#type: actions::RELOAD_POLICY.into(),
-                description: "Reload the policy directory atomically (admin on *); a bad policy leaves the last good one".into(),
-            }),
-        ])
+        let described: [(&str, &str); 8] = [
+            (actions::PRIVACY_EXPLAIN, "Explain in plain words how the privacy policy rewrites a query (body: SQL); shows no data"),
+            (actions::MY_ACCESS, "The tables you can see and the actions you hold on each; JSON"),
+            (approvals::LIST, "List approval requests you may decide (body: {\"pending\": bool}); JSON"),
+            (approvals::SHOW, "Show one request: who, when, SQL, rewritten plan, reasons, rows it would release"),
+            (approvals::APPROVE, "Approve a request (body: {\"id\", \"max_rows\"?, \"expires_in_secs\"?, \"reusable\"?})"),
+            (approvals::DENY, "Deny a request with a reason (body: {\"id\", \"reason\"})"),
+            (approvals::STATUS, "The status of a request, for clients that poll (body: {\"id\"})"),
+            (actions::RELOAD_POLICY, "Reload the policy directory atomically (admin on *); a bad policy leaves the last good one"),
+        ];
+        Some(
+            described
+                .into_iter()
+                .map(|(kind, description)| {
+                    Ok(arrow_flight::ActionType {
+                        r#type: kind.into(),
+                        description: description.into(),
+                    })
+                })
+                .collect(),
+        )
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
