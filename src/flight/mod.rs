@@ -995,14 +995,38 @@ impl FlightSqlService for AirlockService {
 
     async fn list_custom_actions(&self) -> Option<Vec<Result<arrow_flight::ActionType, Status>>> {
         let described: [(&str, &str); 8] = [
-            (actions::PRIVACY_EXPLAIN, "Explain in plain words how the privacy policy rewrites a query (body: SQL); shows no data"),
-            (actions::MY_ACCESS, "The tables you can see and the actions you hold on each; JSON"),
-            (approvals::LIST, "List approval requests you may decide (body: {\"pending\": bool}); JSON"),
-            (approvals::SHOW, "Show one request: who, when, SQL, rewritten plan, reasons, rows it would release"),
-            (approvals::APPROVE, "Approve a request (body: {\"id\", \"max_rows\"?, \"expires_in_secs\"?, \"reusable\"?})"),
-            (approvals::DENY, "Deny a request with a reason (body: {\"id\", \"reason\"})"),
-            (approvals::STATUS, "The status of a request, for clients that poll (body: {\"id\"})"),
-            (actions::RELOAD_POLICY, "Reload the policy directory atomically (admin on *); a bad policy leaves the last good one"),
+            (
+                actions::PRIVACY_EXPLAIN,
+                "Explain in plain words how the privacy policy rewrites a query (body: SQL); shows no data",
+            ),
+            (
+                actions::MY_ACCESS,
+                "The tables you can see and the actions you hold on each; JSON",
+            ),
+            (
+                approvals::LIST,
+                "List approval requests you may decide (body: {\"pending\": bool}); JSON",
+            ),
+            (
+                approvals::SHOW,
+                "Show one request: who, when, SQL, rewritten plan, reasons, rows it would release",
+            ),
+            (
+                approvals::APPROVE,
+                "Approve a request (body: {\"id\", \"max_rows\"?, \"expires_in_secs\"?, \"reusable\"?})",
+            ),
+            (
+                approvals::DENY,
+                "Deny a request with a reason (body: {\"id\", \"reason\"})",
+            ),
+            (
+                approvals::STATUS,
+                "The status of a request, for clients that poll (body: {\"id\"})",
+            ),
+            (
+                actions::RELOAD_POLICY,
+                "Reload the policy directory atomically (admin on *); a bad policy leaves the last good one",
+            ),
         ];
         Some(
             described
