@@ -45,7 +45,11 @@ async fn sql_prints_tables_csv_and_json() {
     let out = sql(
         &server,
         "analyst",
-        &["--format", "json", "SELECT 1 AS a UNION ALL SELECT 2"],
+        &[
+            "--format",
+            "json",
+            "SELECT 1 AS a UNION ALL SELECT 2 ORDER BY a",
+        ],
     )
     .await;
     assert_eq!(
