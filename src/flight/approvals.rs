@@ -72,6 +72,12 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| Error::InvalidRequest(format!("bad action body: {e}")))
 }
 
+/// The request a `{"id": ...}` body names.
+fn request_in(body: &[u8], store: &dyn ApprovalStore) -> Result<Request> {
+    let b: IdBody = parse(body)?;
+    store.get(&b.id).map_err(store_err)
+}
+
 fn tables(r: &Request) -> Vec<TableName> {
     r.tables
         .iter()
@@ -177,10 +183,9 @@ async fn show(
     sessions: &Sessions,
     store: &dyn ApprovalStore,
 ) -> Result<String> {
-    let b: IdBody = parse(body)?;
-    let r = store.get(&b.id).map_err(store_err)?;
+    let r = request_in(body, store)?;
     if !can_see(sessions, principal, &r) {
-        return Err(not_yours(&b.id));
+        return Err(not_yours(&r.id));
     }
     // How many rows approving it would release, computed as the requester.
     let requester = Arc::new(Principal {
@@ -259,10 +264,9 @@ fn status(
     sessions: &Sessions,
     store: &dyn ApprovalStore,
 ) -> Result<String> {
-    let b: IdBody = parse(body)?;
-    let r = store.get(&b.id).map_err(store_err)?;
+    let r = request_in(body, store)?;
     if r.key.principal != principal.name && !can_see(sessions, principal, &r) {
-        return Err(not_yours(&b.id));
+        return Err(not_yours(&r.id));
     }
     let expired = matches!(r.status, Status::Approved { expires_at, .. } if expires_at <= now());
     // {"status": "...", plus the decision's own fields}, then the request's.

@@ -56,6 +56,15 @@ async fn run(c: &mut Client, sql: &str) -> Result<usize, Error> {
     airlock::client::run_sql(c, sql, airlock::client::Format::Csv, &mut out).await
 }
 
+/// Whether the owner's list of pending requests holds `id`.
+async fn is_pending(owner: &mut Client, id: &str) -> bool {
+    let listed = owner
+        .json_action(a::LIST, json!({ "pending": true }))
+        .await
+        .unwrap();
+    listed.as_array().unwrap().iter().any(|r| r["id"] == id)
+}
+
 /// The request id of an approval refusal.
 fn request_id(e: &Error) -> String {
     let text = e.to_string();
@@ -105,17 +114,7 @@ async fn pending_approve_rerun_with_cap_and_single_use() {
             .unwrap()
             .contains("AGGREGATE_REQUIRED")
     );
-    let listed = owner
-        .json_action(a::LIST, json!({ "pending": true }))
-        .await
-        .unwrap();
-    assert!(
-        listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["id"] == id.as_str())
-    );
+    assert!(is_pending(&mut owner, &id).await);
 
     owner
         .json_action(a::APPROVE, json!({ "id": id, "max_rows": 3 }))
@@ -272,18 +271,7 @@ fn a_pending_request_survives_sigkill() {
     let (mut second, addr) = serve();
     rt.block_on(async {
         let mut owner = login(addr, "owner").await;
-        let listed = owner
-            .json_action(a::LIST, json!({ "pending": true }))
-            .await
-            .unwrap();
-        assert!(
-            listed
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|r| r["id"] == id.as_str()),
-            "{listed}"
-        );
+        assert!(is_pending(&mut owner, &id).await);
         owner
             .json_action(a::APPROVE, json!({ "id": id }))
             .await
