@@ -136,7 +136,6 @@ where
     S: Stream<Item = Result<RecordBatch, arrow_flight::error::FlightError>> + Unpin,
 {
     let Target { name, dir } = target;
-    let catalog = sessions.catalog();
     let part = dir.join(format!("part-{}.parquet", uuid::Uuid::new_v4().simple()));
     let temp = part.with_extension("parquet.tmp");
 
@@ -175,7 +174,7 @@ where
     let table = open_upload(&dir, &crate::session::Sessions::bootstrap_state())
         .await
         .map_err(Error::Internal)?;
-    sessions.set_catalog(Arc::new(catalog.with_upload(name.clone(), table)));
+    sessions.update_catalog(|c| c.with_upload(name.clone(), Arc::clone(&table)));
     tracing::info!(table = %name, rows, by = %principal.name, "upload registered");
     Ok(rows)
 }

@@ -22,6 +22,7 @@ use crate::approval::{ApprovalStore, SqliteStore};
 use crate::audit::AuditLog;
 use crate::auth::{Authenticator, Users};
 use crate::catalog::Catalog;
+use crate::catalog::hot::Refresh;
 use crate::config::{Diagnostics, ServiceConfig};
 use crate::flight::{AirlockService, RequestIdLayer};
 use crate::policy::PolicyStore;
@@ -116,7 +117,7 @@ impl Airlock {
     pub async fn build(config: ServiceConfig) -> Result<Self> {
         let users = Users::load(&config.users_file)?;
         let bootstrap = Sessions::bootstrap_state();
-        let catalog = Catalog::open(&config.datasets, &bootstrap)
+        let catalog = Catalog::open(&config.datasets, &bootstrap, config.limits.cache_memory)
             .await?
             .with_uploads(&config.state_dir, &bootstrap)
             .await?;
@@ -216,6 +217,7 @@ impl Airlock {
                 .layer(RequestIdLayer)
                 .add_service(service.into_server());
             spawn_reload_on_sighup(Arc::clone(&server));
+            spawn_hot_refresh(Arc::clone(&server));
             if let Some(addr) = server.config.metrics_listen {
                 match crate::telemetry::bind_metrics(addr).await {
                     Ok(l) => {
@@ -292,3 +294,52 @@ fn spawn_reload_on_sighup(airlock: Arc<Airlock>) {
 
 #[cfg(not(unix))]
 fn spawn_reload_on_sighup(_airlock: Arc<Airlock>) {}
+
+/// Checks the hot (`cache = true`) datasets' files every `limits.cache_check_interval`
+/// and swaps in fresh rows when they change (see `catalog::hot`).
+fn spawn_hot_refresh(airlock: Arc<Airlock>) {
+    let hot: Vec<_> = airlock
+        .config
+        .datasets
+        .iter()
+        .filter(|d| d.cache)
+        .cloned()
+        .collect();
+    if hot.is_empty() {
+        return;
+    }
+    let every = airlock.config.limits.cache_check_interval;
+    let budget = airlock.config.limits.cache_memory;
+    let weak = Arc::downgrade(&airlock);
+    drop(airlock);
+    tokio::spawn(async move {
+        let state = Sessions::bootstrap_state();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(airlock) = weak.upgrade() else { break };
+            for d in &hot {
+                let refresh = airlock
+                    .sessions
+                    .catalog()
+                    .refresh_hot(d, &state, budget)
+                    .await;
+                match &refresh {
+                    Refresh::Unchanged => continue,
+                    Refresh::Reloaded(_, h) => {
+                        tracing::info!(dataset = %d.name, bytes = h.bytes, "hot dataset reloaded")
+                    }
+                    Refresh::Kept { error, .. } => tracing::error!(
+                        dataset = %d.name,
+                        error = %error,
+                        "hot dataset changed but was not reloaded; the old rows stay"
+                    ),
+                }
+                airlock
+                    .sessions
+                    .update_catalog(|c| c.with_refresh(&d.name, &refresh));
+            }
+        }
+    });
+}

@@ -117,13 +117,14 @@ impl Sessions {
         Arc::clone(&self.catalog.load().catalog)
     }
 
-    /// Replaces the catalog (e.g. after an upload); every session is rebuilt lazily.
-    pub fn set_catalog(&self, catalog: Arc<Catalog>) {
-        let generation = self.catalog.load().generation + 1;
-        self.catalog.store(Arc::new(CatalogVersion {
-            catalog,
-            generation,
-        }));
+    /// Replaces the catalog with `change` applied to the one in force (an upload, a hot
+    /// dataset reloaded); concurrent changes are each applied once, none lost. Every
+    /// session is rebuilt lazily.
+    pub fn update_catalog(&self, change: impl Fn(&Catalog) -> Catalog) {
+        self.catalog.rcu(|current| CatalogVersion {
+            catalog: Arc::new(change(&current.catalog)),
+            generation: current.generation + 1,
+        });
     }
 
     pub fn limits(&self) -> &Limits {

@@ -5,7 +5,10 @@
 //! empty or unreadable is a start-up error naming the dataset, the file and the line
 //! that declared it. A principal never sees the full catalog: [`Catalog::view`] builds
 //! one holding only the tables they hold some action on, and that view is all their
-//! session can plan against or describe.
+//! session can plan against or describe. Datasets marked `cache = true` are held in
+//! memory (see [`hot`]).
+
+pub mod hot;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,6 +30,7 @@ use datafusion::datasource::listing::{
 use datafusion::execution::SessionState;
 
 use crate::config::{DatasetConfig, DatasetFormat, Diagnostic, Diagnostics, TableName};
+use hot::{Fingerprint, Hot, Refresh};
 
 /// The name of the one catalog every table lives in.
 pub const CATALOG_NAME: &str = "airlock";
@@ -37,18 +41,38 @@ pub struct Catalog {
     tables: BTreeMap<TableName, Arc<dyn TableProvider>>,
     /// Tables uploaded by owners (`<state-dir>/uploads/<schema>/<table>/`), not configured.
     uploads: std::collections::BTreeSet<TableName>,
+    /// Datasets held in memory (`cache = true`).
+    hot: BTreeMap<TableName, Hot>,
 }
 
 impl Catalog {
-    /// Opens every dataset, reading each one's schema. All failures are reported together.
+    /// Opens every dataset, reading each one's schema, and loads the `cache = true` ones
+    /// into memory within `cache_memory` bytes. All failures are reported together.
     pub async fn open(
         datasets: &[DatasetConfig],
         state: &SessionState,
+        cache_memory: usize,
     ) -> Result<Self, Diagnostics> {
         let mut tables = BTreeMap::new();
+        let mut hot = BTreeMap::new();
         let mut errors = Vec::new();
+        let mut cached = 0usize;
         for d in datasets {
-            match open_dataset(d, state).await {
+            let opened = match open_dataset(d, state).await {
+                Ok(t) if d.cache => {
+                    let files = Fingerprint::of(&d.path);
+                    hot::load(t, state, cache_memory.saturating_sub(cached))
+                        .await
+                        .map(|(t, bytes)| {
+                            cached += bytes;
+                            hot.insert(d.name.clone(), Hot { files, bytes });
+                            t
+                        })
+                        .map_err(|e| format!("cache = true: {e}"))
+                }
+                other => other,
+            };
+            match opened {
                 Ok(t) => {
                     tables.insert(d.name.clone(), t);
                 }
@@ -69,6 +93,7 @@ impl Catalog {
             Ok(Self {
                 tables,
                 uploads: Default::default(),
+                hot,
             })
         } else {
             Err(Diagnostics(errors))
@@ -82,6 +107,7 @@ impl Catalog {
         Self {
             tables: tables.into_iter().collect(),
             uploads: Default::default(),
+            hot: Default::default(),
         }
     }
 
@@ -139,6 +165,68 @@ impl Catalog {
         next.tables.insert(name.clone(), table);
         next.uploads.insert(name);
         next
+    }
+
+    /// This catalog after a hot dataset's refresh: new rows, or (when the reload failed)
+    /// the old rows with the new files noted, so they are not read again until they
+    /// change again.
+    pub fn with_refresh(&self, name: &TableName, refresh: &Refresh) -> Self {
+        let mut next = self.clone();
+        match refresh {
+            Refresh::Unchanged => {}
+            Refresh::Reloaded(table, hot) => {
+                next.tables.insert(name.clone(), Arc::clone(table));
+                next.hot.insert(name.clone(), hot.clone());
+            }
+            Refresh::Kept { files, .. } => {
+                if let Some(h) = next.hot.get_mut(name) {
+                    h.files = files.clone();
+                }
+            }
+        }
+        next
+    }
+
+    /// A hot dataset's bookkeeping, if `table` is held in memory.
+    pub fn hot(&self, table: &TableName) -> Option<&Hot> {
+        self.hot.get(table)
+    }
+
+    /// Memory held by hot datasets other than `except`.
+    pub fn hot_memory_except(&self, except: &TableName) -> usize {
+        self.hot
+            .iter()
+            .filter(|(n, _)| *n != except)
+            .map(|(_, h)| h.bytes)
+            .sum()
+    }
+
+    /// Reads a hot dataset again if its files changed since it was loaded; apply the
+    /// answer with [`Catalog::with_refresh`].
+    pub async fn refresh_hot(
+        &self,
+        d: &DatasetConfig,
+        state: &SessionState,
+        cache_memory: usize,
+    ) -> Refresh {
+        let (Some(current), Some(old)) = (self.tables.get(&d.name), self.hot.get(&d.name)) else {
+            return Refresh::Unchanged;
+        };
+        let files = Fingerprint::of(&d.path);
+        if files == old.files {
+            return Refresh::Unchanged;
+        }
+        let budget = cache_memory.saturating_sub(self.hot_memory_except(&d.name));
+        let reloaded = match open_dataset(d, state).await {
+            Ok(source) => hot::reload(source, current, state, budget)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match reloaded {
+            Ok((table, bytes)) => Refresh::Reloaded(table, Hot { files, bytes }),
+            Err(error) => Refresh::Kept { files, error },
+        }
     }
 
     pub fn contains(&self, table: &TableName) -> bool {
@@ -202,6 +290,7 @@ pub async fn open_upload(
             format: DatasetFormat::Parquet,
             has_header: true,
             delimiter: b',',
+            cache: false,
             origin: None,
         },
         state,

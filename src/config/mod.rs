@@ -109,6 +109,10 @@ pub struct Limits {
     pub memory_per_query: usize,
     pub max_concurrent_queries: usize,
     pub token_ttl: Duration,
+    /// Memory all `cache = true` datasets may hold together.
+    pub cache_memory: usize,
+    /// How often cached datasets' files are checked for changes.
+    pub cache_check_interval: Duration,
 }
 
 impl Default for Limits {
@@ -118,6 +122,8 @@ impl Default for Limits {
             memory_per_query: 2 * 1024 * 1024 * 1024,
             max_concurrent_queries: 16,
             token_ttl: Duration::from_secs(8 * 3600),
+            cache_memory: 1024 * 1024 * 1024,
+            cache_check_interval: Duration::from_secs(2),
         }
     }
 }
@@ -160,6 +166,8 @@ pub struct DatasetConfig {
     pub has_header: bool,
     /// CSV only: the field delimiter (default `,`).
     pub delimiter: u8,
+    /// Hold the rows in memory (within `limits.cache_memory`), reloaded when files change.
+    pub cache: bool,
     /// Where the dataset was declared, for start-up errors.
     pub origin: Option<(PathBuf, usize)>,
 }
@@ -235,6 +243,8 @@ struct RawLimits {
     memory_per_query: Option<Spanned<String>>,
     max_concurrent_queries: Option<Spanned<usize>>,
     token_ttl: Option<Spanned<String>>,
+    cache_memory: Option<Spanned<String>>,
+    cache_check_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +255,7 @@ struct RawDataset {
     format: Option<DatasetFormat>,
     has_header: Option<bool>,
     delimiter: Option<Spanned<String>>,
+    cache: Option<bool>,
 }
 
 impl ServiceConfig {
@@ -343,6 +354,34 @@ impl ServiceConfig {
                     )),
                 }
             }
+            if let Some(s) = &l.cache_check_interval {
+                match humantime::parse_duration(s.get_ref()) {
+                    Ok(d) if !d.is_zero() => limits.cache_check_interval = d,
+                    Ok(_) => out.push(Diagnostic::at_span(
+                        &file,
+                        &text,
+                        Some(s.span()),
+                        "limits.cache_check_interval must be above zero",
+                    )),
+                    Err(e) => out.push(Diagnostic::at_span(
+                        &file,
+                        &text,
+                        Some(s.span()),
+                        format!("limits.cache_check_interval: {e}"),
+                    )),
+                }
+            }
+            if let Some(s) = &l.cache_memory {
+                match s.get_ref().parse::<ByteSize>() {
+                    Ok(b) => limits.cache_memory = b.as_u64() as usize,
+                    Err(e) => out.push(Diagnostic::at_span(
+                        &file,
+                        &text,
+                        Some(s.span()),
+                        format!("limits.cache_memory: {e}"),
+                    )),
+                }
+            }
             if let Some(s) = &l.memory_per_query {
                 match s.get_ref().parse::<ByteSize>() {
                     Ok(b) => limits.memory_per_query = b.as_u64() as usize,
@@ -435,6 +474,7 @@ impl ServiceConfig {
                 format,
                 has_header: d.has_header.unwrap_or(true),
                 delimiter,
+                cache: d.cache.unwrap_or(false),
                 origin: Some((file.clone(), line)),
             });
         }

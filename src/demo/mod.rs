@@ -59,6 +59,7 @@ pub fn prepare(
             format: DatasetFormat::Parquet,
             has_header: true,
             delimiter: b',',
+            cache: false,
             origin: None,
         })
         .collect();

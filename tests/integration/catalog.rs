@@ -174,3 +174,132 @@ async fn tls_with_rustls() {
             .is_err()
     );
 }
+
+async fn count(
+    c: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+    sql: &str,
+) -> i64 {
+    let b = query(c, sql).await.unwrap();
+    b[0].column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .value(0)
+}
+
+#[tokio::test]
+async fn hot_datasets_serve_from_memory_and_reload_when_their_files_change() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path());
+    let config = load(
+        dir.path(),
+        &config_text(
+            "[limits]\ncache_memory = \"64MiB\"\ncache_check_interval = \"50ms\"\n\n\
+             [[datasets]]\nname = \"files.parquet_people\"\npath = \"parts\"\nformat = \"parquet\"\ncache = true\n",
+        ),
+    )
+    .unwrap();
+    let server = start_with(config).await;
+    let mut c = owner(&server).await;
+    let sql = "SELECT count(*) FROM files.parquet_people";
+    assert_eq!(count(&mut c, sql).await, 9);
+
+    // A new file: the rows are read again.
+    let part = dir.path().join("parts/part-3.parquet");
+    let tmp = dir.path().join("part-3.tmp");
+    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&tmp).unwrap(),
+        batch(0).schema(),
+        None,
+    )
+    .unwrap();
+    w.write(&batch(30)).unwrap();
+    w.close().unwrap();
+    std::fs::rename(&tmp, &part).unwrap();
+    let mut seen = 0;
+    for _ in 0..200 {
+        seen = count(&mut c, sql).await;
+        if seen == 12 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen, 12, "the added file was loaded");
+
+    // The files vanish: the reload fails and the rows in memory stay in force, which a
+    // table reading its files would not manage.
+    for i in 0..4 {
+        std::fs::remove_file(dir.path().join(format!("parts/part-{i}.parquet"))).unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(count(&mut c, sql).await, 12);
+    let b = query(
+        &mut c,
+        "SELECT city FROM files.parquet_people WHERE id = 31",
+    )
+    .await
+    .unwrap();
+    assert_eq!(pretty(&b).matches("Oslo").count(), 1);
+}
+
+#[tokio::test]
+async fn hot_datasets_over_the_memory_budget_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path());
+    let config = load(
+        dir.path(),
+        &config_text(
+            "[limits]\ncache_memory = \"64B\"\n\n\
+             [[datasets]]\nname = \"files.arrow_people\"\npath = \"people.arrow\"\n\n\
+             [[datasets]]\nname = \"files.parquet_people\"\npath = \"parts\"\nformat = \"parquet\"\ncache = true\n",
+        ),
+    )
+    .unwrap();
+    let err = Airlock::build(config).await.unwrap_err().to_string();
+    assert!(
+        err.contains("airlock.toml:12: dataset files.parquet_people: cache = true: needs more than the 64 B left in limits.cache_memory"),
+        "{err}"
+    );
+    let err = load(
+        dir.path(),
+        &config_text("[limits]\ncache_memory = \"lots\"\n"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("limits.cache_memory"), "{err}");
+}
+
+#[tokio::test]
+async fn policy_holds_on_hot_datasets() {
+    let mut config = demo_config();
+    for d in &mut config.datasets {
+        d.cache = true;
+    }
+    let server = start_with(config).await;
+    let mut a = analyst(&server).await;
+    let refused = query(&mut a, "SELECT name FROM hospital.patients")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().contains("AGGREGATE_REQUIRED"),
+        "{refused:?}"
+    );
+    let sql = "SELECT zip, count(*) AS n FROM hospital.patients GROUP BY zip ORDER BY zip";
+    let b = query(&mut a, sql).await.unwrap();
+    assert!(rows(&b) > 0);
+    let cold = start().await;
+    let expected = query(&mut analyst(&cold).await, sql).await.unwrap();
+    assert_eq!(
+        pretty(&b),
+        pretty(&expected),
+        "the same release, hot or not"
+    );
+    for batch in &b {
+        let n = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        assert!(n.values().iter().all(|&n| n >= 10), "{}", pretty(&b));
+    }
+}

@@ -101,6 +101,7 @@ async fn start_fixture(dir: &Path, state: &Path) -> Running {
             format: DatasetFormat::Csv,
             has_header: true,
             delimiter: b',',
+            cache: false,
             origin: None,
         });
     }

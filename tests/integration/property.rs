@@ -208,6 +208,7 @@ async fn no_released_row_has_fewer_than_k_entities() {
             format: DatasetFormat::Csv,
             has_header: true,
             delimiter: b',',
+            cache: false,
             origin: None,
         })
         .collect();

@@ -1,0 +1,142 @@
+//! The transport's limit: a bare `arrow-flight` server whose DoGet streams batches held
+//! in memory (the rows of one Parquet file, read once at start, as Utf8 like Airlock's
+//! output), whatever the ticket. Nothing is planned, checked or filtered.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use clap::Parser;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Parser)]
+struct Args {
+    /// The Parquet file whose rows DoGet streams.
+    #[arg(long)]
+    file: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+}
+
+struct Raw {
+    schema: SchemaRef,
+    batches: Arc<Vec<RecordBatch>>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn unimplemented<T>() -> Result<T, Status> {
+    Err(Status::unimplemented("raw DoGet server: only DoGet"))
+}
+
+#[tonic::async_trait]
+impl FlightService for Raw {
+    type HandshakeStream = BoxStream<HandshakeResponse>;
+    type ListFlightsStream = BoxStream<FlightInfo>;
+    type DoGetStream = BoxStream<FlightData>;
+    type DoPutStream = BoxStream<PutResult>;
+    type DoActionStream = BoxStream<arrow_flight::Result>;
+    type ListActionsStream = BoxStream<ActionType>;
+    type DoExchangeStream = BoxStream<FlightData>;
+
+    async fn do_get(&self, _: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        let batches = Arc::clone(&self.batches);
+        let source = stream::iter((0..batches.len()).map(move |i| Ok(batches[i].clone())));
+        let flight = FlightDataEncoderBuilder::new()
+            .with_schema(Arc::clone(&self.schema))
+            .build(source)
+            .map_err(|e| Status::internal(e.to_string()));
+        Ok(Response::new(flight.boxed()))
+    }
+
+    async fn handshake(
+        &self,
+        _: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        unimplemented()
+    }
+    async fn list_flights(
+        &self,
+        _: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        unimplemented()
+    }
+    async fn get_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        unimplemented()
+    }
+    async fn poll_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        unimplemented()
+    }
+    async fn get_schema(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        unimplemented()
+    }
+    async fn do_put(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        unimplemented()
+    }
+    async fn do_exchange(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        unimplemented()
+    }
+    async fn do_action(
+        &self,
+        _: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        unimplemented()
+    }
+    async fn list_actions(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        unimplemented()
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Utf8, not Utf8View: what Airlock sends, so both move the same bytes.
+    let mut config = SessionConfig::new();
+    config.options_mut().execution.parquet.schema_force_view_types = false;
+    let ctx = SessionContext::new_with_config(config);
+    let df = ctx
+        .read_parquet(args.file.to_string_lossy().as_ref(), ParquetReadOptions::default())
+        .await?;
+    let schema = df.schema().inner().clone();
+    let batches: Vec<RecordBatch> = df.collect().await?;
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    println!("listening on {} ({rows} rows)", listener.local_addr()?);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(FlightServiceServer::new(Raw {
+            schema,
+            batches: Arc::new(batches),
+        }))
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
+}
