@@ -13,4 +13,5 @@ if [ ! -x "$VENV/bin/tpchgen-cli" ]; then
 fi
 mkdir -p data
 "$VENV/bin/tpchgen-cli" parquet -s "$SF" --output-dir data
+echo "$SF" > data/SCALE
 echo "TPC-H SF$SF written to $(pwd)/data"

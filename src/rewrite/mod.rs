@@ -22,6 +22,7 @@
 pub mod explain;
 pub mod gate;
 pub mod lineage;
+pub mod reaches;
 pub mod reject;
 pub mod scan;
 pub mod threshold;

@@ -2,8 +2,9 @@
 //!
 //! The hidden entity columns the scan rule added are carried up through projections,
 //! aliases, filters, sorts, limits, joins and unions to the first aggregate (or
-//! DISTINCT) above them. There, one `count(DISTINCT entity)` per protected scan is added
-//! and a filter keeps only groups where every count reaches that table's k; a final
+//! DISTINCT) above them. There, one distinct-entity count per protected scan is added
+//! (`airlock_reaches_k`, which counts only up to k: see `reaches.rs`) and a filter keeps
+//! only groups where every count reaches that table's k; a final
 //! projection restores the aggregate's own columns. Counting distinct entities, not
 //! rows, means join fan-out, UNION ALL copies and one person's many rows do not make a
 //! small group look large. A global aggregate over fewer than k entities keeps no row.
@@ -24,12 +25,12 @@ use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::Transformed;
 use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::error::Result;
-use datafusion::functions_aggregate::expr_fn::count_distinct;
 use datafusion::logical_expr::{
     Aggregate, Distinct, Expr, Filter, LogicalPlan, LogicalPlanBuilder, Projection, Union, lit,
 };
 use datafusion::optimizer::AnalyzerRule;
 
+use super::reaches::reaches_k;
 use super::scan::EntityColumn;
 use super::{HIDDEN_PREFIX, is_hidden};
 
@@ -207,8 +208,10 @@ fn entity_counts(entities: &[Column]) -> (Vec<Expr>, Expr) {
     for (i, c) in entities.iter().enumerate() {
         let k = EntityColumn::parse(&c.name).map_or(u64::MAX, |e| e.k);
         let name = format!("{HIDDEN_PREFIX}count_{i}");
-        aggr.push(count_distinct(Expr::Column(c.clone())).alias(&name));
-        conditions.push(Expr::Column(Column::from_name(&name)).gt_eq(lit(k as i64)));
+        aggr.push(reaches_k(Expr::Column(c.clone()), k).alias(&name));
+        conditions.push(
+            Expr::Column(Column::from_name(&name)).gt_eq(lit(i64::try_from(k).unwrap_or(i64::MAX))),
+        );
     }
     (
         aggr,

@@ -1,6 +1,8 @@
 //! The transport's limit: a bare `arrow-flight` server whose DoGet streams batches held
 //! in memory (the rows of one Parquet file, read once at start, as Utf8 like Airlock's
-//! output), whatever the ticket. Nothing is planned, checked or filtered.
+//! output), whatever the ticket. Nothing is planned, checked or filtered. GetFlightInfo
+//! answers any descriptor with one endpoint on this server, so a Flight SQL client (the
+//! ADBC driver) can download from it exactly as it does from Airlock.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -9,7 +11,7 @@ use std::sync::Arc;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::{
-    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use clap::Parser;
@@ -73,9 +75,15 @@ impl FlightService for Raw {
     }
     async fn get_flight_info(
         &self,
-        _: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        unimplemented()
+        let info = FlightInfo::new()
+            .try_with_schema(&self.schema)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_descriptor(request.into_inner())
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new("all")))
+            .with_total_records(self.batches.iter().map(|b| b.num_rows() as i64).sum());
+        Ok(Response::new(info))
     }
     async fn poll_flight_info(
         &self,

@@ -1,0 +1,558 @@
+#!/usr/bin/env python3
+"""Runs every Airlock benchmark side by side and writes docs/BENCHMARKS.md.
+
+Started by benches/run.sh, which builds the binaries, installs this script's packages
+(benches/requirements.txt), generates the TPC-H data and runs the criterion benches
+first. Everything talks over loopback; each server runs alone while it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import adbc_driver_flightsql.dbapi as flightsql
+import duckdb
+import pyarrow as pa
+import pyarrow.flight as flight
+
+ROOT = Path(__file__).resolve().parent.parent
+TPCH = ROOT / "benches" / "tpch"
+QUERIES = ["q1", "q3", "q5", "q6", "q10", "q12", "q14", "q19"]
+TABLES = ["region", "nation", "supplier", "customer", "part", "partsupp", "orders", "lineitem"]
+
+# Small aggregates over protected tables for the concurrency run: each is k-safe and
+# reads one table (customer: 150 000 rows at SF 1; orders: 1.5 M).
+SMALL_QUERIES = [
+    "SELECT c_mktsegment, count(*) AS n, avg(c_acctbal) AS balance "
+    "FROM tpch.customer GROUP BY c_mktsegment",
+    "SELECT c_nationkey, count(*) AS n FROM tpch.customer "
+    "WHERE c_acctbal > 5000 GROUP BY c_nationkey",
+    "SELECT o_orderpriority, count(*) AS n FROM tpch.orders "
+    "WHERE o_orderdate >= date '1995-01-01' AND o_orderdate < date '1995-04-01' "
+    "GROUP BY o_orderpriority",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- servers --------------------------------------------------------------------------
+
+
+class Server:
+    """A child process that prints its address on a line matching `ready`."""
+
+    def __init__(self, name: str, argv: list[str], ready: str, logdir: Path, env=None):
+        self.name = name
+        self.log = open(logdir / f"{name}.log", "w")
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + 600
+        pattern = re.compile(ready)
+        self.addr = None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.log.write(line)
+            m = pattern.search(line)
+            if m:
+                self.addr = m.group(1)
+                break
+        if self.addr is None:
+            self.stop()
+            raise RuntimeError(f"{name} did not start; see {self.log.name}")
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.uri = f"grpc://{self.addr}"
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.log.write(line)
+
+    def rss_reset(self) -> None:
+        """Resets the kernel's peak-RSS counter (VmHWM) of the process."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
+    def rss_peak(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@contextmanager
+def running(*args, **kwargs):
+    s = Server(*args, **kwargs)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def airlock(args, name: str, config: Path, logdir: Path):
+    state = Path(tempfile.mkdtemp(prefix=f"airlock-{name}-"))
+    return running(
+        name,
+        [str(args.airlock), "serve", "--config", str(config), "--listen", "127.0.0.1:0",
+         "--state-dir", str(state)],
+        r"airlock listening on (\S+)",
+        logdir,
+    )
+
+
+def hot_config(base: Path, data: Path, out: Path, budget: str) -> Path:
+    """The bench configuration with every dataset `cache = true`, paths made absolute."""
+    text = base.read_text()
+    text = re.sub(r'^(policy_dir|users_file) = "([^"]+)"',
+                  lambda m: f'{m.group(1)} = "{(base.parent / m.group(2)).resolve()}"',
+                  text, flags=re.M)
+    text = re.sub(r'^path = "data/([^"]+)"',
+                  lambda m: f'path = "{(data / m.group(1)).resolve()}"\ncache = true',
+                  text, flags=re.M)
+    text = text.replace("[limits]\n", f'[limits]\ncache_memory = "{budget}"\n', 1)
+    out.write_text(text)
+    return out
+
+
+# ---- clients --------------------------------------------------------------------------
+
+
+def connect(uri: str, user: str | None):
+    kwargs = {"username": user, "password": user} if user else {}
+    return flightsql.connect(uri, db_kwargs=kwargs, autocommit=True)
+
+
+def adbc_query(conn, sql: str) -> pa.Table:
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetch_arrow_table()
+
+
+def timed(fn, warmup: int, runs: int) -> tuple[list[float], object]:
+    times, out = [], None
+    for i in range(warmup + runs):
+        started = time.perf_counter()
+        out = fn()
+        elapsed = time.perf_counter() - started
+        if i >= warmup:
+            times.append(elapsed)
+    return times, out
+
+
+def tpch_over_flight(uri: str, user: str | None, sqls: dict, warmup: int, runs: int):
+    conn = connect(uri, user)
+    times, rows = {}, {}
+    try:
+        for q, sql in sqls.items():
+            times[q], table = timed(lambda: adbc_query(conn, sql), warmup, runs)
+            rows[q] = table.num_rows
+    finally:
+        conn.close()
+    return times, rows
+
+
+def tpch_duckdb(data: Path, sqls: dict, warmup: int, runs: int):
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA tpch")
+    for t in TABLES:
+        con.execute(f"CREATE VIEW tpch.{t} AS SELECT * FROM read_parquet('{data / t}.parquet')")
+    times, rows = {}, {}
+    for q, sql in sqls.items():
+        times[q], table = timed(lambda: con.execute(sql).fetch_arrow_table(), warmup, runs)
+        rows[q] = table.num_rows
+    con.close()
+    return times, rows
+
+
+def tpch_inproc(args, data: Path, source: str):
+    out = subprocess.run(
+        [str(args.harness / "inproc"), "--data", str(data), "--runs", str(args.runs),
+         "--warmup", str(args.warmup), "--source", source, "--queries",
+         *[str(TPCH / "queries" / f"{q}.sql") for q in QUERIES]],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout)
+
+
+def transfer(server: Server, user: str | None, sql: str, warmup: int, runs: int):
+    """Downloads `sql`'s result into pyarrow; MB/s of the decoded table and peak RSS."""
+    conn = connect(server.uri, user)
+    times, peaks, nbytes, nrows = [], [], 0, 0
+    try:
+        for i in range(warmup + runs):
+            server.rss_reset()
+            started = time.perf_counter()
+            table = adbc_query(conn, sql)
+            elapsed = time.perf_counter() - started
+            nbytes, nrows = table.nbytes, table.num_rows
+            del table
+            if i >= warmup:
+                times.append(elapsed)
+                peaks.append(server.rss_peak())
+    finally:
+        conn.close()
+    return {"times": times, "bytes": nbytes, "rows": nrows, "peak_rss": max(peaks)}
+
+
+def transfer_pyarrow_flight(uri: str, warmup: int, runs: int):
+    client = flight.FlightClient(uri)
+    times, out = timed(lambda: client.do_get(flight.Ticket(b"all")).read_all(), warmup, runs)
+    return {"times": times, "bytes": out.nbytes, "rows": out.num_rows}
+
+
+def concurrency(uri: str, user: str, clients: int, seconds: float):
+    conns = [connect(uri, user) for _ in range(clients)]
+    for c in conns:  # every connection authenticated and warm before the clock starts
+        adbc_query(c, SMALL_QUERIES[0])
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[list[str]] = [[] for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+    deadline = [0.0]
+
+    def worker(i: int):
+        barrier.wait()
+        n = i
+        while time.monotonic() < deadline[0]:
+            sql = SMALL_QUERIES[n % len(SMALL_QUERIES)]
+            n += 1
+            started = time.perf_counter()
+            try:
+                adbc_query(conns[i], sql)
+                latencies[i].append(time.perf_counter() - started)
+            except Exception as e:  # counted and reported, never hidden
+                errors[i].append(str(e)[:200])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    deadline[0] = time.monotonic() + seconds
+    started = time.monotonic()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    for c in conns:
+        c.close()
+    all_lat = sorted(x for l in latencies for x in l)
+    all_err = [e for l in errors for e in l]
+    return {
+        "clients": clients,
+        "seconds": wall,
+        "queries": len(all_lat),
+        "qps": len(all_lat) / wall,
+        "p50": percentile(all_lat, 50),
+        "p99": percentile(all_lat, 99),
+        "errors": len(all_err),
+        "first_error": all_err[0] if all_err else None,
+    }
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, round(p / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+# ---- criterion ------------------------------------------------------------------------
+
+
+def criterion_medians(criterion: Path, group: str) -> dict[str, float]:
+    """`{bench id: median seconds}` from criterion's estimates."""
+    out = {}
+    for est in sorted((criterion / group).glob("*/new/estimates.json")):
+        out[est.parent.parent.name] = json.loads(est.read_text())["median"]["point_estimate"] / 1e9
+    return out
+
+
+# ---- the report -----------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+    rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem / 1024 / 1024,
+        "os": f"{platform.system()} {platform.release()}",
+        "rustc": rustc,
+        "python": platform.python_version(),
+        "duckdb": duckdb.__version__,
+        "pyarrow": pa.__version__,
+        "commit": commit,
+    }
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:,.0f}" if x >= 0.1 else f"{x * 1000:,.1f}"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×"
+
+
+def mark(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def report(r: dict) -> str:
+    m = r["machine"]
+    t = r["tpch"]
+    systems = ["datafusion", "airlock", "peer", "duckdb", "airlock_hot", "datafusion_memory"]
+    medians = {s: {q: med(t[s][q]) for q in QUERIES} for s in systems}
+    sums = {s: sum(medians[s].values()) for s in systems}
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `benches/run.sh` (one command: builds, generates the data, runs everything",
+        "below and rewrites this page). Benchmarks run on demand, never as tests.",
+        "",
+        f"- **Date**: {r['date']} · commit `{m['commit']}`",
+        f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB, {m['os']}",
+        f"- **Software**: {m['rustc']}, release profile; Python {m['python']}, pyarrow {m['pyarrow']},",
+        f"  ADBC Flight SQL driver {flightsql_version()}, DuckDB {m['duckdb']}",
+        f"- **Data**: TPC-H scale factor {r['scale']} (`tpchgen-cli`), one Parquet file per table",
+        f"- **Method**: {r['warmup']} warm-up run(s), then the median of {r['runs']} runs; every",
+        "  server runs alone while measured, clients on the same machine over loopback.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+    ]
+    tr = r["transfer"]
+    a_mbs = tr["airlock"]["bytes"] / 1e6 / med(tr["airlock"]["times"])
+    raw_mbs = tr["raw"]["bytes"] / 1e6 / med(tr["raw"]["times"])
+    rw = r["rewrite"]
+    rewrite_max = max(v for k, v in rw.items() if k.endswith("_airlock")) if rw else float("nan")
+    lines += [
+        f"| TPC-H sum through Airlock ≤ 1.15× in-process DataFusion | {ratio(sums['airlock'], sums['datafusion'])} | {mark(sums['airlock'] <= 1.15 * sums['datafusion'])} |",
+        f"| … and no slower than the peer server | {ratio(sums['airlock'], sums['peer'])} of the peer | {mark(sums['airlock'] <= sums['peer'])} |",
+        f"| Transfer ≥ 80 % of raw Flight DoGet | {a_mbs / raw_mbs:.0%} ({a_mbs:,.0f} vs {raw_mbs:,.0f} MB/s) | {mark(a_mbs >= 0.8 * raw_mbs)} |",
+        f"| Peak server RSS during the {tr['airlock']['rows']:,}-row download ≤ 512 MiB | {tr['airlock']['peak_rss'] / 2**20:,.0f} MiB | {mark(tr['airlock']['peak_rss'] <= 512 * 2**20)} |",
+        f"| Rewrite median < 1 ms per query | {rewrite_max * 1e3:.2f} ms (slowest query, whole analyzer) | {mark(rewrite_max < 1e-3)} |",
+        f"| Stretch: cached Airlock sum ≤ DuckDB in-process | {ratio(sums['airlock_hot'], sums['duckdb'])} of DuckDB | {mark(sums['airlock_hot'] <= sums['duckdb'])} |",
+        f"| Concurrency: errors must be zero | {r['concurrency']['errors']} errors | {mark(r['concurrency']['errors'] == 0)} |",
+        "",
+        "## TPC-H through Flight SQL (`bench_analyst`, ADBC Python driver)",
+        "",
+        "Median milliseconds per query. **DataFusion** is the same SQL in-process with no",
+        "policy and no transport, reading the same Parquet files (the limit). **Airlock** runs",
+        "it as `bench_analyst` under the bench policy (k = 5 on customers, orders, line items),",
+        "so every result is rewritten, thresholded and sent over Flight. **Peer** is a plain",
+        "DataFusion Flight SQL server (`datafusion-flight-sql-server`) without policy or",
+        "authentication. **DuckDB** reads the same Parquet files in-process. **Airlock hot**",
+        "holds every table in memory (`cache = true`); **DataFusion in memory** is its limit.",
+        "",
+        "| query | DataFusion | Airlock | Peer | DuckDB | Airlock hot | DataFusion in memory | Airlock ÷ DataFusion | Airlock ÷ peer | hot ÷ DuckDB | rows (Airlock / peer) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = r["rows"]
+    for q in QUERIES:
+        d = {s: medians[s][q] for s in systems}
+        lines.append(
+            f"| {q} | {ms(d['datafusion'])} | {ms(d['airlock'])} | {ms(d['peer'])} | {ms(d['duckdb'])} "
+            f"| {ms(d['airlock_hot'])} | {ms(d['datafusion_memory'])} | {ratio(d['airlock'], d['datafusion'])} "
+            f"| {ratio(d['airlock'], d['peer'])} | {ratio(d['airlock_hot'], d['duckdb'])} "
+            f"| {rows['airlock'][q]} / {rows['peer'][q]} |"
+        )
+    s = sums
+    lines += [
+        f"| **sum** | **{ms(s['datafusion'])}** | **{ms(s['airlock'])}** | **{ms(s['peer'])}** | **{ms(s['duckdb'])}** "
+        f"| **{ms(s['airlock_hot'])}** | **{ms(s['datafusion_memory'])}** | **{ratio(s['airlock'], s['datafusion'])}** "
+        f"| **{ratio(s['airlock'], s['peer'])}** | **{ratio(s['airlock_hot'], s['duckdb'])}** | |",
+        "",
+        "Rows differ where the policy suppresses groups: q3 and q10 group by an order or a",
+        "customer (one entity per group), so under k = 5 every group is withheld; q5 and q19",
+        "are not affected. The work of computing them is still done and measured.",
+        "",
+        "## Transfer",
+        "",
+        f"`SELECT * FROM tpch.orders` ({tr['airlock']['rows']:,} rows, {tr['airlock']['bytes'] / 1e6:,.0f} MB",
+        "as decoded Arrow) into a pyarrow table with the ADBC driver. The raw server is a bare",
+        "`arrow-flight` service streaming the same batches (the same Utf8 schema) from memory:",
+        "no SQL, no policy, no file reading. Peak RSS is the kernel's high-water mark of the",
+        "server process, reset before each download.",
+        "",
+        "| source | client | median s | MB/s | of raw | peak server RSS |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key, label, client in [("airlock", "Airlock as `bench_reader` (Parquet files)", "ADBC"),
+                               ("airlock_hot", "Airlock as `bench_reader` (hot, in memory)", "ADBC"),
+                               ("raw", "raw DoGet from memory", "ADBC"),
+                               ("raw_pyarrow", "raw DoGet from memory", "pyarrow.flight")]:
+        x = tr[key]
+        mbs = x["bytes"] / 1e6 / med(x["times"])
+        rss = f"{x['peak_rss'] / 2**20:,.0f} MiB" if "peak_rss" in x else "—"
+        lines.append(f"| {label} | {client} | {med(x['times']):.3f} | {mbs:,.0f} | {mbs / raw_mbs:.0%} | {rss} |")
+    c = r["concurrency"]
+    lines += [
+        "",
+        "## Concurrency",
+        "",
+        f"{c['clients']} ADBC clients, each on its own connection as `bench_analyst`, running small",
+        f"aggregate queries over `tpch.customer` and `tpch.orders` in turn for {c['seconds']:.0f} s",
+        "(every query planned, rewritten, thresholded and audited).",
+        "",
+        "| clients | queries | queries/s | p50 ms | p99 ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {c['clients']} | {c['queries']:,} | {c['qps']:.1f} | {c['p50'] * 1e3:.0f} | {c['p99'] * 1e3:.0f} | {c['errors']} |",
+    ]
+    if c["first_error"]:
+        lines += ["", f"First error: `{c['first_error']}`"]
+    lines += [
+        "",
+        "## Privacy rewrite (`cargo bench --bench rewrite`)",
+        "",
+        "Criterion medians, µs. The analyzer with Airlock's policy rules against DataFusion's",
+        "default analyzer on the same TPC-H logical plan (principal `bench_analyst`); \"rewrite\"",
+        "is the difference: the policy rules' own time.",
+        "",
+        "| query | analyzer with policy | DataFusion analyzer | rewrite |",
+        "|---|---:|---:|---:|",
+    ]
+    for q in QUERIES:
+        a, d = rw.get(f"{q}_airlock"), rw.get(f"{q}_datafusion")
+        if a is not None and d is not None:
+            lines.append(f"| {q} | {a * 1e6:,.0f} | {d * 1e6:,.0f} | {(a - d) * 1e6:,.0f} |")
+    lines += [
+        "",
+        "## Planning (`cargo bench --bench planning`)",
+        "",
+        "Criterion medians, µs: the whole `query::plan` (parse, SQL to logical plan, policy",
+        "analyzer, DataFusion's optimizer) as the demo's analyst over the demo's tables.",
+        "",
+        "| query | plan |",
+        "|---|---:|",
+    ]
+    for k, v in r["planning"].items():
+        lines.append(f"| `{k}` | {v * 1e6:,.0f} |")
+    lines += ["", r.get("notes", "").rstrip(), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def flightsql_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("adbc-driver-flightsql")
+    except Exception:
+        return "?"
+
+
+# ---- main -----------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--airlock", type=Path, required=True, help="the release airlock binary")
+    p.add_argument("--harness", type=Path, required=True, help="directory of the harness binaries")
+    p.add_argument("--criterion", type=Path, required=True, help="criterion's output directory")
+    p.add_argument("--data", type=Path, default=TPCH / "data")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    p.add_argument("--json", type=Path, help="also write the raw figures here")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--cache-memory", default="8GiB")
+    p.add_argument("--notes", type=Path, default=ROOT / "benches" / "NOTES.md",
+                   help="appended to the report (analysis that numbers alone do not say)")
+    args = p.parse_args()
+    data = args.data.resolve()
+    if not (data / "lineitem.parquet").exists():
+        sys.exit(f"no TPC-H data under {data}: run benches/tpch/generate.sh")
+    scale = (data / "SCALE").read_text().strip() if (data / "SCALE").exists() else "?"
+    logdir = Path(tempfile.mkdtemp(prefix="airlock-bench-"))
+    log(f"logs in {logdir}")
+    sqls = {q: (TPCH / "queries" / f"{q}.sql").read_text() for q in QUERIES}
+    w, n = args.warmup, args.runs
+    r: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(), "scale": scale, "runs": n, "warmup": w,
+        "tpch": {}, "rows": {}, "transfer": {},
+    }
+
+    log("TPC-H: DataFusion in-process (Parquet)")
+    r["tpch"]["datafusion"] = tpch_inproc(args, data, "parquet")
+    log("TPC-H: DataFusion in-process (memory)")
+    r["tpch"]["datafusion_memory"] = tpch_inproc(args, data, "memory")
+    log("TPC-H: DuckDB in-process")
+    r["tpch"]["duckdb"], r["rows"]["duckdb"] = tpch_duckdb(data, sqls, w, n)
+    log("TPC-H: peer Flight SQL server")
+    with running("peer", [str(args.harness / "peer"), "--data", str(data)],
+                 r"listening on (\S+)", logdir) as peer:
+        r["tpch"]["peer"], r["rows"]["peer"] = tpch_over_flight(peer.uri, None, sqls, w, n)
+
+    config = TPCH / "airlock.toml"
+    with airlock(args, "airlock", config, logdir) as server:
+        log("TPC-H: Airlock")
+        r["tpch"]["airlock"], r["rows"]["airlock"] = tpch_over_flight(server.uri, "bench_analyst", sqls, w, n)
+        log("transfer: Airlock")
+        r["transfer"]["airlock"] = transfer(server, "bench_reader", "SELECT * FROM tpch.orders", w, n)
+        log(f"concurrency: {args.clients} clients for {args.seconds:.0f} s")
+        r["concurrency"] = concurrency(server.uri, "bench_analyst", args.clients, args.seconds)
+
+    hot = hot_config(config, data, logdir / "airlock-hot.toml", args.cache_memory)
+    with airlock(args, "airlock_hot", hot, logdir) as server:
+        log("TPC-H: Airlock hot")
+        r["tpch"]["airlock_hot"], r["rows"]["airlock_hot"] = tpch_over_flight(server.uri, "bench_analyst", sqls, w, n)
+        log("transfer: Airlock hot")
+        r["transfer"]["airlock_hot"] = transfer(server, "bench_reader", "SELECT * FROM tpch.orders", w, n)
+
+    with running("raw", [str(args.harness / "raw_flight"), "--file", str(data / "orders.parquet")],
+                 r"listening on (\S+)", logdir) as raw:
+        log("transfer: raw DoGet")
+        r["transfer"]["raw"] = transfer(raw, None, "SELECT * FROM tpch.orders", w, n)
+        r["transfer"]["raw_pyarrow"] = transfer_pyarrow_flight(raw.uri, w, n)
+
+    r["rewrite"] = criterion_medians(args.criterion, "rewrite")
+    r["planning"] = criterion_medians(args.criterion, "plan")
+    if args.notes.exists():
+        r["notes"] = args.notes.read_text()
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=1))
+    args.out.write_text(report(r))
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

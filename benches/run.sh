@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One command for every benchmark: builds Airlock and the harness (release), installs the
+# Python clients, generates TPC-H (SF, default 1) when benches/tpch/data/ is empty, runs the
+# criterion benches, then benches/run.py, which measures the rest side by side and rewrites
+# docs/BENCHMARKS.md. Needs `protoc` for the peer server (Debian: protobuf-compiler).
+#
+#   benches/run.sh                 # everything, ~15 min on 2 cores once built
+#   RUNS=3 SECONDS_=10 benches/run.sh   # quicker, for a look
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+HARNESS_TARGET="${HARNESS_TARGET_DIR:-$TARGET/harness}"
+VENV="$TARGET/bench-venv"
+
+if ! command -v protoc >/dev/null; then
+  echo "protoc is needed to build the peer server: apt-get install protobuf-compiler" >&2
+  exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r benches/requirements.txt
+
+if [ ! -f benches/tpch/data/lineitem.parquet ]; then
+  CARGO_TARGET_DIR="$TARGET" benches/tpch/generate.sh
+fi
+
+echo "[bench] building (release)"
+CARGO_TARGET_DIR="$TARGET" cargo build --locked --release --bin airlock
+CARGO_TARGET_DIR="$HARNESS_TARGET" cargo build --locked --release --bins \
+  --manifest-path benches/harness/Cargo.toml
+
+echo "[bench] criterion: rewrite and planning"
+CARGO_TARGET_DIR="$TARGET" cargo bench --locked --bench rewrite --bench planning -- \
+  --warm-up-time 1 --measurement-time 3 --noplot
+
+"$VENV/bin/python" benches/run.py \
+  --airlock "$TARGET/release/airlock" \
+  --harness "$HARNESS_TARGET/release" \
+  --criterion "$TARGET/criterion" \
+  --runs "${RUNS:-5}" --seconds "${SECONDS_:-30}" \
+  --json "$TARGET/bench-results.json" "$@"
