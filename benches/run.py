@@ -188,7 +188,7 @@ def tpch_duckdb(data: Path, sqls: dict, warmup: int, runs: int):
         con.execute(f"CREATE VIEW tpch.{t} AS SELECT * FROM read_parquet('{data / t}.parquet')")
     times, rows = {}, {}
     for q, sql in sqls.items():
-        times[q], table = timed(lambda: con.execute(sql).fetch_arrow_table(), warmup, runs)
+        times[q], table = timed(lambda: con.sql(sql).to_arrow_table(), warmup, runs)
         rows[q] = table.num_rows
     con.close()
     return times, rows

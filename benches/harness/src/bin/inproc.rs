@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use airlock_bench_harness::{Source, register_tpch};
 use clap::Parser;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{SessionConfig, SessionContext};
 
 #[derive(Parser)]
 struct Args {
@@ -27,7 +27,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let ctx = SessionContext::new();
+    // DataFusion's defaults, unless DATAFUSION_* variables say otherwise.
+    let ctx = SessionContext::new_with_config(SessionConfig::from_env()?);
     register_tpch(&ctx, &args.data, args.source).await?;
     let mut out = serde_json::Map::new();
     for file in &args.queries {
