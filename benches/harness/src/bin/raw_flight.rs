@@ -1,8 +1,9 @@
 //! The transport's limit: a bare `arrow-flight` server whose DoGet streams batches held
 //! in memory (the rows of one Parquet file, read once at start, as Utf8 like Airlock's
 //! output), whatever the ticket. Nothing is planned, checked or filtered. GetFlightInfo
-//! answers any descriptor with one endpoint on this server, so a Flight SQL client (the
-//! ADBC driver) can download from it exactly as it does from Airlock.
+//! answers any Flight SQL statement (whatever its text) with one endpoint on this server,
+//! so a Flight SQL client (the ADBC driver) downloads from it exactly as from Airlock;
+//! other Flight SQL commands (SqlInfo, catalogs) are unimplemented.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -14,7 +15,9 @@ use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
+use arrow_flight::sql::{Any, CommandStatementQuery};
 use clap::Parser;
+use prost::Message;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
@@ -77,6 +80,11 @@ impl FlightService for Raw {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        let any = Any::decode(request.get_ref().cmd.as_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !any.is::<CommandStatementQuery>() {
+            return unimplemented();
+        }
         let info = FlightInfo::new()
             .try_with_schema(&self.schema)
             .map_err(|e| Status::internal(e.to_string()))?
