@@ -169,9 +169,13 @@ impl GroupsAccumulator for Groups {
         total_num_groups: usize,
     ) -> Result<()> {
         self.groups.resize_with(total_num_groups, Seen::default);
+        let k = self.k;
+        // Most batches only touch groups that reached k long ago: skip hashing them.
+        if group_indices.iter().all(|&g| self.groups[g].0.len() >= k) {
+            return Ok(());
+        }
         let values = &values[0];
         hash_rows(values, &mut self.hashes)?;
-        let k = self.k;
         for (row, &g) in group_indices.iter().enumerate() {
             let seen = &mut self.groups[g];
             if seen.0.len() >= k
@@ -254,6 +258,9 @@ struct One {
 
 impl Accumulator for One {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        if self.seen.0.len() >= self.k {
+            return Ok(());
+        }
         let values = &values[0];
         let mut hashes = Vec::new();
         hash_rows(values, &mut hashes)?;

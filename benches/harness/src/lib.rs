@@ -32,7 +32,10 @@ pub async fn register_tpch(
     for table in TABLES {
         let path = data.join(format!("{table}.parquet"));
         let df = ctx
-            .read_parquet(path.to_string_lossy().as_ref(), ParquetReadOptions::default())
+            .read_parquet(
+                path.to_string_lossy().as_ref(),
+                ParquetReadOptions::default(),
+            )
             .await?;
         let provider: Arc<dyn datafusion::catalog::TableProvider> = match source {
             Source::Parquet => df.into_view(),

@@ -11,17 +11,19 @@ use std::sync::Arc;
 
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::sql::{Any, CommandStatementQuery};
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
-use arrow_flight::sql::{Any, CommandStatementQuery};
 use clap::Parser;
-use prost::Message;
 use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use futures::{Stream, StreamExt, TryStreamExt, stream};
+use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Parser)]
@@ -134,19 +136,42 @@ impl FlightService for Raw {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Utf8, not Utf8View: what Airlock sends, so both move the same bytes.
-    let mut config = SessionConfig::new();
-    config.options_mut().execution.parquet.schema_force_view_types = false;
-    let ctx = SessionContext::new_with_config(config);
+    let ctx = SessionContext::new();
     let df = ctx
-        .read_parquet(args.file.to_string_lossy().as_ref(), ParquetReadOptions::default())
+        .read_parquet(
+            args.file.to_string_lossy().as_ref(),
+            ParquetReadOptions::default(),
+        )
         .await?;
-    let schema = df.schema().inner().clone();
-    let batches: Vec<RecordBatch> = df.collect().await?;
+    // Utf8, not Utf8View: what Airlock sends, so both move the same bytes.
+    let schema = Arc::new(Schema::new(
+        df.schema()
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Utf8View => f.as_ref().clone().with_data_type(DataType::Utf8),
+                _ => f.as_ref().clone(),
+            })
+            .collect::<Vec<_>>(),
+    ));
+    let batches = df
+        .collect()
+        .await?
+        .into_iter()
+        .map(|b| {
+            let columns = b
+                .columns()
+                .iter()
+                .zip(schema.fields())
+                .map(|(c, f)| cast(c, f.data_type()))
+                .collect::<Result<Vec<_>, _>>()?;
+            RecordBatch::try_new(Arc::clone(&schema), columns)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     println!("listening on {} ({rows} rows)", listener.local_addr()?);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(FlightServiceServer::new(Raw {
             schema,
