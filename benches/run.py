@@ -14,8 +14,6 @@ import json
 import os
 import platform
 import re
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -360,13 +358,15 @@ def report(r: dict) -> str:
     ]
     tr = r["transfer"]
     a_mbs = tr["airlock"]["bytes"] / 1e6 / med(tr["airlock"]["times"])
+    hot_mbs = tr["airlock_hot"]["bytes"] / 1e6 / med(tr["airlock_hot"]["times"])
     raw_mbs = tr["raw"]["bytes"] / 1e6 / med(tr["raw"]["times"])
     rw = r["rewrite"]
     rewrite_max = max(v for k, v in rw.items() if k.endswith("_airlock")) if rw else float("nan")
     lines += [
         f"| TPC-H sum through Airlock ≤ 1.15× in-process DataFusion | {ratio(sums['airlock'], sums['datafusion'])} | {mark(sums['airlock'] <= 1.15 * sums['datafusion'])} |",
         f"| … and no slower than the peer server | {ratio(sums['airlock'], sums['peer'])} of the peer | {mark(sums['airlock'] <= sums['peer'])} |",
-        f"| Transfer ≥ 80 % of raw Flight DoGet | {a_mbs / raw_mbs:.0%} ({a_mbs:,.0f} vs {raw_mbs:,.0f} MB/s) | {mark(a_mbs >= 0.8 * raw_mbs)} |",
+        f"| Transfer ≥ 80 % of raw Flight DoGet, both from memory (hot `orders`) | {hot_mbs / raw_mbs:.0%} ({hot_mbs:,.0f} vs {raw_mbs:,.0f} MB/s) | {mark(hot_mbs >= 0.8 * raw_mbs)} |",
+        f"| … and with Airlock reading the Parquet file (raw still from memory) | {a_mbs / raw_mbs:.0%} ({a_mbs:,.0f} MB/s) | {mark(a_mbs >= 0.8 * raw_mbs)} |",
         f"| Peak server RSS during the {tr['airlock']['rows']:,}-row download ≤ 512 MiB | {tr['airlock']['peak_rss'] / 2**20:,.0f} MiB | {mark(tr['airlock']['peak_rss'] <= 512 * 2**20)} |",
         f"| Rewrite median < 1 ms per query | {rewrite_max * 1e3:.2f} ms (slowest query, whole analyzer) | {mark(rewrite_max < 1e-3)} |",
         f"| Stretch: cached Airlock sum ≤ DuckDB in-process | {ratio(sums['airlock_hot'], sums['duckdb'])} of DuckDB | {mark(sums['airlock_hot'] <= sums['duckdb'])} |",
@@ -415,14 +415,20 @@ def report(r: dict) -> str:
         "| source | client | median s | MB/s | of raw | peak server RSS |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for key, label, client in [("airlock", "Airlock as `bench_reader` (Parquet files)", "ADBC"),
+    for key, label, client in [("airlock", "Airlock as `bench_reader` (Parquet file)", "ADBC"),
                                ("airlock_hot", "Airlock as `bench_reader` (hot, in memory)", "ADBC"),
+                               ("peer", "peer server (Parquet file; sends Utf8View)", "ADBC"),
                                ("raw", "raw DoGet from memory", "ADBC"),
                                ("raw_pyarrow", "raw DoGet from memory", "pyarrow.flight")]:
         x = tr[key]
         mbs = x["bytes"] / 1e6 / med(x["times"])
         rss = f"{x['peak_rss'] / 2**20:,.0f} MiB" if "peak_rss" in x else "—"
         lines.append(f"| {label} | {client} | {med(x['times']):.3f} | {mbs:,.0f} | {mbs / raw_mbs:.0%} | {rss} |")
+    lines += [
+        "",
+        "MB/s counts the decoded Arrow bytes the client holds. The peer sends Utf8View",
+        f"columns, {tr['peer']['bytes'] / 1e6:,.0f} MB for the same rows, so compare its seconds, not its MB/s.",
+    ]
     c = r["concurrency"]
     lines += [
         "",
@@ -488,7 +494,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=TPCH / "data")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     p.add_argument("--json", type=Path, help="also write the raw figures here")
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=30)
@@ -520,6 +526,8 @@ def main() -> int:
     with running("peer", [str(args.harness / "peer"), "--data", str(data)],
                  r"listening on (\S+)", logdir) as peer:
         r["tpch"]["peer"], r["rows"]["peer"] = tpch_over_flight(peer.uri, None, sqls, w, n)
+        log("transfer: peer")
+        r["transfer"]["peer"] = transfer(peer, None, "SELECT * FROM tpch.orders", w, n)
 
     config = TPCH / "airlock.toml"
     with airlock(args, "airlock", config, logdir) as server:

@@ -40,5 +40,5 @@ CARGO_TARGET_DIR="$TARGET" cargo bench --locked --bench rewrite --bench planning
   --airlock "$TARGET/release/airlock" \
   --harness "$HARNESS_TARGET/release" \
   --criterion "$TARGET/criterion" \
-  --runs "${RUNS:-5}" --seconds "${SECONDS_:-30}" \
+  --runs "${RUNS:-7}" --seconds "${SECONDS_:-30}" \
   --json "$TARGET/bench-results.json" "$@"
