@@ -61,9 +61,16 @@ impl Catalog {
             let opened = match open_dataset(d, state).await {
                 Ok(t) if d.cache => {
                     let files = Fingerprint::of(&d.path);
+                    let started = std::time::Instant::now();
                     hot::load(t, state, cache_memory.saturating_sub(cached))
                         .await
                         .map(|(t, bytes)| {
+                            tracing::info!(
+                                dataset = %d.name,
+                                bytes,
+                                ms = started.elapsed().as_millis() as u64,
+                                "hot dataset loaded"
+                            );
                             cached += bytes;
                             hot.insert(d.name.clone(), Hot { files, bytes });
                             t
