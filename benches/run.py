@@ -3,7 +3,8 @@
 
 Started by benches/run.sh, which builds the binaries, installs this script's packages
 (benches/requirements.txt), generates the TPC-H data and runs the criterion benches
-first. Everything talks over loopback; each server runs alone while it is measured.
+first. Everything talks over loopback; the systems compared run side by side and are
+measured interleaved, round by round.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import adbc_driver_flightsql.dbapi as flightsql
@@ -158,76 +159,101 @@ def adbc_query(conn, sql: str) -> pa.Table:
         return cur.fetch_arrow_table()
 
 
-def timed(fn, warmup: int, runs: int) -> tuple[list[float], object]:
-    times, out = [], None
-    for i in range(warmup + runs):
-        started = time.perf_counter()
-        out = fn()
-        elapsed = time.perf_counter() - started
-        if i >= warmup:
-            times.append(elapsed)
-    return times, out
+class InProc:
+    """The harness's `inproc` serving queries one at a time (DataFusion, no transport)."""
+
+    def __init__(self, harness: Path, data: Path, source: str, logdir: Path):
+        self.proc = subprocess.Popen(
+            [str(harness / "inproc"), "--data", str(data), "--source", source],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(logdir / f"inproc-{source}.log", "w"), text=True,
+        )
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"inproc ({source}) did not start; see {logdir}")
+
+    def run(self, query: str) -> tuple[float, int]:
+        self.proc.stdin.write(f"{TPCH / 'queries' / query}.sql\n")
+        self.proc.stdin.flush()
+        seconds, rows = self.proc.stdout.readline().split()
+        return float(seconds), int(rows)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
-def tpch_over_flight(uri: str, user: str | None, sqls: dict, warmup: int, runs: int):
+def flight_runner(uri: str, user: str | None, sqls: dict, stack: ExitStack):
     conn = connect(uri, user)
-    times, rows = {}, {}
-    try:
-        for q, sql in sqls.items():
-            times[q], table = timed(lambda: adbc_query(conn, sql), warmup, runs)
-            rows[q] = table.num_rows
-    finally:
-        conn.close()
-    return times, rows
+    stack.callback(conn.close)
+
+    def run(query: str) -> tuple[float, int]:
+        started = time.perf_counter()
+        table = adbc_query(conn, sqls[query])
+        return time.perf_counter() - started, table.num_rows
+
+    return run
 
 
-def tpch_duckdb(data: Path, sqls: dict, warmup: int, runs: int):
+def duckdb_runner(data: Path, sqls: dict, stack: ExitStack):
     con = duckdb.connect()
+    stack.callback(con.close)
     con.execute("CREATE SCHEMA tpch")
     for t in TABLES:
         con.execute(f"CREATE VIEW tpch.{t} AS SELECT * FROM read_parquet('{data / t}.parquet')")
-    times, rows = {}, {}
-    for q, sql in sqls.items():
-        times[q], table = timed(lambda: con.sql(sql).to_arrow_table(), warmup, runs)
-        rows[q] = table.num_rows
-    con.close()
-    return times, rows
+
+    def run(query: str) -> tuple[float, int]:
+        started = time.perf_counter()
+        table = con.sql(sqls[query]).to_arrow_table()
+        return time.perf_counter() - started, table.num_rows
+
+    return run
 
 
-def tpch_inproc(args, data: Path, source: str):
-    out = subprocess.run(
-        [str(args.harness / "inproc"), "--data", str(data), "--runs", str(args.runs),
-         "--warmup", str(args.warmup), "--source", source, "--queries",
-         *[str(TPCH / "queries" / f"{q}.sql") for q in QUERIES]],
-        check=True, capture_output=True, text=True,
-    )
-    return json.loads(out.stdout)
+def interleaved(runners: dict, items: list, warmup: int, runs: int):
+    """Every system runs every item once per round, systems in a rotating order, so a
+    slow moment of the machine falls on all of them alike. Round 0..warmup-1 is warm-up.
+    Returns ({system: {item: [seconds]}}, {system: {item: last answer}})."""
+    times = {s: {i: [] for i in items} for s in runners}
+    answers = {s: {} for s in runners}
+    names = list(runners)
+    for round_ in range(warmup + runs):
+        shift = round_ % len(names)
+        order = names[shift:] + names[:shift]
+        for item in items:
+            for s in order:
+                seconds, answer = runners[s](item)
+                answers[s][item] = answer
+                if round_ >= warmup:
+                    times[s][item].append(seconds)
+    return times, answers
 
 
-def transfer(server: Server, user: str | None, sql: str, warmup: int, runs: int):
-    """Downloads `sql`'s result into pyarrow; MB/s of the decoded table and peak RSS."""
+def transfer_runner(server: Server, user: str | None, sql: str, peaks: list, stack: ExitStack):
+    """One download of `sql` into pyarrow: (seconds, (bytes, rows)); the server's peak
+    RSS during it is appended to `peaks`."""
     conn = connect(server.uri, user)
-    times, peaks, nbytes, nrows = [], [], 0, 0
-    try:
-        for i in range(warmup + runs):
-            server.rss_reset()
-            started = time.perf_counter()
-            table = adbc_query(conn, sql)
-            elapsed = time.perf_counter() - started
-            nbytes, nrows = table.nbytes, table.num_rows
-            del table
-            if i >= warmup:
-                times.append(elapsed)
-                peaks.append(server.rss_peak())
-    finally:
-        conn.close()
-    return {"times": times, "bytes": nbytes, "rows": nrows, "peak_rss": max(peaks)}
+    stack.callback(conn.close)
+
+    def run(_item) -> tuple[float, tuple[int, int]]:
+        server.rss_reset()
+        started = time.perf_counter()
+        table = adbc_query(conn, sql)
+        elapsed = time.perf_counter() - started
+        peaks.append(server.rss_peak())
+        return elapsed, (table.nbytes, table.num_rows)
+
+    return run
 
 
-def transfer_pyarrow_flight(uri: str, warmup: int, runs: int):
+def pyarrow_flight_runner(uri: str):
     client = flight.FlightClient(uri)
-    times, out = timed(lambda: client.do_get(flight.Ticket(b"all")).read_all(), warmup, runs)
-    return {"times": times, "bytes": out.nbytes, "rows": out.num_rows}
+
+    def run(_item) -> tuple[float, tuple[int, int]]:
+        started = time.perf_counter()
+        table = client.do_get(flight.Ticket(b"all")).read_all()
+        return time.perf_counter() - started, (table.nbytes, table.num_rows)
+
+    return run
 
 
 def concurrency(uri: str, user: str, clients: int, seconds: float):
@@ -350,8 +376,10 @@ def report(r: dict) -> str:
         f"- **Software**: {m['rustc']}, release profile; Python {m['python']}, pyarrow {m['pyarrow']},",
         f"  ADBC Flight SQL driver {flightsql_version()}, DuckDB {m['duckdb']}",
         f"- **Data**: TPC-H scale factor {r['scale']} (`tpchgen-cli`), one Parquet file per table",
-        f"- **Method**: {r['warmup']} warm-up run(s), then the median of {r['runs']} runs; every",
-        "  server runs alone while measured, clients on the same machine over loopback.",
+        f"- **Method**: {r['warmup']} warm-up round, then the median of {r['runs']} rounds. All systems",
+        "  are up together and interleaved: each round runs every query on every system, in an",
+        "  order that rotates from round to round, so a slow moment of this shared machine",
+        "  falls on all of them alike. Clients run on the same machine, over loopback.",
         "",
         "## Targets",
         "",
@@ -530,41 +558,51 @@ def main() -> int:
         "tpch": {}, "rows": {}, "transfer": {},
     }
 
-    log("TPC-H: DataFusion in-process (Parquet)")
-    r["tpch"]["datafusion"] = tpch_inproc(args, data, "parquet")
-    log("TPC-H: DataFusion in-process (memory)")
-    r["tpch"]["datafusion_memory"] = tpch_inproc(args, data, "memory")
-    log("TPC-H: DuckDB in-process")
-    r["tpch"]["duckdb"], r["rows"]["duckdb"] = tpch_duckdb(data, sqls, w, n)
-    log("TPC-H: peer Flight SQL server")
-    with running("peer", [str(args.harness / "peer"), "--data", str(data)],
-                 r"listening on (\S+)", logdir) as peer:
-        r["tpch"]["peer"], r["rows"]["peer"] = tpch_over_flight(peer.uri, None, sqls, w, n)
-        log("transfer: peer")
-        r["transfer"]["peer"] = transfer(peer, None, "SELECT * FROM tpch.orders", w, n)
-
     config = TPCH / "airlock.toml"
-    with airlock(args, "airlock", config, logdir) as server:
-        log("TPC-H: Airlock")
-        r["tpch"]["airlock"], r["rows"]["airlock"] = tpch_over_flight(server.uri, "bench_analyst", sqls, w, n)
-        log("transfer: Airlock")
-        r["transfer"]["airlock"] = transfer(server, "bench_reader", "SELECT * FROM tpch.orders", w, n)
-        log(f"concurrency: {args.clients} clients for {args.seconds:.0f} s")
-        r["concurrency"] = concurrency(server.uri, "bench_analyst", args.clients, args.seconds)
-
     hot = hot_config(config, data, logdir / "airlock-hot.toml", args.cache_memory)
-    with airlock(args, "airlock_hot", hot, logdir) as server:
-        r["hot_start_seconds"] = server.start_seconds
-        log(f"TPC-H: Airlock hot (loaded in {server.start_seconds:.1f} s)")
-        r["tpch"]["airlock_hot"], r["rows"]["airlock_hot"] = tpch_over_flight(server.uri, "bench_analyst", sqls, w, n)
-        log("transfer: Airlock hot")
-        r["transfer"]["airlock_hot"] = transfer(server, "bench_reader", "SELECT * FROM tpch.orders", w, n)
+    orders = "SELECT * FROM tpch.orders"
+    with ExitStack() as stack:
+        log("starting: DataFusion in-process (Parquet, memory), DuckDB, peer, Airlock, Airlock hot, raw")
+        inproc = InProc(args.harness, data, "parquet", logdir)
+        stack.callback(inproc.close)
+        inmem = InProc(args.harness, data, "memory", logdir)
+        stack.callback(inmem.close)
+        peer = stack.enter_context(running("peer", [str(args.harness / "peer"), "--data", str(data)],
+                                           r"listening on (\S+)", logdir))
+        server = stack.enter_context(airlock(args, "airlock", config, logdir))
+        hot_server = stack.enter_context(airlock(args, "airlock_hot", hot, logdir))
+        r["hot_start_seconds"] = hot_server.start_seconds
+        raw = stack.enter_context(running(
+            "raw", [str(args.harness / "raw_flight"), "--file", str(data / "orders.parquet")],
+            r"listening on (\S+)", logdir))
 
-    with running("raw", [str(args.harness / "raw_flight"), "--file", str(data / "orders.parquet")],
-                 r"listening on (\S+)", logdir) as raw:
-        log("transfer: raw DoGet")
-        r["transfer"]["raw"] = transfer(raw, None, "SELECT * FROM tpch.orders", w, n)
-        r["transfer"]["raw_pyarrow"] = transfer_pyarrow_flight(raw.uri, w, n)
+        log(f"TPC-H: {w} warm-up + {n} interleaved rounds of 8 queries on 6 systems")
+        r["tpch"], r["rows"] = interleaved({
+            "datafusion": inproc.run,
+            "datafusion_memory": inmem.run,
+            "duckdb": duckdb_runner(data, sqls, stack),
+            "peer": flight_runner(peer.uri, None, sqls, stack),
+            "airlock": flight_runner(server.uri, "bench_analyst", sqls, stack),
+            "airlock_hot": flight_runner(hot_server.uri, "bench_analyst", sqls, stack),
+        }, QUERIES, w, n)
+
+        log(f"transfer: {w} warm-up + {n} interleaved rounds")
+        peak_rss = {s: [] for s in ["airlock", "airlock_hot", "peer", "raw"]}
+        times, answers = interleaved({
+            "airlock": transfer_runner(server, "bench_reader", orders, peak_rss["airlock"], stack),
+            "airlock_hot": transfer_runner(hot_server, "bench_reader", orders, peak_rss["airlock_hot"], stack),
+            "peer": transfer_runner(peer, None, orders, peak_rss["peer"], stack),
+            "raw": transfer_runner(raw, None, orders, peak_rss["raw"], stack),
+            "raw_pyarrow": pyarrow_flight_runner(raw.uri),
+        }, ["orders"], w, n)
+        for s, t in times.items():
+            nbytes, nrows = answers[s]["orders"]
+            r["transfer"][s] = {"times": t["orders"], "bytes": nbytes, "rows": nrows}
+            if peak_rss.get(s):  # the highest of every download, warm-up included
+                r["transfer"][s]["peak_rss"] = max(peak_rss[s])
+
+        log(f"concurrency: {args.clients} clients for {args.seconds:.0f} s (the other servers idle)")
+        r["concurrency"] = concurrency(server.uri, "bench_analyst", args.clients, args.seconds)
 
     r["rewrite"] = criterion_medians(args.criterion, "rewrite")
     r["planning"] = criterion_medians(args.criterion, "plan")

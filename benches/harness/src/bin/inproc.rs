@@ -1,7 +1,13 @@
-//! The limit: each TPC-H query in-process in DataFusion, no policy, no transport.
-//! Prints `{"q1": [seconds, ...], ...}` (warm-up runs excluded).
+//! The limit: TPC-H queries in-process in DataFusion, no policy, no transport.
+//!
+//! Given `--queries`, runs each `--warmup + --runs` times and prints
+//! `{"q1": [seconds, ...], ...}` (warm-up runs excluded). Without them it serves
+//! `benches/run.py`, which interleaves every system's runs: it prints `ready`, then for
+//! each query file path read from standard input runs it once and prints
+//! `<seconds> <rows>`.
 
-use std::path::PathBuf;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use airlock_bench_harness::{Source, register_tpch};
@@ -14,7 +20,7 @@ struct Args {
     #[arg(long)]
     data: PathBuf,
     /// Query files (`q1.sql`, ...), run in the order given.
-    #[arg(long, num_args = 1.., required = true)]
+    #[arg(long, num_args = 1..)]
     queries: Vec<PathBuf>,
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -24,24 +30,37 @@ struct Args {
     source: Source,
 }
 
+/// Runs one query file to completion: (seconds, rows).
+async fn run(ctx: &SessionContext, file: &Path) -> anyhow::Result<(f64, usize)> {
+    let sql = std::fs::read_to_string(file)?;
+    let started = Instant::now();
+    let batches = ctx.sql(&sql).await?.collect().await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok((elapsed, batches.iter().map(|b| b.num_rows()).sum()))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // DataFusion's defaults, unless DATAFUSION_* variables say otherwise.
     let ctx = SessionContext::new_with_config(SessionConfig::from_env()?);
     register_tpch(&ctx, &args.data, args.source).await?;
+    if args.queries.is_empty() {
+        println!("ready");
+        for line in std::io::stdin().lock().lines() {
+            let (seconds, rows) = run(&ctx, Path::new(line?.trim())).await?;
+            println!("{seconds} {rows}");
+        }
+        return Ok(());
+    }
     let mut out = serde_json::Map::new();
     for file in &args.queries {
         let name = file.file_stem().unwrap().to_string_lossy().to_string();
-        let sql = std::fs::read_to_string(file)?;
         let mut times = Vec::new();
-        for run in 0..args.warmup + args.runs {
-            let started = Instant::now();
-            let batches = ctx.sql(&sql).await?.collect().await?;
-            let elapsed = started.elapsed().as_secs_f64();
-            std::hint::black_box(batches);
-            if run >= args.warmup {
-                times.push(elapsed);
+        for i in 0..args.warmup + args.runs {
+            let (seconds, _) = run(&ctx, file).await?;
+            if i >= args.warmup {
+                times.push(seconds);
             }
         }
         out.insert(name, times.into());
