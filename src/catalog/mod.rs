@@ -194,13 +194,8 @@ impl Catalog {
         next
     }
 
-    /// A hot dataset's bookkeeping, if `table` is held in memory.
-    pub fn hot(&self, table: &TableName) -> Option<&Hot> {
-        self.hot.get(table)
-    }
-
     /// Memory held by hot datasets other than `except`.
-    pub fn hot_memory_except(&self, except: &TableName) -> usize {
+    fn hot_memory_except(&self, except: &TableName) -> usize {
         self.hot
             .iter()
             .filter(|(n, _)| *n != except)

@@ -258,6 +258,36 @@ struct RawDataset {
     cache: Option<bool>,
 }
 
+/// One `[limits]` value read with `parse`; a bad one is reported as `limits.<key>: ...`
+/// at its place in the file.
+fn limit<T>(
+    out: &mut Collector,
+    (file, text): (&Path, &str),
+    key: &str,
+    value: &Option<Spanned<String>>,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Option<T> {
+    let s = value.as_ref()?;
+    parse(s.get_ref())
+        .map_err(|e| {
+            out.push(Diagnostic::at_span(
+                file,
+                text,
+                Some(s.span()),
+                format!("limits.{key}: {e}"),
+            ))
+        })
+        .ok()
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn bytes(s: &str) -> Result<usize, String> {
+    s.parse::<ByteSize>().map(|b| b.as_u64() as usize)
+}
+
 impl ServiceConfig {
     /// Loads the file named by `args.config` (if any), applies flags and environment, and
     /// validates the result. Paths are checked to exist; dataset contents are read later,
@@ -332,66 +362,33 @@ impl ServiceConfig {
 
         let mut limits = Limits::default();
         if let Some(l) = &raw.limits {
-            if let Some(s) = &l.query_timeout {
-                match humantime::parse_duration(s.get_ref()) {
-                    Ok(d) => limits.query_timeout = d,
-                    Err(e) => out.push(Diagnostic::at_span(
-                        &file,
-                        &text,
-                        Some(s.span()),
-                        format!("limits.query_timeout: {e}"),
-                    )),
-                }
+            let at = (file.as_path(), text.as_str());
+            if let Some(d) = limit(&mut out, at, "query_timeout", &l.query_timeout, duration) {
+                limits.query_timeout = d;
             }
-            if let Some(s) = &l.token_ttl {
-                match humantime::parse_duration(s.get_ref()) {
-                    Ok(d) => limits.token_ttl = d,
-                    Err(e) => out.push(Diagnostic::at_span(
-                        &file,
-                        &text,
-                        Some(s.span()),
-                        format!("limits.token_ttl: {e}"),
-                    )),
-                }
+            if let Some(d) = limit(&mut out, at, "token_ttl", &l.token_ttl, duration) {
+                limits.token_ttl = d;
             }
-            if let Some(s) = &l.cache_check_interval {
-                match humantime::parse_duration(s.get_ref()) {
-                    Ok(d) if !d.is_zero() => limits.cache_check_interval = d,
-                    Ok(_) => out.push(Diagnostic::at_span(
-                        &file,
-                        &text,
-                        Some(s.span()),
-                        "limits.cache_check_interval must be above zero",
-                    )),
-                    Err(e) => out.push(Diagnostic::at_span(
-                        &file,
-                        &text,
-                        Some(s.span()),
-                        format!("limits.cache_check_interval: {e}"),
-                    )),
-                }
+            let interval = |s: &str| {
+                duration(s).and_then(|d| match d.is_zero() {
+                    true => Err("must be above zero".to_string()),
+                    false => Ok(d),
+                })
+            };
+            if let Some(d) = limit(
+                &mut out,
+                at,
+                "cache_check_interval",
+                &l.cache_check_interval,
+                interval,
+            ) {
+                limits.cache_check_interval = d;
             }
-            if let Some(s) = &l.cache_memory {
-                match s.get_ref().parse::<ByteSize>() {
-                    Ok(b) => limits.cache_memory = b.as_u64() as usize,
-                    Err(e) => out.push(Diagnostic::at_span(
-                        &file,
-                        &text,
-                        Some(s.span()),
-                        format!("limits.cache_memory: {e}"),
-                    )),
-                }
+            if let Some(b) = limit(&mut out, at, "cache_memory", &l.cache_memory, bytes) {
+                limits.cache_memory = b;
             }
-            if let Some(s) = &l.memory_per_query {
-                match s.get_ref().parse::<ByteSize>() {
-                    Ok(b) => limits.memory_per_query = b.as_u64() as usize,
-                    Err(e) => out.push(Diagnostic::at_span(
-                        &file,
-                        &text,
-                        Some(s.span()),
-                        format!("limits.memory_per_query: {e}"),
-                    )),
-                }
+            if let Some(b) = limit(&mut out, at, "memory_per_query", &l.memory_per_query, bytes) {
+                limits.memory_per_query = b;
             }
             if let Some(n) = &l.max_concurrent_queries {
                 limits.max_concurrent_queries = *n.get_ref();
