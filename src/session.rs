@@ -40,6 +40,8 @@ pub struct PrincipalSession {
     /// The same session for releasing owner-approved results (masks and row filters
     /// only, PRIVACY.md §4).
     pub approved_state: SessionState,
+    /// The principal's rights as the approved session applies them.
+    pub approved_privacy: Arc<PolicyContext>,
     catalog_generation: u64,
 }
 
@@ -173,6 +175,7 @@ impl Sessions {
             privacy,
             state,
             approved_state,
+            approved_privacy: approved,
             catalog_generation: catalog.generation,
         }
     }
@@ -185,6 +188,7 @@ impl Sessions {
     ) -> SessionState {
         SessionStateBuilder::new()
             .with_analyzer_rules(analyzer_rules)
+            .with_query_planner(Arc::new(crate::rewrite::boundary::AirlockQueryPlanner))
             .with_config(base_config())
             .with_runtime_env(Arc::clone(&self.runtime))
             .with_catalog_list(view)

@@ -17,7 +17,8 @@ pub enum ReasonCode {
     ExplainNotAllowed,
     /// Substrait plans: a read relation can name any file.
     SubstraitNotAllowed,
-    /// A function that reads files or is not part of the locked-down engine.
+    /// A function that reads files, is not part of the locked-down engine, or is not on
+    /// the allow-list of functions that may run below the release boundary (§3.2.1).
     FunctionNotAllowed,
     /// Bulk ingest or update by a principal without the right to do so.
     WriteNotAllowed,
@@ -49,6 +50,16 @@ pub enum ReasonCode {
     ApprovalDenied,
     /// A plan shape the verifier cannot classify: denied, fail closed.
     UnclassifiedPlan,
+    /// An expression below the release boundary that is not on the allow-list (§3.2):
+    /// a cast, comparison, function or division inside an aggregate, an operator.
+    ExpressionNotAllowed,
+    /// A plan node that may not stand below the release boundary (§3.2): ORDER BY,
+    /// LIMIT, UNNEST, DISTINCT ON over raw protected rows.
+    OperatorNotAllowed,
+    /// A join that could mark or multiply protected rows at the analyst's choice (§3.2).
+    JoinNotAllowed,
+    /// A name reserved for the rewriter (`__airlock*`, `airlock_*`, §3.6).
+    ReservedName,
 }
 
 impl ReasonCode {
@@ -74,6 +85,10 @@ impl ReasonCode {
             Self::ApprovalPending => "APPROVAL_PENDING",
             Self::ApprovalDenied => "APPROVAL_DENIED",
             Self::UnclassifiedPlan => "UNCLASSIFIED_PLAN",
+            Self::ExpressionNotAllowed => "EXPRESSION_NOT_ALLOWED",
+            Self::OperatorNotAllowed => "OPERATOR_NOT_ALLOWED",
+            Self::JoinNotAllowed => "JOIN_NOT_ALLOWED",
+            Self::ReservedName => "RESERVED_NAME",
         }
     }
 }

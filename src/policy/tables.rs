@@ -81,6 +81,11 @@ pub struct TablePolicy {
     pub aggregates: BTreeSet<String>,
     pub filterable: BTreeSet<String>,
     pub small_groups: SmallGroups,
+    /// Owner opt-in (§3.2): sums, differences and products of distinct numeric
+    /// filterable columns and literals inside aggregates. Weakens the guarantee.
+    pub arithmetic_aggregates: bool,
+    /// Owner opt-in (§3.2): CASE and FILTER (WHERE ...) inside aggregates, conditions on
+    /// filterable columns only. Weakens the guarantee.
     pub conditional_aggregates: bool,
     pub row_filters: Vec<RowFilter>,
 }
@@ -98,6 +103,7 @@ impl TablePolicy {
             aggregates: DEFAULT_AGGREGATES.iter().map(|s| s.to_string()).collect(),
             filterable: schema.fields().iter().map(|f| f.name().clone()).collect(),
             small_groups: SmallGroups::Drop,
+            arithmetic_aggregates: false,
             conditional_aggregates: false,
             row_filters: vec![],
         }
@@ -141,6 +147,8 @@ struct RawTable {
     filterable: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     small_groups: SmallGroups,
+    #[serde(default)]
+    arithmetic_aggregates: bool,
     #[serde(default)]
     conditional_aggregates: bool,
     #[serde(default)]
@@ -315,6 +323,7 @@ impl TablesPolicy {
                     aggregates,
                     filterable,
                     small_groups: raw.small_groups,
+                    arithmetic_aggregates: raw.arithmetic_aggregates,
                     conditional_aggregates: raw.conditional_aggregates,
                     row_filters,
                 },

@@ -107,6 +107,7 @@ async fn start(query: &PlannedQuery, sessions: &Sessions) -> Result<QueryStream>
     .await
     .map_err(|_| timed_out(timeout))?
     .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    let suppressed = crate::rewrite::boundary::suppression_counters(&physical);
     let inner = execute_stream(physical, sessions.task_context(&query.session))
         .map_err(|e| Error::from_datafusion(e, Phase::Execution))?;
     Ok(QueryStream {
@@ -117,7 +118,7 @@ async fn start(query: &PlannedQuery, sessions: &Sessions) -> Result<QueryStream>
         finished: false,
         failed: false,
         rows: 0,
-        suppressed: crate::rewrite::threshold::suppression_counters(&query.plan),
+        suppressed,
         finish: None,
         _slot: slot,
     })

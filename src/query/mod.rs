@@ -67,11 +67,9 @@ pub async fn plan(
         .await?;
     let plan = bind(plan, params)?;
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
-    // The analyzer (the privacy rules) and the optimizer.
+    // The analyzer (the privacy rules), the optimizer and the verifier.
     let plan = tracing::info_span!("rewrite").in_scope(|| {
-        session
-            .state
-            .optimize(&plan)
+        crate::rewrite::plan(&session.state, &session.privacy, &plan)
             .map_err(|e| Error::from_datafusion(e, Phase::Planning))
     })?;
     let schema = Arc::new(plan.schema().as_arrow().clone());
@@ -99,19 +97,11 @@ pub async fn plan_with_approvals(
         other => return other,
     };
     let unbound = logical_plan(&session, sql).await?;
-    let fingerprint = fingerprint(&unbound);
+    let fingerprint = crate::rewrite::fingerprint::fingerprint(&unbound);
     let bound = bind(unbound, params)?;
     let bound = output::normalize(bound).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
-    let tables: Vec<String> = crate::rewrite::gate::evaluate(&bound, &session.privacy)
-        .1
-        .iter()
-        .flat_map(|v| v.tables.iter().map(ToString::to_string))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let released = session
-        .approved_state
-        .optimize(&bound)
+    let tables: Vec<String> = violated_tables(&session, &bound);
+    let released = crate::rewrite::plan(&session.approved_state, &session.approved_privacy, &bound)
         .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
     let now = crate::approval::now();
     let request = approvals
@@ -127,7 +117,7 @@ pub async fn plan_with_approvals(
                 sql: sql.to_string(),
                 tables,
                 reasons: why,
-                plan: released.display_indent().to_string(),
+                plan: crate::rewrite::fingerprint::full_text(&released),
             },
             now,
         )
@@ -169,15 +159,14 @@ pub async fn plan_with_approvals(
     }
 }
 
-/// The normalized fingerprint of a query: a hash of its logical plan before any policy
-/// rule, so whitespace, case and comments do not matter and any edit that changes the
-/// query does.
-pub fn fingerprint(plan: &LogicalPlan) -> String {
-    use sha2::{Digest, Sha256};
-    let text = plan.display_indent_schema().to_string();
-    Sha256::digest(text.as_bytes())
+/// The protected tables whose automatic rules a query fails (what an approval is about).
+fn violated_tables(session: &PrincipalSession, plan: &LogicalPlan) -> Vec<String> {
+    crate::rewrite::check::analyze(plan, &session.privacy)
+        .violations
         .iter()
-        .map(|b| format!("{b:02x}"))
+        .flat_map(|v| v.tables.iter().map(ToString::to_string))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect()
 }
 
@@ -217,9 +206,7 @@ pub async fn approved_plan(
 ) -> Result<LogicalPlan> {
     let plan = bind(logical_plan(session, sql).await?, params)?;
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
-    session
-        .approved_state
-        .optimize(&plan)
+    crate::rewrite::plan(&session.approved_state, &session.approved_privacy, &plan)
         .map_err(|e| Error::from_datafusion(e, Phase::Planning))
 }
 
@@ -233,7 +220,7 @@ pub async fn prepare(session: Arc<PrincipalSession>, sql: &str) -> Result<Prepar
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
     // The rewriter may add columns (remainder mode); report the schema DoGet will have
     // when the plan can be analyzed without its parameters, else the query's own.
-    let dataset_schema = match session.state.optimize(&plan) {
+    let dataset_schema = match crate::rewrite::plan(&session.state, &session.privacy, &plan) {
         Ok(analyzed) => analyzed.schema().as_arrow().clone(),
         Err(_) => plan.schema().as_arrow().clone(),
     };
@@ -248,7 +235,7 @@ pub async fn prepare(session: Arc<PrincipalSession>, sql: &str) -> Result<Prepar
 pub async fn explain_privacy(session: Arc<PrincipalSession>, sql: &str) -> Result<String> {
     let plan = logical_plan(&session, sql).await?;
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
-    let analyzed = session.state.optimize(&plan).ok();
+    let analyzed = crate::rewrite::plan(&session.state, &session.privacy, &plan).ok();
     Ok(crate::rewrite::explain::explain(
         &session.privacy,
         &plan,

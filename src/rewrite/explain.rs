@@ -3,18 +3,22 @@
 //! For each protected table the query touches: the masks, the row filters and the
 //! threshold that apply to this principal; then the decision (released automatically,
 //! needs approval, or refused) with every reason; and, when it would run, the rewritten
-//! logical plan. Nothing here executes the query.
+//! logical plan. Nothing here executes the query, and nothing here prints a data value,
+//! a count or a mask's secret (§3.7): the masks are named by kind, the plan shows only
+//! the analyst's own literals and the policy's k.
 
 use std::fmt::Write;
 
 use datafusion::logical_expr::LogicalPlan;
 
 use super::PolicyContext;
-use super::gate::{Decision, decide, evaluate};
+use super::check::analyze;
+use super::decision::{Decision, decide};
 
 /// Explains `plan` (the unanalyzed logical plan) and, if given, its analyzed form.
 pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&LogicalPlan>) -> String {
-    let (report, violations) = evaluate(plan, ctx);
+    let report = analyze(plan, ctx);
+    let violations = report.violations.clone();
     let mut out = String::new();
     let _ = writeln!(out, "Privacy explanation for {}", ctx.principal.name);
     if report.scanned.is_empty() {
@@ -78,7 +82,7 @@ pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&Logica
                 "Decision: released automatically, under the rules above."
             );
             if let Some(p) = analyzed {
-                let _ = writeln!(out, "Rewritten plan:\n{}", p.display_indent());
+                let _ = writeln!(out, "Rewritten plan:\n{}", super::fingerprint::full_text(p));
             }
         }
         Decision::Approval(vs) => {

@@ -1,38 +1,41 @@
-//! The privacy rewriter: DataFusion analyzer rules that enforce PRIVACY.md §1–3.
+//! The privacy rewriter: PRIVACY.md §1–3 on every query a principal plans.
 //!
-//! They run with DataFusion's own analyzer rules (see
-//! [`PolicyContext::analyzer_rules`] for the exact order), on every query a principal
-//! plans:
+//! Version 2 of §3 is an allow-list below a release boundary. One analyzer rule,
+//! [`PolicyRule`], runs after DataFusion's type coercion (so implicit casts are seen):
 //!
-//! 1. [`gate::PolicyGate`]: computes the plan's lineage ([`lineage`]), collects every
-//!    violation of the automatic rules (the aggregate-only gate and allow-list in
-//!    [`gate`], the rejections of §3.6 in [`reject`]) and decides, for the whole query:
-//!    release, approval (`APPROVAL_PENDING`), or refusal with a stable reason code.
-//! 2. [`scan::ScanRule`]: row filters and masks directly above each protected scan,
-//!    plus a hidden entity column for every table the threshold must count.
-//! 3. [`threshold::ThresholdRule`]: carries the hidden entity columns up to the first
-//!    aggregate (or DISTINCT) over them and keeps only groups with at least k distinct
-//!    entities of every protected table behind them.
-//! 4. [`verify::VerifyRule`]: re-walks the final plan and refuses anything it cannot
-//!    classify or any hidden column that was not consumed. Fail closed.
+//! 1. [`reserved`]: names starting with `__airlock` or `airlock_` are refused.
+//! 2. [`check`]: the one checker walks the plan against the lists in [`allow`]
+//!    (operators, functions, casts, aggregate arguments) and returns typed violations;
+//!    [`decision`] turns them into release, `APPROVAL_PENDING` or a refusal.
+//! 3. On release: [`protect`] puts masks, row filters and a hidden entity column over
+//!    each protected scan; [`threshold`] carries the entity columns to the aggregate
+//!    that consumes them and puts a [`boundary::Release`] node directly above it (the k
+//!    rule, §3.3–3.4); [`total`] puts every expression below a boundary in total form.
 //!
-//! Principals holding `read` on a table see its rows (masks and row filters still apply),
-//! so for them the table is not subject to the gate and the threshold.
+//! Then DataFusion optimizes, and [`verify`] re-walks the optimized plan and refuses
+//! anything it cannot classify ([`plan`] does both). Principals holding `read` on a
+//! table, and owner-approved results, get masks and row filters only.
 
+pub mod allow;
+pub mod boundary;
+pub mod check;
+pub mod decision;
 pub mod explain;
-pub mod gate;
-pub mod lineage;
+pub mod fingerprint;
+pub mod protect;
 pub mod reaches;
-pub mod reject;
-pub mod scan;
+pub mod reserved;
 pub mod threshold;
+pub mod total;
 pub mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::common::TableReference;
-use datafusion::logical_expr::Expr;
+use datafusion::common::config::ConfigOptions;
+use datafusion::error::Result as DFResult;
+use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::optimizer::AnalyzerRule;
 
 use crate::auth::Principal;
@@ -62,6 +65,25 @@ impl TableRules {
     /// Whether the automatic rules (gate, threshold) apply to this principal.
     pub fn automatic(&self) -> bool {
         !self.read && !self.approved
+    }
+
+    /// How a column of this table may be used below a boundary (§3.2).
+    pub fn class(&self, column: &str) -> allow::aggregates::ColumnClass {
+        use allow::aggregates::ColumnClass;
+        if self.policy.privacy_unit.as_deref() == Some(column) {
+            ColumnClass::Unit
+        } else if self.policy.wipe.contains(column) {
+            // In clear for a principal holding `unmasked`: then it is data, not a mask.
+            if self.unmasked {
+                ColumnClass::NotFilterable
+            } else {
+                ColumnClass::Wiped
+            }
+        } else if self.policy.filterable.contains(column) {
+            ColumnClass::Filterable
+        } else {
+            ColumnClass::NotFilterable
+        }
     }
 }
 
@@ -159,29 +181,74 @@ impl PolicyContext {
         self.tables.get_key_value(&name)
     }
 
-    /// The session's whole analyzer, in order. The gate judges the plan as written;
-    /// the scan rule's masks go through DataFusion's type coercion; the threshold and
-    /// the verifier see the final, typed plan.
+    /// The session's whole analyzer, in order: DataFusion's grouping-function
+    /// resolution and type coercion, then the privacy rule on the typed plan.
     pub fn analyzer_rules(self: &Arc<Self>) -> Vec<Arc<dyn AnalyzerRule + Send + Sync>> {
         use datafusion::optimizer::analyzer::resolve_grouping_function::ResolveGroupingFunction;
         use datafusion::optimizer::analyzer::type_coercion::TypeCoercion;
-        if self.approved {
-            return vec![
-                Arc::new(ResolveGroupingFunction::new()),
-                Arc::new(scan::ScanRule::new(Arc::clone(self))),
-                Arc::new(TypeCoercion::new()),
-                Arc::new(verify::VerifyRule::new(Arc::clone(self))),
-            ];
-        }
         vec![
             Arc::new(ResolveGroupingFunction::new()),
-            Arc::new(gate::PolicyGate::new(Arc::clone(self))),
-            Arc::new(scan::ScanRule::new(Arc::clone(self))),
             Arc::new(TypeCoercion::new()),
-            Arc::new(threshold::ThresholdRule),
-            Arc::new(verify::VerifyRule::new(Arc::clone(self))),
+            Arc::new(PolicyRule::new(Arc::clone(self))),
         ]
     }
+
+    /// Whether a node's expressions run on raw protected rows (below a boundary):
+    /// some input carries a hidden entity column.
+    fn below_boundary(plan: &LogicalPlan) -> bool {
+        plan.inputs()
+            .iter()
+            .any(|i| !threshold::hidden(i.schema()).is_empty())
+    }
+}
+
+/// The privacy rule: checks, decides, and rewrites a plan for one principal.
+#[derive(Debug)]
+pub struct PolicyRule {
+    ctx: Arc<PolicyContext>,
+    /// The secret of `hash` masks: stable for the life of the process and policy.
+    salt: Arc<str>,
+}
+
+impl PolicyRule {
+    pub fn new(ctx: Arc<PolicyContext>) -> Self {
+        static PROCESS_SALT: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
+        let salt: Arc<str> = Arc::from(format!("{}{}", *PROCESS_SALT, ctx.policy.digest));
+        Self { ctx, salt }
+    }
+}
+
+impl AnalyzerRule for PolicyRule {
+    fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> DFResult<LogicalPlan> {
+        reserved::check(&plan)?;
+        if !self.ctx.approved {
+            let analysis = check::analyze(&plan, &self.ctx);
+            if let Some(r) = decision::refusal(decision::decide(analysis.violations, &self.ctx)) {
+                return Err(r.into());
+            }
+        }
+        let plan = protect::apply(plan, &self.ctx, &self.salt)?;
+        // The entity columns reach every node below a boundary only once carried up.
+        let plan = threshold::apply(plan)?;
+        total::rewrite(plan, &PolicyContext::below_boundary)
+    }
+
+    fn name(&self) -> &str {
+        "airlock_policy"
+    }
+}
+
+/// Analyzes, optimizes and verifies `plan` in `state`: the only way a plan of a
+/// principal's session becomes executable.
+pub fn plan(
+    state: &datafusion::execution::session_state::SessionState,
+    ctx: &PolicyContext,
+    plan: &LogicalPlan,
+) -> DFResult<LogicalPlan> {
+    let optimized = state.optimize(plan)?;
+    verify::verify(&optimized, ctx)?;
+    Ok(optimized)
 }
 
 /// The catalog table a scan reads, as `schema.table`.

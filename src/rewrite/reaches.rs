@@ -29,6 +29,9 @@ use datafusion::logical_expr::{
     Volatility,
 };
 
+/// The aggregate's name, as the verifier looks for it.
+pub const NAME: &str = "airlock_reaches_k";
+
 /// `airlock_reaches_k(entity)` for one k.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct ReachesK {
@@ -48,7 +51,7 @@ pub fn reaches_k(entity: Expr, k: u64) -> Expr {
 
 impl AggregateUDFImpl for ReachesK {
     fn name(&self) -> &str {
-        "airlock_reaches_k"
+        NAME
     }
 
     fn signature(&self) -> &Signature {

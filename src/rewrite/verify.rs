@@ -1,152 +1,262 @@
-//! Rule 4: re-walk the final plan and refuse anything that is not provably safe.
+//! The verifier: re-walks the optimized plan and refuses anything not provably safe.
 //!
-//! Checks, fail closed: every node is of a known kind; every scan of a protected table
-//! sits directly under the scan rule's projection (masks applied, entity column present
-//! when the threshold applies); every aggregate over hidden entity columns carries the
-//! entity counts; no window sees them; and no hidden column reaches the output.
+//! It runs after DataFusion's optimizer (an optimizer rule may be skipped on failure, and
+//! rules move predicates, merge projections and fold constants), on the plan that will
+//! execute. Fail closed, with `UNCLASSIFIED_PLAN`:
+//!
+//! - every scan of a protected table sits directly under its [`Protect`] node, whose wiped
+//!   columns are masks (unless the principal holds `unmasked`);
+//! - every `Protect` that carries an entity column (the k rule applies) is below a
+//!   [`Release`] boundary; every boundary's counts are `airlock_reaches_k` aggregates;
+//! - below a boundary stand only the nodes the checker allows (plus the rewriter's own
+//!   remainder plan), and every expression there is in total form ([`total::not_total`]):
+//!   an optimizer rule that moved an analyst's expression across the boundary would have
+//!   to move it into this region, where it is re-checked;
+//! - no hidden column reaches the output.
 
-use std::sync::Arc;
-
-use datafusion::common::config::ConfigOptions;
-use datafusion::common::tree_node::TreeNode;
-use datafusion::error::Result;
+use datafusion::common::DFSchema;
 use datafusion::logical_expr::{Expr, LogicalPlan};
-use datafusion::optimizer::AnalyzerRule;
 
-use super::{HIDDEN_PREFIX, PolicyContext, is_hidden};
+use super::boundary::{COUNT_PREFIX, as_release};
+use super::protect::{EntityColumn, as_mask, as_protect};
+use super::{PolicyContext, is_hidden, total};
 use crate::policy::refusal::{ReasonCode, Refusal};
 
-#[derive(Debug)]
-pub struct VerifyRule {
-    ctx: Arc<PolicyContext>,
-}
-
-impl VerifyRule {
-    pub fn new(ctx: Arc<PolicyContext>) -> Self {
-        Self { ctx }
+/// Verifies an optimized plan for the principal of `ctx`.
+pub fn verify(plan: &LogicalPlan, ctx: &PolicyContext) -> Result<(), Refusal> {
+    if let Some(f) = plan.schema().fields().iter().find(|f| is_hidden(f.name())) {
+        return Err(unclassified(format!(
+            "internal column {} would reach the output",
+            f.name()
+        )));
     }
+    Verifier { ctx }.node(plan, Region::Released)
 }
 
-fn unclassified(why: String) -> datafusion::error::DataFusionError {
-    Refusal::new(ReasonCode::UnclassifiedPlan, why).into()
+fn unclassified(why: String) -> Refusal {
+    Refusal::new(ReasonCode::UnclassifiedPlan, why)
 }
 
-impl AnalyzerRule for VerifyRule {
-    fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> Result<LogicalPlan> {
-        if let Some(f) = plan.schema().fields().iter().find(|f| is_hidden(f.name())) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Region {
+    /// Above every boundary: released data.
+    Released,
+    /// Below a boundary.
+    Below { remainder: bool },
+}
+
+struct Verifier<'a> {
+    ctx: &'a PolicyContext,
+}
+
+impl Verifier<'_> {
+    fn node(&self, plan: &LogicalPlan, region: Region) -> Result<(), Refusal> {
+        self.subqueries(plan)?;
+        if let Some(r) = as_release(plan) {
+            self.counts(
+                &r.input,
+                &r.counts.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            )?;
+            return self.node(
+                &r.input,
+                Region::Below {
+                    remainder: r.remainder,
+                },
+            );
+        }
+        if let Some(p) = as_protect(plan) {
+            return self.protect(p, region);
+        }
+        if let LogicalPlan::TableScan(scan) = plan
+            && let Some((name, _)) = self.ctx.rules(&scan.table_name)
+        {
             return Err(unclassified(format!(
-                "internal column {} would reach the output",
-                f.name()
+                "scan of {name} is not under its masks and row filters"
             )));
         }
-        self.check(&plan, None)?;
-        Ok(plan)
+        if let Region::Below { remainder } = region {
+            self.below(plan, remainder)?;
+        }
+        for input in plan.inputs() {
+            self.node(input, region)?;
+        }
+        Ok(())
     }
 
-    fn name(&self) -> &str {
-        "airlock_verify"
-    }
-}
-
-impl VerifyRule {
-    fn check(&self, plan: &LogicalPlan, parent: Option<&LogicalPlan>) -> Result<()> {
-        let input_hidden = plan
-            .inputs()
+    fn protect(&self, p: &super::protect::Protect, region: Region) -> Result<(), Refusal> {
+        let LogicalPlan::TableScan(scan) = &p.input else {
+            return Err(unclassified(format!(
+                "the masks of {} are not directly over its scan",
+                p.table
+            )));
+        };
+        let Some((name, rules)) = self.ctx.rules(&scan.table_name) else {
+            return Err(unclassified(format!(
+                "masks over a table the policy does not know: {}",
+                p.table
+            )));
+        };
+        if name.to_string() != p.table {
+            return Err(unclassified(format!(
+                "the masks of {} sit over a scan of {name}",
+                p.table
+            )));
+        }
+        if !rules.unmasked {
+            for (e, f) in p.exprs.iter().zip(p.schema.fields()) {
+                if rules.policy.wipe.contains(f.name()) && as_mask(e).is_none() {
+                    return Err(unclassified(format!(
+                        "{name}.{} leaves without its mask",
+                        f.name()
+                    )));
+                }
+            }
+        }
+        if rules.row_filter.is_some() != p.row_filter.is_some() {
+            return Err(unclassified(format!("the row filter of {name} is missing")));
+        }
+        let counted = p
+            .schema
+            .fields()
             .iter()
-            .any(|i| i.schema().fields().iter().any(|f| is_hidden(f.name())));
-        match plan {
-            LogicalPlan::TableScan(scan) => {
-                if let Some((name, rules)) = self.ctx.rules(&scan.table_name) {
-                    let under_mask = matches!(parent, Some(LogicalPlan::Projection(p))
-                        if !rules.automatic() || p.schema.fields().iter().any(|f| super::scan::EntityColumn::parse(f.name()).is_some()));
-                    let under_filter = matches!(parent, Some(LogicalPlan::Filter(_)))
-                        && rules.row_filter.is_some();
-                    if !under_mask && !under_filter {
-                        return Err(unclassified(format!(
-                            "scan of {name} is not protected by the scan rule"
-                        )));
-                    }
-                }
-            }
-            LogicalPlan::Aggregate(a) if input_hidden => {
-                let counted = a.aggr_expr.iter().any(|e| matches!(e, Expr::Alias(al) if al.name.starts_with(&format!("{HIDDEN_PREFIX}count_"))));
-                if !counted {
-                    return Err(unclassified(
-                        "an aggregate over protected rows has no entity threshold".into(),
-                    ));
-                }
-            }
-            LogicalPlan::Window(_) | LogicalPlan::Distinct(_) | LogicalPlan::RecursiveQuery(_)
-                if input_hidden =>
-            {
+            .any(|f| EntityColumn::parse(f.name()).is_some());
+        if rules.automatic() && !counted {
+            return Err(unclassified(format!(
+                "rows of {name} are not counted for the k rule"
+            )));
+        }
+        if counted && region == Region::Released {
+            return Err(unclassified(format!(
+                "rows of {name} reach the output without a release boundary"
+            )));
+        }
+        if let Some(e) = scan
+            .filters
+            .iter()
+            .find_map(|e| total::not_total(e, scan.projected_schema.as_ref()))
+        {
+            return Err(unclassified(format!("{e} in the scan of {name}")));
+        }
+        Ok(())
+    }
+
+    /// A node below a boundary: an allowed kind, every expression total.
+    fn below(&self, plan: &LogicalPlan, remainder: bool) -> Result<(), Refusal> {
+        let allowed = match plan {
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::SubqueryAlias(_)
+            | LogicalPlan::Join(_)
+            | LogicalPlan::Aggregate(_)
+            | LogicalPlan::TableScan(_)
+            | LogicalPlan::Values(_)
+            | LogicalPlan::EmptyRelation(_)
+            | LogicalPlan::Subquery(_) => true,
+            LogicalPlan::Union(_) => remainder,
+            LogicalPlan::Extension(_) => false,
+            _ => false,
+        };
+        if !allowed {
+            return Err(unclassified(format!(
+                "{} below a release boundary",
+                plan.display()
+            )));
+        }
+        let inputs = plan.inputs();
+        let schema = match (plan, inputs.as_slice()) {
+            (LogicalPlan::Join(j), _) => j
+                .left
+                .schema()
+                .join(j.right.schema())
+                .map_err(|e| unclassified(format!("join schema: {e}")))?,
+            (_, [first, ..]) => first.schema().as_ref().clone(),
+            _ => DFSchema::empty(),
+        };
+        for e in plan.expressions() {
+            if let Some(what) = total::not_total(&e, &schema) {
                 return Err(unclassified(format!(
-                    "{} over protected rows",
+                    "{what} below a release boundary, in {}",
                     plan.display()
                 )));
             }
-            LogicalPlan::Projection(_)
-            | LogicalPlan::Filter(_)
-            | LogicalPlan::Window(_)
-            | LogicalPlan::Aggregate(_)
-            | LogicalPlan::Sort(_)
-            | LogicalPlan::Join(_)
-            | LogicalPlan::Repartition(_)
-            | LogicalPlan::Union(_)
-            | LogicalPlan::EmptyRelation(_)
-            | LogicalPlan::Subquery(_)
-            | LogicalPlan::SubqueryAlias(_)
-            | LogicalPlan::Limit(_)
-            | LogicalPlan::Values(_)
-            | LogicalPlan::Explain(_)
-            | LogicalPlan::Analyze(_)
-            | LogicalPlan::Distinct(_)
-            | LogicalPlan::Unnest(_)
-            | LogicalPlan::RecursiveQuery(_) => {}
-            other => {
-                return Err(unclassified(format!(
-                    "unexpected plan node {}",
-                    other.display()
-                )));
-            }
         }
-        // A row-filtered scan sits under Filter under the mask projection; check that pair.
-        if let (LogicalPlan::Filter(_), Some(LogicalPlan::TableScan(scan))) =
-            (plan, plan.inputs().first().copied())
-            && self
-                .ctx
-                .rules(&scan.table_name)
-                .is_some_and(|(_, r)| r.row_filter.is_some())
-        {
-            let masked = matches!(parent, Some(LogicalPlan::Projection(_)));
-            if !masked {
-                return Err(unclassified(
-                    "a row-filtered scan is not under its mask projection".into(),
-                ));
+        Ok(())
+    }
+
+    /// The count columns of a boundary are computed by `airlock_reaches_k`.
+    fn counts(&self, plan: &LogicalPlan, names: &[&str]) -> Result<(), Refusal> {
+        match plan {
+            LogicalPlan::Aggregate(a) => {
+                for n in names {
+                    let computed = a.aggr_expr.iter().any(|e| match e {
+                        Expr::Alias(al) if al.name == *n => matches!(
+                            al.expr.as_ref(),
+                            Expr::AggregateFunction(f) if f.func.name() == super::reaches::NAME
+                        ),
+                        _ => false,
+                    });
+                    if !computed {
+                        return Err(unclassified(format!(
+                            "the boundary's count {n} is not an entity count"
+                        )));
+                    }
+                }
+                Ok(())
             }
+            LogicalPlan::Projection(p) => {
+                // Counts pass through projections as plain columns.
+                for n in names {
+                    let passes = p.expr.iter().any(|e| match e {
+                        Expr::Column(c) => c.name == *n,
+                        Expr::Alias(al) => {
+                            al.name == *n
+                                && matches!(al.expr.as_ref(), Expr::Column(c) if c.name == *n)
+                        }
+                        _ => false,
+                    });
+                    if !passes {
+                        return Err(unclassified(format!(
+                            "the boundary's count {n} is computed, not counted"
+                        )));
+                    }
+                }
+                self.counts(&p.input, names)
+            }
+            LogicalPlan::SubqueryAlias(s) => self.counts(&s.input, names),
+            LogicalPlan::Union(u) => u.inputs.iter().try_for_each(|i| self.counts(i, names)),
+            other => Err(unclassified(format!(
+                "a release boundary over {} instead of its aggregate",
+                other.display()
+            ))),
         }
+    }
+
+    fn subqueries(&self, plan: &LogicalPlan) -> Result<(), Refusal> {
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        let mut subs = Vec::new();
         for e in plan.expressions() {
-            let mut subs = Vec::new();
             let _ = e.apply(|e| {
                 match e {
-                    Expr::ScalarSubquery(s) => subs.push(Arc::clone(&s.subquery)),
-                    Expr::InSubquery(s) => subs.push(Arc::clone(&s.subquery.subquery)),
-                    Expr::Exists(s) => subs.push(Arc::clone(&s.subquery.subquery)),
-                    Expr::SetComparison(s) => subs.push(Arc::clone(&s.subquery.subquery)),
+                    Expr::ScalarSubquery(s) => subs.push(s.subquery.clone()),
+                    Expr::InSubquery(s) => subs.push(s.subquery.subquery.clone()),
+                    Expr::Exists(s) => subs.push(s.subquery.subquery.clone()),
+                    Expr::SetComparison(s) => subs.push(s.subquery.subquery.clone()),
                     _ => {}
                 }
-                Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+                Ok(TreeNodeRecursion::Continue)
             });
-            for s in subs {
-                if s.schema().fields().iter().any(|f| is_hidden(f.name())) {
-                    return Err(unclassified(
-                        "a subquery would expose internal columns".into(),
-                    ));
-                }
-                self.check(&s, None)?;
-            }
         }
-        for input in plan.inputs() {
-            self.check(input, Some(plan))?;
+        for s in subs {
+            if s.schema()
+                .fields()
+                .iter()
+                .any(|f| is_hidden(f.name()) && !f.name().starts_with(COUNT_PREFIX))
+            {
+                return Err(unclassified(
+                    "a subquery would expose internal columns".into(),
+                ));
+            }
+            self.node(&s, Region::Released)?;
         }
         Ok(())
     }

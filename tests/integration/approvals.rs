@@ -282,3 +282,56 @@ fn a_pending_request_survives_sigkill() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+/// Issue 10 class 6 and PRIVACY.md §6 case 16: the fingerprint covers every literal and
+/// every VALUES row; an approval matches no edited query, and the owner sees it whole.
+#[tokio::test]
+async fn an_approval_matches_no_edited_literal_or_values_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(config(dir.path())).await;
+    let mut analyst = login(server.addr, "analyst").await;
+    let mut owner = login(server.addr, "owner").await;
+    let values =
+        "(VALUES (61, 'a'), (62, 'b'), (63, 'c'), (64, 'd'), (65, 'e'), (66, 'f')) v(a, tag)";
+    let approved = format!(
+        "SELECT p.name, p.age, v.tag FROM hospital.patients p JOIN {values} ON p.age = v.a \
+         WHERE p.zip <> '00000' AND p.cost > 1.5 AND p.admitted > DATE '2019-01-01' AND p.length_of_stay >= 0 AND (p.sex = 'M') = true"
+    );
+    let e = run(&mut analyst, &approved).await.unwrap_err();
+    let id = request_id(&e);
+    let shown = owner
+        .json_action(a::SHOW, json!({ "id": id }))
+        .await
+        .unwrap();
+    let plan = shown["plan"].as_str().unwrap();
+    assert!(
+        plan.contains("'f'") && plan.contains("66"),
+        "the owner sees every VALUES row: {plan}"
+    );
+    owner
+        .json_action(a::APPROVE, json!({ "id": id, "reusable": true }))
+        .await
+        .unwrap();
+    assert!(run(&mut analyst, &approved).await.is_ok());
+    assert!(run(&mut analyst, &approved).await.is_ok(), "reusable");
+    let edits = [
+        approved.replace("(66, 'f')", "(66, 'f'), (67, 'g')"),
+        approved.replace("(66, 'f')", "(66, 'F')"),
+        approved.replace("(61, 'a')", "(60, 'a')"),
+        approved.replace("'00000'", "'00001'"),
+        approved.replace("1.5", "1.25"),
+        approved.replace("DATE '2019-01-01'", "DATE '2019-01-02'"),
+        approved.replace(">= 0", ">= 1"),
+        approved.replace("= true", "= false"),
+    ];
+    for edited in edits {
+        assert_ne!(edited, approved);
+        let e = run(&mut analyst, &edited).await.unwrap_err();
+        assert_eq!(
+            e.reason_code().as_deref(),
+            Some("APPROVAL_PENDING"),
+            "{edited}: {e}"
+        );
+        assert_ne!(request_id(&e), id, "{edited} matched the approval");
+    }
+}

@@ -1,0 +1,323 @@
+//! The scalar functions that may stand below a release boundary (PRIVACY.md §3.2.1), and
+//! why each is total.
+//!
+//! This table is the whole list: a function that is not here is refused below the
+//! boundary (`FUNCTION_NOT_ALLOWED`), however harmless it looks. Each entry says how the
+//! function behaves on every input, NULL included:
+//!
+//! - [`Totality::Total`]: DataFusion's implementation returns a value (possibly NULL) for
+//!   every input of the types its signature accepts; the `why` says why.
+//! - [`Totality::Guarded`]: the function can fail on some inputs (the `why` says which);
+//!   below the boundary it runs inside [`super::super::total::Guard`], which turns a
+//!   failure on a row into NULL for that row, so no error can depend on a protected value.
+//!
+//! [`Shape::Conditional`] marks functions that choose between their arguments (COALESCE,
+//! NULLIF, ...): they are CASE in disguise, so inside an aggregate argument they need the
+//! owner's `conditional_aggregates` opt-in, like CASE itself.
+//!
+//! Some functions need some arguments to be literals ([`FunctionRule::literal_args`]):
+//! a pattern, a unit, a format. A literal chosen by the analyst is not protected data,
+//! while a column there would let one row's value decide how another is computed.
+
+/// Whether a function can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Totality {
+    /// Never raises an error.
+    Total,
+    /// May raise an error on some inputs: runs guarded (NULL on failure).
+    Guarded,
+}
+
+/// Whether a function computes from its arguments or chooses among them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Computes a value from its arguments.
+    Computed,
+    /// Returns one of its arguments depending on a condition (CASE in disguise).
+    Conditional,
+}
+
+/// One allowed function.
+#[derive(Debug, Clone, Copy)]
+pub struct FunctionRule {
+    /// DataFusion's name of the function (aliases resolve to it).
+    pub name: &'static str,
+    pub totality: Totality,
+    pub shape: Shape,
+    /// Argument positions that must be literals (or parameters).
+    pub literal_args: &'static [usize],
+    /// Why the function is total, or what the guard catches.
+    pub why: &'static str,
+}
+
+const fn total(name: &'static str, why: &'static str) -> FunctionRule {
+    FunctionRule {
+        name,
+        totality: Totality::Total,
+        shape: Shape::Computed,
+        literal_args: &[],
+        why,
+    }
+}
+
+const fn guarded(name: &'static str, why: &'static str) -> FunctionRule {
+    FunctionRule {
+        name,
+        totality: Totality::Guarded,
+        shape: Shape::Computed,
+        literal_args: &[],
+        why,
+    }
+}
+
+const fn conditional(name: &'static str, why: &'static str) -> FunctionRule {
+    FunctionRule {
+        name,
+        totality: Totality::Total,
+        shape: Shape::Conditional,
+        literal_args: &[],
+        why,
+    }
+}
+
+const fn literal(mut rule: FunctionRule, positions: &'static [usize]) -> FunctionRule {
+    rule.literal_args = positions;
+    rule
+}
+
+/// The allow-list. Sorted by kind, then name.
+pub const FUNCTIONS: &[FunctionRule] = &[
+    // Strings.
+    total("lower", "maps every string to a string, NULL to NULL"),
+    total("upper", "maps every string to a string, NULL to NULL"),
+    total("initcap", "maps every string to a string, NULL to NULL"),
+    total(
+        "btrim",
+        "removes characters; every string has a (possibly empty) result",
+    ),
+    total(
+        "ltrim",
+        "removes characters; every string has a (possibly empty) result",
+    ),
+    total(
+        "rtrim",
+        "removes characters; every string has a (possibly empty) result",
+    ),
+    total("character_length", "every string has a length"),
+    total("octet_length", "every string has a byte length"),
+    total("bit_length", "every string has a bit length"),
+    total("concat", "joins strings; NULL arguments are skipped"),
+    literal(
+        total(
+            "concat_ws",
+            "joins strings with a literal separator; NULL arguments are skipped",
+        ),
+        &[0],
+    ),
+    total("reverse", "every string has a reverse"),
+    total("starts_with", "a comparison of prefixes, NULL on NULL"),
+    total("ends_with", "a comparison of suffixes, NULL on NULL"),
+    total("strpos", "a position or 0, NULL on NULL"),
+    literal(
+        guarded(
+            "substr",
+            "fails on a negative length; positions and length must be literals",
+        ),
+        &[1, 2],
+    ),
+    literal(
+        guarded(
+            "left",
+            "takes a literal number of characters; guarded for huge counts",
+        ),
+        &[1],
+    ),
+    literal(
+        guarded(
+            "right",
+            "takes a literal number of characters; guarded for huge counts",
+        ),
+        &[1],
+    ),
+    literal(
+        total(
+            "replace",
+            "replaces a literal substring; every string has a result",
+        ),
+        &[1, 2],
+    ),
+    literal(
+        guarded(
+            "split_part",
+            "fails on a zero field position; delimiter and position must be literals",
+        ),
+        &[1, 2],
+    ),
+    literal(
+        guarded(
+            "lpad",
+            "fails when the literal length is too large to allocate; guarded",
+        ),
+        &[1, 2],
+    ),
+    literal(
+        guarded(
+            "rpad",
+            "fails when the literal length is too large to allocate; guarded",
+        ),
+        &[1, 2],
+    ),
+    literal(
+        total("translate", "maps characters through literal lists"),
+        &[1, 2],
+    ),
+    total("md5", "hashes every string"),
+    total("sha256", "hashes every string or binary value"),
+    // Numbers. Integer +, -, * wrap in DataFusion (they never raise); / and % are
+    // operators, made total by the guard (see total.rs).
+    guarded(
+        "abs",
+        "fails on the smallest integer of its type (no positive counterpart)",
+    ),
+    total(
+        "ceil",
+        "rounds every number; NaN and infinities map to themselves",
+    ),
+    total(
+        "floor",
+        "rounds every number; NaN and infinities map to themselves",
+    ),
+    literal(
+        guarded(
+            "round",
+            "rounds to a literal number of digits; guarded for extreme digit counts",
+        ),
+        &[1],
+    ),
+    literal(
+        guarded(
+            "trunc",
+            "truncates to a literal number of digits; guarded for extreme digit counts",
+        ),
+        &[1],
+    ),
+    total("signum", "-1, 0 or 1 for every number, NaN for NaN"),
+    total("sqrt", "NaN for negative numbers, never an error"),
+    total("cbrt", "defined for every number"),
+    total("exp", "infinity on overflow, never an error"),
+    total("ln", "NaN or -infinity outside the domain, never an error"),
+    total(
+        "log2",
+        "NaN or -infinity outside the domain, never an error",
+    ),
+    total(
+        "log10",
+        "NaN or -infinity outside the domain, never an error",
+    ),
+    guarded(
+        "power",
+        "integer powers fail on overflow or negative exponents; guarded",
+    ),
+    total("isnan", "a test on every float"),
+    total("iszero", "a test on every number"),
+    total("sin", "defined for every float"),
+    total("cos", "defined for every float"),
+    total("tan", "defined for every float"),
+    total("degrees", "scales every float"),
+    total("radians", "scales every float"),
+    // Dates and times.
+    literal(
+        guarded(
+            "date_trunc",
+            "a literal unit; fails on timestamps at the ends of the nanosecond range, so guarded",
+        ),
+        &[0],
+    ),
+    literal(
+        guarded(
+            "date_part",
+            "a literal part; guarded for parts a type does not have",
+        ),
+        &[0],
+    ),
+    // Choosing among arguments: CASE in disguise.
+    conditional("coalesce", "the first non-NULL argument"),
+    conditional(
+        "nullif",
+        "NULL when both arguments are equal, else the first",
+    ),
+    conditional("nvl", "the second argument when the first is NULL"),
+    conditional(
+        "nvl2",
+        "the second or third argument depending on the first's NULL-ness",
+    ),
+    conditional("greatest", "the largest argument, NULLs skipped"),
+    conditional("least", "the smallest argument, NULLs skipped"),
+];
+
+/// The rule of a function, by DataFusion's name.
+pub fn rule(name: &str) -> Option<&'static FunctionRule> {
+    FUNCTIONS.iter().find(|f| f.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use datafusion::execution::SessionStateDefaults;
+
+    use super::*;
+
+    #[test]
+    fn every_entry_is_a_datafusion_function() {
+        let names: BTreeSet<String> = SessionStateDefaults::default_scalar_functions()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        for f in FUNCTIONS {
+            assert!(
+                names.contains(f.name),
+                "{} is not a default function",
+                f.name
+            );
+        }
+    }
+
+    #[test]
+    fn entries_are_unique_and_explained() {
+        let mut seen = BTreeSet::new();
+        for f in FUNCTIONS {
+            assert!(seen.insert(f.name), "{} listed twice", f.name);
+            assert!(f.why.len() > 10, "{} needs a reason", f.name);
+        }
+    }
+
+    #[test]
+    fn every_other_default_function_is_refused() {
+        // The functions that can fail or leak and are deliberately absent.
+        for name in [
+            "arrow_cast",
+            "make_date",
+            "to_date",
+            "to_timestamp",
+            "regexp_replace",
+            "random",
+            "uuid",
+            "chr",
+            "factorial",
+            "gcd",
+            "repeat",
+            "get_field",
+            "to_char",
+            "from_unixtime",
+        ] {
+            assert!(rule(name).is_none(), "{name} must not be allowed");
+        }
+        let allowed: BTreeSet<&str> = FUNCTIONS.iter().map(|f| f.name).collect();
+        let refused = SessionStateDefaults::default_scalar_functions()
+            .iter()
+            .filter(|f| !allowed.contains(f.name()))
+            .count();
+        assert!(refused > 100, "most default functions are off the list");
+    }
+}

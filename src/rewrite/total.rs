@@ -1,0 +1,398 @@
+//! Totality below the release boundary (PRIVACY.md §3.2.1): no run-time error there.
+//!
+//! An error that fires for one value is an oracle: `sum(1 / CAST(dx <> 'flu' AS INT))`
+//! over a filter that isolates one person fails exactly when their diagnosis is 'flu'.
+//! After the checker has accepted a plan, every expression below a boundary is put in a
+//! total form:
+//!
+//! - a cast that can fail ([`casts::is_total`] says which cannot) becomes `TRY_CAST`,
+//!   NULL where the cast would fail;
+//! - division and modulo, whose kernels fail on a zero divisor and on the smallest
+//!   integer divided by -1, run through [`Guard`]: NULL where the operation fails;
+//! - functions that the allow-list marks [`Totality::Guarded`] run through [`Guard`] too.
+//!
+//! Integer `+`, `-`, `*` and negation wrap in DataFusion (they never raise), so they stay
+//! as they are. The guard evaluates the whole batch first and falls back to row by row
+//! only when that fails, so the common case costs nothing.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, new_null_array};
+use datafusion::arrow::compute::concat;
+use datafusion::arrow::datatypes::{DataType, FieldRef};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::error::Result;
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::expr_rewriter::NamePreserver;
+use datafusion::logical_expr::type_coercion::binary::BinaryTypeCoercer;
+use datafusion::logical_expr::{
+    BinaryExpr, Cast, ColumnarValue, Expr, ExprSchemable, LogicalPlan, Operator, ReturnFieldArgs,
+    ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TryCast, Volatility,
+};
+
+use super::allow::casts;
+use super::allow::functions::{self, Totality};
+
+/// Puts every expression of `plan` that sees raw protected rows in its total form.
+/// `below` says whether a node's expressions run below a boundary.
+pub fn rewrite(plan: LogicalPlan, below: &dyn Fn(&LogicalPlan) -> bool) -> Result<LogicalPlan> {
+    plan.transform_up_with_subqueries(|node| {
+        if !below(&node) {
+            return Ok(Transformed::no(node));
+        }
+        let inputs: Vec<Arc<DFSchema>> = node
+            .inputs()
+            .iter()
+            .map(|i| Arc::clone(i.schema()))
+            .collect();
+        let schema = match inputs.as_slice() {
+            [one] => Arc::clone(one),
+            [l, r] => Arc::new(l.join(r)?),
+            _ => return Ok(Transformed::no(node)),
+        };
+        // Keep every output column's name: parents refer to them by name.
+        let names = NamePreserver::new(&node);
+        let rewritten = node.map_expressions(|e| {
+            let saved = names.save(&e);
+            total_expr(e, &schema).map(|t| t.update_data(|e| saved.restore(e)))
+        })?;
+        if rewritten.transformed {
+            rewritten.map_data(|p| p.recompute_schema())
+        } else {
+            Ok(rewritten)
+        }
+    })
+    .map(|t| t.data)
+}
+
+/// The total form of one expression over `schema`.
+pub fn total_expr(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
+    e.transform_up(|e| match e {
+        Expr::Cast(Cast { expr, field }) => {
+            let from = expr.get_type(schema)?;
+            if casts::is_total(&from, field.data_type()) {
+                Ok(Transformed::no(Expr::Cast(Cast { expr, field })))
+            } else {
+                Ok(Transformed::yes(Expr::TryCast(TryCast { expr, field })))
+            }
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right })
+            if matches!(op, Operator::Divide | Operator::Modulo) =>
+        {
+            if safe_divisor(&right) {
+                return Ok(Transformed::no(Expr::BinaryExpr(BinaryExpr {
+                    left,
+                    op,
+                    right,
+                })));
+            }
+            let (lt, rt) = (left.get_type(schema)?, right.get_type(schema)?);
+            let udf = Guard::operator(op, &lt, &rt)?;
+            Ok(Transformed::yes(udf.call(vec![*left, *right])))
+        }
+        Expr::ScalarFunction(f)
+            if functions::rule(f.func.name()).is_some_and(|r| r.totality == Totality::Guarded)
+                && !is_guard(&f) =>
+        {
+            let udf = ScalarUDF::new_from_impl(Guard::function(Arc::clone(&f.func)));
+            Ok(Transformed::yes(Expr::ScalarFunction(
+                ScalarFunction::new_udf(Arc::new(udf), f.args),
+            )))
+        }
+        other => Ok(Transformed::no(other)),
+    })
+}
+
+/// A literal divisor that no dividend can fail on: not zero, not -1, not NULL.
+fn safe_divisor(e: &Expr) -> bool {
+    let Expr::Literal(v, _) = e else { return false };
+    let as_f64 = match v {
+        ScalarValue::Float32(Some(x)) => *x as f64,
+        ScalarValue::Float64(Some(x)) => *x,
+        ScalarValue::Int8(Some(x)) => *x as f64,
+        ScalarValue::Int16(Some(x)) => *x as f64,
+        ScalarValue::Int32(Some(x)) => *x as f64,
+        ScalarValue::Int64(Some(x)) => *x as f64,
+        ScalarValue::UInt8(Some(x)) => *x as f64,
+        ScalarValue::UInt16(Some(x)) => *x as f64,
+        ScalarValue::UInt32(Some(x)) => *x as f64,
+        ScalarValue::UInt64(Some(x)) => *x as f64,
+        _ => return false,
+    };
+    as_f64 != 0.0 && as_f64 != -1.0
+}
+
+fn is_guard(f: &ScalarFunction) -> bool {
+    f.func.inner().as_ref().downcast_ref::<Guard>().is_some()
+}
+
+/// What a guard runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Guarded {
+    Operator { op: Operator, result: DataType },
+    Function(Arc<ScalarUDF>),
+}
+
+/// Runs an operator or a function; where it fails on a row, that row is NULL.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    inner: Guarded,
+    name: String,
+    signature: Signature,
+}
+
+impl PartialEq for Guard {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner == other.inner
+    }
+}
+
+impl Eq for Guard {}
+
+impl Hash for Guard {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.inner.hash(state);
+    }
+}
+
+impl fmt::Display for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Guard {
+    fn operator(op: Operator, left: &DataType, right: &DataType) -> Result<ScalarUDF> {
+        let result = BinaryTypeCoercer::new(left, &op, right).get_result_type()?;
+        let name = match op {
+            Operator::Divide => "airlock_total_divide",
+            _ => "airlock_total_modulo",
+        };
+        Ok(ScalarUDF::new_from_impl(Self {
+            inner: Guarded::Operator { op, result },
+            name: name.to_string(),
+            signature: Signature::any(2, Volatility::Immutable),
+        }))
+    }
+
+    fn function(f: Arc<ScalarUDF>) -> Self {
+        Self {
+            name: format!("airlock_total_{}", f.name()),
+            signature: f.signature().clone(),
+            inner: Guarded::Function(f),
+        }
+    }
+
+    fn run(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        match &self.inner {
+            Guarded::Operator { op, .. } => {
+                use datafusion::arrow::compute::kernels::numeric::{div, rem};
+                let f = if *op == Operator::Divide { div } else { rem };
+                datafusion::physical_expr_common::datum::apply(&args.args[0], &args.args[1], f)
+            }
+            Guarded::Function(f) => f.invoke_with_args(args),
+        }
+    }
+}
+
+impl ScalarUDFImpl for Guard {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        match &self.inner {
+            Guarded::Operator { result, .. } => Ok(result.clone()),
+            Guarded::Function(f) => f.return_type(arg_types),
+        }
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        match &self.inner {
+            Guarded::Operator { result, .. } => Ok(Arc::new(
+                datafusion::arrow::datatypes::Field::new(self.name(), result.clone(), true),
+            )),
+            Guarded::Function(f) => {
+                let field = f.return_field_from_args(args)?;
+                // A failure becomes NULL: the result is nullable whatever the function says.
+                Ok(Arc::new(field.as_ref().clone().with_nullable(true)))
+            }
+        }
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        match &self.inner {
+            Guarded::Operator { .. } => Ok(arg_types.to_vec()),
+            Guarded::Function(f) => f.coerce_types(arg_types),
+        }
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let rows = args.number_rows;
+        let return_field = Arc::clone(&args.return_field);
+        let fallback = args.clone();
+        match self.run(args) {
+            Ok(v) => Ok(v),
+            Err(_) => {
+                // Row by row: a row that fails is NULL; the others keep their value.
+                let all_scalar = fallback
+                    .args
+                    .iter()
+                    .all(|a| matches!(a, ColumnarValue::Scalar(_)));
+                if all_scalar {
+                    return Ok(ColumnarValue::Scalar(ScalarValue::try_from(
+                        return_field.data_type(),
+                    )?));
+                }
+                let arrays: Vec<Option<ArrayRef>> = fallback
+                    .args
+                    .iter()
+                    .map(|a| match a {
+                        ColumnarValue::Array(a) => Some(Arc::clone(a)),
+                        ColumnarValue::Scalar(_) => None,
+                    })
+                    .collect();
+                let mut parts: Vec<ArrayRef> = Vec::with_capacity(rows);
+                for row in 0..rows {
+                    let one = ScalarFunctionArgs {
+                        args: fallback
+                            .args
+                            .iter()
+                            .zip(&arrays)
+                            .map(|(a, arr)| match arr {
+                                Some(arr) => ColumnarValue::Array(arr.slice(row, 1)),
+                                None => a.clone(),
+                            })
+                            .collect(),
+                        arg_fields: fallback.arg_fields.clone(),
+                        number_rows: 1,
+                        return_field: Arc::clone(&return_field),
+                        config_options: Arc::clone(&fallback.config_options),
+                    };
+                    let value = self
+                        .run(one)
+                        .and_then(|v| v.into_array(1))
+                        .unwrap_or_else(|_| new_null_array(return_field.data_type(), 1));
+                    parts.push(value);
+                }
+                let refs: Vec<&dyn datafusion::arrow::array::Array> =
+                    parts.iter().map(|a| a.as_ref()).collect();
+                if refs.is_empty() {
+                    return Ok(ColumnarValue::Array(new_null_array(
+                        return_field.data_type(),
+                        0,
+                    )));
+                }
+                Ok(ColumnarValue::Array(concat(&refs)?))
+            }
+        }
+    }
+}
+
+/// Whether an expression is in total form: the verifier's check after optimization.
+/// Returns the first construct that is not.
+pub fn not_total(e: &Expr, schema: &DFSchema) -> Option<String> {
+    let mut found = None;
+    let _ = e.apply(|e| {
+        let bad = match e {
+            Expr::Cast(Cast { expr, field }) => match expr.get_type(schema) {
+                Ok(from) => (!casts::is_total(&from, field.data_type()))
+                    .then(|| format!("a cast to {} that can fail", field.data_type())),
+                // Types of columns the verifier cannot resolve here are checked where they are.
+                Err(_) => None,
+            },
+            Expr::BinaryExpr(BinaryExpr { op, right, .. })
+                if matches!(op, Operator::Divide | Operator::Modulo) && !safe_divisor(right) =>
+            {
+                Some("a division by a value that may be zero".to_string())
+            }
+            Expr::ScalarFunction(f) if !is_guard(f) && super::protect::as_mask(e).is_none() => {
+                match functions::rule(f.func.name()) {
+                    Some(r) if r.totality == Totality::Total => None,
+                    Some(_) => Some(format!("{} without its guard", f.func.name())),
+                    None if f.func.name() == "struct" => None,
+                    None => Some(format!(
+                        "function {} that is not on the allow-list",
+                        f.func.name()
+                    )),
+                }
+            }
+            _ => None,
+        };
+        if bad.is_some() {
+            found = bad;
+            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Array, Int64Array};
+    use datafusion::common::config::ConfigOptions;
+
+    use super::*;
+
+    fn args(a: ArrayRef, b: ArrayRef) -> ScalarFunctionArgs {
+        ScalarFunctionArgs {
+            arg_fields: vec![
+                Arc::new(datafusion::arrow::datatypes::Field::new(
+                    "a",
+                    a.data_type().clone(),
+                    true,
+                )),
+                Arc::new(datafusion::arrow::datatypes::Field::new(
+                    "b",
+                    b.data_type().clone(),
+                    true,
+                )),
+            ],
+            number_rows: a.len(),
+            args: vec![ColumnarValue::Array(a), ColumnarValue::Array(b)],
+            return_field: Arc::new(datafusion::arrow::datatypes::Field::new(
+                "r",
+                DataType::Int64,
+                true,
+            )),
+            config_options: Arc::new(ConfigOptions::default()),
+        }
+    }
+
+    #[test]
+    fn guarded_division_is_null_where_it_would_fail() {
+        let udf = Guard::operator(Operator::Divide, &DataType::Int64, &DataType::Int64).unwrap();
+        let a: ArrayRef = Arc::new(Int64Array::from(vec![
+            Some(10),
+            Some(i64::MIN),
+            Some(7),
+            None,
+        ]));
+        let b: ArrayRef = Arc::new(Int64Array::from(vec![Some(2), Some(-1), Some(0), Some(1)]));
+        let out = udf
+            .invoke_with_args(args(a, b))
+            .unwrap()
+            .into_array(4)
+            .unwrap();
+        let out = out.as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!(out.value(0), 5);
+        assert!(out.is_null(1) && out.is_null(2) && out.is_null(3));
+    }
+
+    #[test]
+    fn literal_divisors() {
+        assert!(safe_divisor(&datafusion::logical_expr::lit(3i64)));
+        assert!(!safe_divisor(&datafusion::logical_expr::lit(0i64)));
+        assert!(!safe_divisor(&datafusion::logical_expr::lit(-1i32)));
+        assert!(!safe_divisor(&datafusion::logical_expr::lit(0.0f64)));
+        assert!(safe_divisor(&datafusion::logical_expr::lit(2.5f64)));
+    }
+}
