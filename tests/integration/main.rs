@@ -11,3 +11,4 @@ mod property;
 mod reload;
 mod support;
 mod telemetry;
+mod totality;

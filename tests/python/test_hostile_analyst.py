@@ -899,7 +899,11 @@ def _(ctx, t):
               f"GROUP BY 1")
     b = ctx.q(f"SELECT 1 / CAST(NOT ({t.U} AND diagnosis = {lit(t.u_other_dx)}) AS INT) AS g, count(*) FROM {P} "
               f"GROUP BY 1")
-    ctx.oracle("diagnosis of U (error in group key)", a, b, [(t.u.diagnosis, t.u_other_dx)])
+    # The division is total (NULL on zero): the group key is `NOT (...)` in disguise, over
+    # filterable columns only. The two answers are k-safe counts (4999 vs 5000) whose
+    # difference is the differencing threshold mode does not promise against (§3.6).
+    ctx.oracle("diagnosis of U (error in group key)", a, b, [(t.u.diagnosis, t.u_other_dx)],
+               values_leak=False)
 
 
 @attack("c3_rare_dx_existence", "3 error oracle")

