@@ -32,7 +32,7 @@ impl Default for Sizes {
 const SEED: u64 = 0x41_49_52_4c_4f_43_4b; // "AIRLOCK"
 const BATCH: usize = 16_384;
 /// Bump when the generator changes, so stale files are rewritten.
-const GENERATOR_VERSION: u32 = 1;
+const GENERATOR_VERSION: u32 = 2;
 
 const FIRST: [&str; 24] = [
     "Ada", "Ben", "Chloe", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemal",
@@ -94,6 +94,13 @@ fn zip_code(rng: &mut ChaCha8Rng) -> String {
     let u: f64 = rng.random();
     let idx = (u.powi(4) * 400.0) as usize;
     format!("{:05}", 10_000 + idx * 37)
+}
+
+/// One patient in 997 lives in one of 40 rural zips (90000-90039): at the default
+/// 100 000 patients each holds two or three people, fewer than k, with no filter at all.
+/// Chosen by position, so the rest of the generated data does not change.
+fn rural_zip(patient: usize) -> Option<String> {
+    (patient % 997 == 996).then(|| format!("{:05}", 90_000 + (patient / 997) % 40))
 }
 
 fn diagnosis(rng: &mut ChaCha8Rng) -> &'static str {
@@ -221,7 +228,8 @@ fn write_patients(path: &Path, rng: &mut ChaCha8Rng, n: usize) -> std::io::Resul
             let a = rng.random_range(0..95).max(rng.random_range(0..95));
             age.append_value(a);
             sex.append_value(if rng.random_bool(0.52) { "F" } else { "M" });
-            zip.append_value(zip_code(rng));
+            let drawn = zip_code(rng);
+            zip.append_value(rural_zip(i).unwrap_or(drawn));
             ward.append_value(WARDS[(rng.random::<f64>().powi(2) * WARDS.len() as f64) as usize]);
             dx.append_value(diagnosis(rng));
             admitted.append_value(DAY0 + rng.random_range(0..1_800));

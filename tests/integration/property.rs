@@ -105,7 +105,18 @@ struct Query {
 
 fn random_query(rng: &mut ChaCha8Rng) -> Query {
     let join = rng.random_bool(0.5);
-    let mut candidates = vec!["a.g1", "a.g2", "a.g3", "upper(a.g1)"];
+    // Bare columns and computed group keys (issue 10: expressions in group keys).
+    let mut candidates = vec![
+        "a.g1",
+        "a.g2",
+        "a.g3",
+        "upper(a.g1)",
+        "a.v % 7",
+        "a.v / 25",
+        "CASE WHEN a.v > 30 THEN 'hi' ELSE 'lo' END",
+        "substr(a.g2, 1, 1)",
+        "character_length(a.g3)",
+    ];
     if join {
         candidates.push("b.h");
     }
@@ -123,6 +134,12 @@ fn random_query(rng: &mut ChaCha8Rng) -> Query {
         "a.g2 IN ('x', 'y')",
         "a.g3 <> 'p2'",
         "a.v BETWEEN 10 AND 60",
+        // Computed predicates (issue 10: expressions in predicates).
+        "a.v % 3 = 0",
+        "lower(a.g1) LIKE 'n%'",
+        "a.v / 10 > 3",
+        "CASE WHEN a.g3 = '' THEN 0 ELSE a.v END > 20",
+        "abs(a.v - 50) < 20",
     ];
     let mut filter = filters.choose(rng).copied().unwrap().to_string();
     if join && rng.random_bool(0.3) {
