@@ -49,6 +49,11 @@ pub enum ReasonCode {
     ApprovalDenied,
     /// A plan shape the verifier cannot classify: denied, fail closed.
     UnclassifiedPlan,
+    /// The audit trail cannot be written: nothing is released or decided until it can
+    /// (PRIVACY.md §5). Retryable.
+    AuditUnavailable,
+    /// Too many failed logins for a user name or from an address; retry later.
+    RateLimited,
 }
 
 impl ReasonCode {
@@ -74,6 +79,8 @@ impl ReasonCode {
             Self::ApprovalPending => "APPROVAL_PENDING",
             Self::ApprovalDenied => "APPROVAL_DENIED",
             Self::UnclassifiedPlan => "UNCLASSIFIED_PLAN",
+            Self::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            Self::RateLimited => "RATE_LIMITED",
         }
     }
 }

@@ -9,5 +9,6 @@ mod limits;
 mod policy_slt;
 mod property;
 mod reload;
+mod resilience;
 mod support;
 mod telemetry;
