@@ -102,6 +102,8 @@ pub struct Authenticator {
     cache_key: [u8; 32],
     limits: LoginLimits,
     verifications: Arc<tokio::sync::Semaphore>,
+    /// argon2's working memory, one buffer per verification that may run at once, reused.
+    memory: Arc<parking_lot::Mutex<Vec<Vec<argon2::Block>>>>,
     failed_users: DashMap<String, Failures>,
     failed_peers: DashMap<std::net::IpAddr, Failures>,
 }
@@ -120,6 +122,7 @@ impl Authenticator {
             verifications: Arc::new(tokio::sync::Semaphore::new(
                 LoginLimits::default().max_concurrent,
             )),
+            memory: Arc::default(),
             failed_users: DashMap::new(),
             failed_peers: DashMap::new(),
         }
@@ -156,9 +159,14 @@ impl Authenticator {
         let entry = self.users.get(user).cloned();
         let password = zeroize::Zeroizing::new(password.to_string());
         let user_name = user.to_string();
+        let memory = Arc::clone(&self.memory);
         let principal = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            users::verify(entry.as_ref(), &password).then(|| {
+            // At most `max_concurrent` buffers exist: one per permit.
+            let mut buffer = memory.lock().pop().unwrap_or_default();
+            let ok = users::verify_in(entry.as_ref(), &password, &mut buffer);
+            memory.lock().push(buffer);
+            ok.then(|| {
                 let entry = entry.expect("verify fails without an entry");
                 Arc::new(Principal {
                     name: user_name,

@@ -245,15 +245,28 @@ async fn issue14_full_disk_refuses_release_then_resumes() {
     let metrics = server.metrics_addr.unwrap();
     let mut c = analyst(&server).await;
     assert!(rows(&query(&mut c, GROUPED).await.unwrap()) > 0);
+    let mut released = 1;
 
     let filler = fill(mount.path());
-    assert_audit_unavailable(query(&mut c, GROUPED).await);
+    // The log file's last page may still take a record or two; then releases stop.
+    let mut refused = None;
+    for _ in 0..50 {
+        match query(&mut c, GROUPED).await {
+            Ok(_) => released += 1,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert_audit_unavailable::<()>(Err(refused.expect("releases stop on a full disk")));
     assert_audit_unavailable(query(&mut c, GROUPED).await);
     let ready = http_get(metrics, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
 
     std::fs::remove_file(&filler).unwrap();
     assert!(rows(&query(&mut c, GROUPED).await.unwrap()) > 0, "resumes");
+    released += 1;
     assert!(http_get(metrics, "/readyz").await.starts_with("HTTP/1.1 200"));
     drop(server);
     // Every line in the log is a whole record and the chain holds.
@@ -261,11 +274,11 @@ async fn issue14_full_disk_refuses_release_then_resumes() {
     for line in text.lines() {
         serde_json::from_str::<Value>(line).expect("whole records only");
     }
-    let released = records(&state)
+    let recorded = records(&state)
         .iter()
         .filter(|r| r["decision"] == "released")
         .count();
-    assert_eq!(released, 2, "two releases, each recorded");
+    assert_eq!(recorded, released, "every release that returned rows is recorded");
     assert!(verify(&state).status.success());
     drop(tmpfs);
 }
@@ -591,14 +604,16 @@ async fn issue14_login_flood_is_bounded_in_memory_and_throttled() {
     for _ in 0..5 {
         let mut c =
             arrow_flight::sql::client::FlightSqlServiceClient::new(channel(&server).await);
-        let e = status(c.handshake("analyst", "wrong").await.unwrap_err());
-        codes.push((e.code(), code_of(&e).map(str::to_string), e.message().to_string()));
+        // The client wraps the handshake's status in an Arrow error: read its text.
+        codes.push(c.handshake("analyst", "wrong").await.unwrap_err().to_string());
     }
-    assert!(codes[..3].iter().all(|(c, _, _)| *c == Code::Unauthenticated), "{codes:?}");
-    for (c, reason, message) in &codes[3..] {
-        assert_eq!(*c, Code::ResourceExhausted);
-        assert_eq!(reason.as_deref(), Some("RATE_LIMITED"));
-        assert!(message.contains("retry in"), "{message}");
+    assert!(
+        codes[..3].iter().all(|m| m.contains("invalid username or password")),
+        "{codes:?}"
+    );
+    for m in &codes[3..] {
+        assert!(m.contains("resource has been exhausted"), "{m}");
+        assert!(m.contains("[RATE_LIMITED]") && m.contains("retry in"), "{m}");
     }
     let rate_limited = records(&server.airlock.config.state_dir)
         .iter()
@@ -697,6 +712,18 @@ async fn issue14_stalled_readers_lose_their_slots_after_the_idle_timeout() {
     assert_eq!(rows(&query(&mut probe, "SELECT 1").await.unwrap()), 1);
     let latency = started.elapsed();
     println!("issue14 stalled readers: probe answered after {latency:?}");
+    // Wait until every stalled stream was cancelled (their end records are written).
+    let state = server.airlock.config.state_dir.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while records(&state)
+        .iter()
+        .filter(|r| r["decision"] == "released_incomplete")
+        .count()
+        < 4
+    {
+        assert!(Instant::now() < deadline, "stalled streams were not cancelled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A stalled reader that resumes learns why its stream ended.
     let (_, mut s) = stalled.pop().unwrap();
     let mut ended = None;
