@@ -228,10 +228,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let path = airlock::audit::path_in(&state_dir);
             match airlock::audit::verify(&state_dir) {
-                Ok((n, _)) => println!(
-                    "{}: {n} records, chain intact and anchored",
-                    path.display()
-                ),
+                Ok((n, _)) => {
+                    println!("{}: {n} records, chain intact and anchored", path.display())
+                }
                 Err(e) => {
                     eprintln!("{}: {e}", path.display());
                     return Ok(ExitCode::FAILURE);

@@ -250,9 +250,10 @@ pub async fn serve_metrics(
                             .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
                         match checked {
                             Ok(()) => text(StatusCode::OK, "ready\n".into()),
-                            Err(why) => {
-                                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"))
-                            }
+                            Err(why) => text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("not ready: {why}\n"),
+                            ),
                         }
                     } else if req.uri().path() == "/metrics" {
                         if let Ok(pending) = approvals.list(true) {

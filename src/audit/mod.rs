@@ -49,7 +49,9 @@ pub enum Error {
     Anchor(#[from] rusqlite::Error),
     #[error("audit key {path}: {message}")]
     Key { path: PathBuf, message: String },
-    #[error("the audit log cannot be written (its last append failed or it does not open for appending)")]
+    #[error(
+        "the audit log cannot be written (its last append failed or it does not open for appending)"
+    )]
     Unavailable,
 }
 
@@ -318,7 +320,10 @@ fn walk(text: &str, key: &Key, anchor: Option<&(u64, String)>) -> Result<Walk> {
         if hash_of(key, r.seq, &r.time, &r.event, &r.prev) != r.hash {
             return Err(Error::Broken {
                 line: n,
-                message: format!("record {} was edited (or is not keyed with this key)", r.seq),
+                message: format!(
+                    "record {} was edited (or is not keyed with this key)",
+                    r.seq
+                ),
             });
         }
         if let Some((seq, hash)) = anchor
@@ -447,7 +452,11 @@ impl AuditLog {
             healthy: AtomicBool::new(true),
         };
         if let Some(n) = cut {
-            tracing::warn!(bytes = n, line = cut_line, "audit log: cut a partial last line");
+            tracing::warn!(
+                bytes = n,
+                line = cut_line,
+                "audit log: cut a partial last line"
+            );
             log.append(Event {
                 kind: "recovery".into(),
                 decision: "partial_line_cut".into(),
@@ -534,7 +543,8 @@ impl AuditLog {
             // Cut back whatever part of the line reached the file, so that the next
             // append continues a clean chain.
             let len = tail.len;
-            if let Err(cut) = tail.file.set_len(len).and_then(|_| tail.file.sync_data()) {
+            let grew = tail.file.metadata().map_or(true, |m| m.len() != len);
+            if grew && let Err(cut) = tail.file.set_len(len).and_then(|_| tail.file.sync_data()) {
                 tracing::error!(error = %cut, "audit log: cannot cut back a failed append");
             }
             if self.healthy.swap(false, Ordering::Relaxed) {
@@ -612,11 +622,7 @@ pub fn verify(state_dir: &Path) -> Result<(u64, String)> {
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n > 0)?;
-        if has_table {
-            read_anchor(&conn)?
-        } else {
-            None
-        }
+        if has_table { read_anchor(&conn)? } else { None }
     } else {
         None
     };

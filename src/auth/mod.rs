@@ -380,7 +380,9 @@ mod tests {
         let there: std::net::IpAddr = "10.0.0.2".parse().unwrap();
         for _ in 0..2 {
             assert_eq!(
-                a.verify_password("ann", "nope", Some(here)).await.unwrap_err(),
+                a.verify_password("ann", "nope", Some(here))
+                    .await
+                    .unwrap_err(),
                 Error::InvalidCredentials
             );
         }
@@ -396,7 +398,9 @@ mod tests {
         ));
         // Others are not.
         assert_eq!(
-            a.verify_password("bob", "x", Some(there)).await.unwrap_err(),
+            a.verify_password("bob", "x", Some(there))
+                .await
+                .unwrap_err(),
             Error::InvalidCredentials
         );
     }

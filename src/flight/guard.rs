@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
-    Action, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
-    HandshakeRequest, PollInfo, SchemaResult, Ticket,
+    Action, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo, HandshakeRequest, PollInfo,
+    SchemaResult, Ticket,
 };
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -27,8 +27,7 @@ pub struct Guarded(pub Arc<AirlockService>);
 /// A decoding failure of the dispatcher (see the module documentation), as the client's
 /// error; any other status unchanged.
 fn client_fault(status: Status, rid: &RequestId) -> Status {
-    let decoding = status.code() == Code::Internal
-        && status.message().starts_with("ParseError(");
+    let decoding = status.code() == Code::Internal && status.message().starts_with("ParseError(");
     if decoding {
         Error::InvalidRequest(
             "malformed request: the ticket, command or action body is not a valid Flight SQL message".into(),

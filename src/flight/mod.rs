@@ -351,9 +351,9 @@ impl AirlockService {
         planned: &query::PlannedQuery,
         rid: RequestId,
     ) -> Result<DoGetStream> {
-        self.release(planned, rid.clone()).await.map_err(|e| {
-            self.audit_unreleased(planned.principal(), &rid, Some(&planned.sql), e)
-        })
+        self.release(planned, rid.clone())
+            .await
+            .map_err(|e| self.audit_unreleased(planned.principal(), &rid, Some(&planned.sql), e))
     }
 
     /// Starts a release: the record that authorises it is on disk before its first batch
@@ -388,25 +388,25 @@ impl AirlockService {
             })
             .map_err(Error::AuditUnavailable)?;
         let stream = stream.on_finish(move |o| {
-                let m = crate::telemetry::metrics();
-                m.queries
-                    .with_label_values(&[event.decision.as_str(), ""])
-                    .inc();
-                m.latency
-                    .with_label_values(&[event.decision.as_str()])
-                    .observe(started.elapsed().as_secs_f64());
-                m.groups_suppressed.inc_by(o.groups_suppressed);
-                audit.record(AuditEvent {
-                    decision: if o.completed {
-                        event.decision.clone()
-                    } else {
-                        format!("{}_incomplete", event.decision)
-                    },
-                    groups_suppressed: Some(o.groups_suppressed),
-                    rows_released: Some(o.rows),
-                    ..event
-                });
+            let m = crate::telemetry::metrics();
+            m.queries
+                .with_label_values(&[event.decision.as_str(), ""])
+                .inc();
+            m.latency
+                .with_label_values(&[event.decision.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+            m.groups_suppressed.inc_by(o.groups_suppressed);
+            audit.record(AuditEvent {
+                decision: if o.completed {
+                    event.decision.clone()
+                } else {
+                    format!("{}_incomplete", event.decision)
+                },
+                groups_suppressed: Some(o.groups_suppressed),
+                rows_released: Some(o.rows),
+                ..event
             });
+        });
         let schema = Arc::clone(stream.schema());
         let rid_for_errors = rid.clone();
         let batches = stream
@@ -953,17 +953,24 @@ impl FlightSqlService for AirlockService {
             };
             let detail: String = format!(
                 "table {}.{}",
-                cmd.schema.as_deref().unwrap_or(crate::ingest::DEFAULT_SCHEMA),
+                cmd.schema
+                    .as_deref()
+                    .unwrap_or(crate::ingest::DEFAULT_SCHEMA),
                 cmd.table
             )
             .chars()
             .take(200)
             .collect();
-            crate::ingest::ingest(&self.sessions, &self.state_dir, &principal, cmd, batches, record)
-                .await
-                .map_err(|e| {
-                    self.audit_outcome("upload", &principal, &rid, None, Some(detail), e)
-                })
+            crate::ingest::ingest(
+                &self.sessions,
+                &self.state_dir,
+                &principal,
+                cmd,
+                batches,
+                record,
+            )
+            .await
+            .map_err(|e| self.audit_outcome("upload", &principal, &rid, None, Some(detail), e))
         })
         .await
     }
@@ -983,17 +990,20 @@ impl FlightSqlService for AirlockService {
             // parameters is all a query takes.
             let max = self.sessions.limits().max_parameter_bytes;
             let mut seen = 0usize;
-            let stream = request.into_inner().map_err(FlightError::from).and_then(move |d| {
-                seen += d.data_header.len() + d.data_body.len() + d.app_metadata.len();
-                futures::future::ready(if seen > max {
-                    Err(FlightError::ProtocolError(format!(
-                        "the parameters exceed the limit of {}",
-                        bytesize::ByteSize::b(max as u64)
-                    )))
-                } else {
-                    Ok(d)
-                })
-            });
+            let stream = request
+                .into_inner()
+                .map_err(FlightError::from)
+                .and_then(move |d| {
+                    seen += d.data_header.len() + d.data_body.len() + d.app_metadata.len();
+                    futures::future::ready(if seen > max {
+                        Err(FlightError::ProtocolError(format!(
+                            "the parameters exceed the limit of {}",
+                            bytesize::ByteSize::b(max as u64)
+                        )))
+                    } else {
+                        Ok(d)
+                    })
+                });
             let mut reader = FlightRecordBatchStream::new_from_flight_data(stream);
             let mut batches: Vec<RecordBatch> = Vec::new();
             while let Some(batch) = reader
@@ -1032,7 +1042,10 @@ impl FlightSqlService for AirlockService {
             let session = self.sessions.session_for(&principal);
             let sql = query.query.clone();
             let prepared = self
-                .planning(&query.query, async move { query::prepare(session, &sql).await })
+                .planning(
+                    &query.query,
+                    async move { query::prepare(session, &sql).await },
+                )
                 .await
                 .map_err(|e| self.audit_unreleased(&principal, &rid, Some(&query.query), e))?;
             let dataset_schema = ipc_schema(&prepared.dataset_schema)?;
@@ -1140,9 +1153,10 @@ impl FlightSqlService for AirlockService {
                     let session = self.sessions.session_for(&principal);
                     let owned = sql.to_string();
                     let explained = self
-                        .planning(sql, async move {
-                            query::explain_privacy(session, &owned).await
-                        })
+                        .planning(
+                            sql,
+                            async move { query::explain_privacy(session, &owned).await },
+                        )
                         .await
                         .map_err(|e| {
                             self.audit_outcome("explain", &principal, &rid, Some(sql), None, e)
@@ -1297,8 +1311,8 @@ impl AirlockService {
         arrow_flight::flight_service_server::FlightServiceServer::new(guard::Guarded(Arc::new(
             self,
         )))
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024)
     }
 }
 

@@ -109,14 +109,12 @@ impl QueryStream {
             drop(query);
         });
         let ended = futures::stream::once(async move {
-            idled
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .then(|| {
-                    Err(Error::ResourceExhausted(format!(
-                        "the result was not read for {}; the query was cancelled",
-                        humantime::format_duration(idle)
-                    )))
-                })
+            idled.load(std::sync::atomic::Ordering::Relaxed).then(|| {
+                Err(Error::ResourceExhausted(format!(
+                    "the result was not read for {}; the query was cancelled",
+                    humantime::format_duration(idle)
+                )))
+            })
         })
         .filter_map(futures::future::ready);
         tokio_stream::wrappers::ReceiverStream::new(rx).chain(ended)

@@ -371,7 +371,10 @@ mod tests {
         let err = check_size(&list, 128, 10_000).unwrap_err().to_string();
         assert!(err.contains("expression nodes"), "{err}");
         assert!(check_size("SELECT a + b * 2 FROM t WHERE c IN (1, 2, 3)", 128, 10_000).is_ok());
-        assert!(check_size("SELEKT", 128, 10_000).is_ok(), "left to planning");
+        assert!(
+            check_size("SELEKT", 128, 10_000).is_ok(),
+            "left to planning"
+        );
     }
 
     #[test]

@@ -156,12 +156,22 @@ async fn issue14_unwritable_audit_refuses_release_and_readiness_then_resumes() {
     let metrics = server.metrics_addr.unwrap();
     let mut c = analyst(&server).await;
     assert!(rows(&query(&mut c, GROUPED).await.unwrap()) > 0);
-    assert!(http_get(metrics, "/healthz").await.starts_with("HTTP/1.1 200"));
-    assert!(http_get(metrics, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(metrics, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        http_get(metrics, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
 
     let log = airlock::audit::path_in(state.path());
     let Some(guard) = Immutable::set(&log) else {
-        println!("SKIPPED issue14 immutable audit file: chattr +i failed (not root or no ext attrs)");
+        println!(
+            "SKIPPED issue14 immutable audit file: chattr +i failed (not root or no ext attrs)"
+        );
         return;
     };
     let before = records(state.path()).len();
@@ -169,7 +179,11 @@ async fn issue14_unwritable_audit_refuses_release_and_readiness_then_resumes() {
     let ready = http_get(metrics, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
     assert!(ready.contains("audit trail"), "{ready}");
-    assert!(http_get(metrics, "/healthz").await.starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(metrics, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     // Decisions are refused too.
     let mut owner = Client::connect(&format!("grpc://{}", server.addr), "owner", "owner", None)
         .await
@@ -183,7 +197,11 @@ async fn issue14_unwritable_audit_refuses_release_and_readiness_then_resumes() {
 
     drop(guard);
     assert!(rows(&query(&mut c, GROUPED).await.unwrap()) > 0, "resumes");
-    assert!(http_get(metrics, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(metrics, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     let err = owner
         .json_action(airlock::flight::approvals::LIST, json!({"pending": true}))
         .await;
@@ -267,7 +285,11 @@ async fn issue14_full_disk_refuses_release_then_resumes() {
     std::fs::remove_file(&filler).unwrap();
     assert!(rows(&query(&mut c, GROUPED).await.unwrap()) > 0, "resumes");
     released += 1;
-    assert!(http_get(metrics, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(metrics, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     drop(server);
     // Every line in the log is a whole record and the chain holds.
     let text = std::fs::read_to_string(airlock::audit::path_in(&state)).unwrap();
@@ -278,7 +300,10 @@ async fn issue14_full_disk_refuses_release_then_resumes() {
         .iter()
         .filter(|r| r["decision"] == "released")
         .count();
-    assert_eq!(recorded, released, "every release that returned rows is recorded");
+    assert_eq!(
+        recorded, released,
+        "every release that returned rows is recorded"
+    );
     assert!(verify(&state).status.success());
     drop(tmpfs);
 }
@@ -312,7 +337,11 @@ async fn issue14_sigkill_mid_download_leaves_a_record_marked_interrupted_at_rest
         .into_iter()
         .filter(|r| r["decision"] == "releasing")
         .collect();
-    assert_eq!(started.len(), 1, "the release was recorded before its first batch");
+    assert_eq!(
+        started.len(),
+        1,
+        "the release was recorded before its first batch"
+    );
     let rid = started[0]["request_id"].clone();
 
     // A crash in the middle of a later write leaves half a line.
@@ -339,7 +368,11 @@ async fn issue14_sigkill_mid_download_leaves_a_record_marked_interrupted_at_rest
     assert_eq!(interrupted.len(), 1);
     assert_eq!(interrupted[0]["request_id"], rid);
     let ok = verify(&state);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
 
 #[tokio::test]
@@ -356,9 +389,10 @@ async fn issue14_sigkill_during_concurrent_approvals_keeps_one_record_per_decisi
     for n in 1..=60 {
         let sql = format!("SELECT name FROM hospital.patients LIMIT {n}");
         let mut out = Vec::new();
-        let e = airlock::client::run_sql(&mut analyst, &sql, airlock::client::Format::Csv, &mut out)
-            .await
-            .unwrap_err();
+        let e =
+            airlock::client::run_sql(&mut analyst, &sql, airlock::client::Format::Csv, &mut out)
+                .await
+                .unwrap_err();
         ids.push(request_id(&e));
     }
     let owner = Client::connect(&url, "owner", "owner", None).await.unwrap();
@@ -398,10 +432,17 @@ async fn issue14_sigkill_during_concurrent_approvals_keeps_one_record_per_decisi
         .map(|r| r["approval"].as_str().unwrap().to_string())
         .collect();
     let unique: std::collections::BTreeSet<_> = decided.iter().collect();
-    println!("issue14 kill during approvals: {approved} approved in SQLite, {} records", decided.len());
+    println!(
+        "issue14 kill during approvals: {approved} approved in SQLite, {} records",
+        decided.len()
+    );
     assert!(approved >= 10);
     assert_eq!(decided.len(), unique.len(), "one record per decision");
-    assert_eq!(approved as usize, decided.len(), "every decision has its record");
+    assert_eq!(
+        approved as usize,
+        decided.len(),
+        "every decision has its record"
+    );
     assert!(verify(&state).status.success());
 }
 
@@ -480,7 +521,9 @@ async fn issue14_uploads_planning_errors_doget_failures_explain_and_failed_login
     assert!(bad.handshake("analyst", "wrong").await.is_err());
     // A planning error.
     let mut c = analyst(&server).await;
-    let e = query(&mut c, "SELECT * FROM hospital.nope").await.unwrap_err();
+    let e = query(&mut c, "SELECT * FROM hospital.nope")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     // A DoGet failure: an unknown ticket.
     let ticket = TicketStatementQuery {
@@ -568,7 +611,9 @@ async fn issue14_login_flood_is_bounded_in_memory_and_throttled() {
                 .await
                 .unwrap();
             let mut c = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
-            c.handshake(&format!("user{}", i % 5), "wrong").await.is_err()
+            c.handshake(&format!("user{}", i % 5), "wrong")
+                .await
+                .is_err()
         }));
     }
     let started = Instant::now();
@@ -602,18 +647,27 @@ async fn issue14_login_flood_is_bounded_in_memory_and_throttled() {
     let server = start_with(config).await;
     let mut codes = Vec::new();
     for _ in 0..5 {
-        let mut c =
-            arrow_flight::sql::client::FlightSqlServiceClient::new(channel(&server).await);
+        let mut c = arrow_flight::sql::client::FlightSqlServiceClient::new(channel(&server).await);
         // The client wraps the handshake's status in an Arrow error: read its text.
-        codes.push(c.handshake("analyst", "wrong").await.unwrap_err().to_string());
+        codes.push(
+            c.handshake("analyst", "wrong")
+                .await
+                .unwrap_err()
+                .to_string(),
+        );
     }
     assert!(
-        codes[..3].iter().all(|m| m.contains("invalid username or password")),
+        codes[..3]
+            .iter()
+            .all(|m| m.contains("invalid username or password")),
         "{codes:?}"
     );
     for m in &codes[3..] {
         assert!(m.contains("resource has been exhausted"), "{m}");
-        assert!(m.contains("[RATE_LIMITED]") && m.contains("retry in"), "{m}");
+        assert!(
+            m.contains("[RATE_LIMITED]") && m.contains("retry in"),
+            "{m}"
+        );
     }
     let rate_limited = records(&server.airlock.config.state_dir)
         .iter()
@@ -666,7 +720,10 @@ async fn issue14_planning_bombs_are_refused_before_planning_and_do_not_stall_oth
         sent += a.await.unwrap();
     }
     println!("issue14 planning attack: {sent} bombs sent; worst probe latency {worst:?}");
-    assert!(worst < Duration::from_secs(10), "probe stalled for {worst:?}");
+    assert!(
+        worst < Duration::from_secs(10),
+        "probe stalled for {worst:?}"
+    );
 }
 
 #[tokio::test]
@@ -721,7 +778,10 @@ async fn issue14_stalled_readers_lose_their_slots_after_the_idle_timeout() {
         .count()
         < 4
     {
-        assert!(Instant::now() < deadline, "stalled streams were not cancelled");
+        assert!(
+            Instant::now() < deadline,
+            "stalled streams were not cancelled"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A stalled reader that resumes learns why its stream ended.
