@@ -193,7 +193,7 @@ impl Default for Limits {
             max_parameter_bytes: 1024 * 1024,
             max_concurrent_logins: 4,
             failed_logins_per_minute: 10,
-            max_expression_depth: 128,
+            max_expression_depth: 256,
             max_expression_nodes: 10_000,
         }
     }
