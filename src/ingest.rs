@@ -1,7 +1,7 @@
 //! Owner uploads: ADBC bulk ingest (Flight SQL `CommandStatementIngest`) into Parquet.
 //!
-//! Uploads land only in the `uploads` schema (a client naming any other schema, or a
-//! catalog, is refused), under a table name of at most [`MAX_NAME_LEN`] lower-case
+//! Uploads land only in the `uploads` schema (a client naming any other schema, or
+//! another catalog, is refused with `WRITE_NOT_ALLOWED`), under a table name of at most [`MAX_NAME_LEN`] lower-case
 //! identifier characters. Only a principal holding `admin` on the target table may
 //! ingest. Batches are written
 //! one at a time to `<state-dir>/uploads/<schema>/<table>/part-<id>.parquet` (a temporary
@@ -65,17 +65,26 @@ fn target_name(cmd: &CommandStatementIngest) -> Result<TableName> {
     if let Some(catalog) = cmd.catalog.as_deref().filter(|c| !c.is_empty())
         && catalog != crate::catalog::CATALOG_NAME
     {
-        return Err(Error::InvalidRequest(format!(
-            "uploads go to the catalog {:?}, not {catalog:?}",
-            crate::catalog::CATALOG_NAME
-        )));
+        return Err(Refusal::new(
+            ReasonCode::WriteNotAllowed,
+            format!(
+                "uploads go to the catalog {:?}, not {:?}",
+                crate::catalog::CATALOG_NAME,
+                truncated(catalog)
+            ),
+        )
+        .into());
     }
     let schema = cmd.schema.as_deref().unwrap_or(DEFAULT_SCHEMA);
     if schema != DEFAULT_SCHEMA {
-        return Err(Error::InvalidRequest(format!(
-            "uploads go to the {DEFAULT_SCHEMA} schema only (db_schema_name={DEFAULT_SCHEMA:?} or none), not {:?}",
-            truncated(schema)
-        )));
+        return Err(Refusal::new(
+            ReasonCode::WriteNotAllowed,
+            format!(
+                "uploads go to the {DEFAULT_SCHEMA} schema only (db_schema_name={DEFAULT_SCHEMA:?} or none), not {:?}",
+                truncated(schema)
+            ),
+        )
+        .into());
     }
     if cmd.table.is_empty() || cmd.table.len() > MAX_NAME_LEN {
         return Err(Error::InvalidRequest(format!(
