@@ -209,7 +209,8 @@ impl AirlockService {
         };
         let written = self.audit.append(AuditEvent {
             kind: "login".into(),
-            principal: user.to_string(),
+            // A user name is the client's text: bounded in the record.
+            principal: user.chars().take(256).collect(),
             request_id: rid.to_string(),
             decision: decision.into(),
             reason_code: matches!(e, crate::auth::Error::RateLimited { .. })
