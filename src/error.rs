@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 
 use crate::auth;
 use crate::flight::RequestId;
-use crate::policy::refusal::{Refusal, find_refusal};
+use crate::policy::refusal::{ReasonCode, Refusal, find_refusal};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -50,6 +50,11 @@ pub enum Error {
     #[error("query failed during execution")]
     Execution(#[source] DataFusionError),
 
+    /// The audit trail cannot record what the request would do: nothing is released.
+    /// Details (the I/O error) are logged, never sent.
+    #[error("the audit trail cannot be written")]
+    AuditUnavailable(#[source] crate::audit::Error),
+
     /// A fault of the service itself; details are logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -88,7 +93,21 @@ impl Error {
     /// The single mapping from errors to gRPC statuses.
     pub fn into_status(self, request_id: &RequestId) -> Status {
         let (code, message, reason) = match self {
-            Error::Auth(e) => (Code::Unauthenticated, e.to_string(), None),
+            Error::Auth(e @ auth::Error::RateLimited { .. }) => (
+                Code::ResourceExhausted,
+                format!("[{}] {e}", ReasonCode::RateLimited),
+                Some(ReasonCode::RateLimited.as_str()),
+            ),
+            Error::Auth(
+                e @ (auth::Error::MissingCredentials
+                | auth::Error::Malformed
+                | auth::Error::InvalidCredentials
+                | auth::Error::InvalidToken),
+            ) => (Code::Unauthenticated, e.to_string(), None),
+            // Retryable: the service refuses until its audit trail can be written again.
+            Error::Refused(r) if r.code == ReasonCode::AuditUnavailable => {
+                (Code::Unavailable, r.to_string(), Some(r.code.as_str()))
+            }
             Error::Refused(r) => (Code::PermissionDenied, r.to_string(), Some(r.code.as_str())),
             Error::InvalidRequest(m) => (Code::InvalidArgument, m, None),
             Error::Query(m) => (Code::InvalidArgument, m, None),
@@ -100,6 +119,17 @@ impl Error {
                     Code::Internal,
                     format!("query failed during execution (request id {request_id})"),
                     None,
+                )
+            }
+            Error::AuditUnavailable(e) => {
+                tracing::error!(request_id = %request_id, error = %e, "audit trail unavailable; refused");
+                let r = ReasonCode::AuditUnavailable;
+                (
+                    Code::Unavailable,
+                    format!(
+                        "[{r}] the audit trail cannot be written; nothing is released until it can (request id {request_id})"
+                    ),
+                    Some(r.as_str()),
                 )
             }
             Error::Internal(m) => {

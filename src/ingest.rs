@@ -1,6 +1,9 @@
 //! Owner uploads: ADBC bulk ingest (Flight SQL `CommandStatementIngest`) into Parquet.
 //!
-//! Only a principal holding `admin` on the target table may ingest. Batches are written
+//! Uploads land only in the `uploads` schema (a client naming any other schema, or
+//! another catalog, is refused with `WRITE_NOT_ALLOWED`), under a table name of at most [`MAX_NAME_LEN`] lower-case
+//! identifier characters. Only a principal holding `admin` on the target table may
+//! ingest. Batches are written
 //! one at a time to `<state-dir>/uploads/<schema>/<table>/part-<id>.parquet` (a temporary
 //! name first, renamed when complete), the table is (re)registered in the catalog, and
 //! every session is rebuilt on its next call. A table without a section in
@@ -24,16 +27,23 @@ use crate::policy::Action;
 use crate::policy::refusal::{ReasonCode, Refusal};
 use crate::session::Sessions;
 
-/// The schema an ingest goes to when the client names none.
+/// The schema every ingest goes to (the default when the client names none, and the only
+/// one accepted).
 pub const DEFAULT_SCHEMA: &str = "uploads";
 
+/// Longest upload table name.
+pub const MAX_NAME_LEN: usize = 63;
+
 /// Writes an ingest stream and registers the table. Returns the number of rows written.
+/// `record` audits the upload once its file is complete; the table is served only when
+/// it succeeds (otherwise the file is removed and its error returned).
 pub async fn ingest<S>(
     sessions: &Sessions,
     state_dir: &Path,
     principal: &Principal,
     cmd: CommandStatementIngest,
     mut batches: S,
+    record: impl FnOnce(&TableName, i64) -> Result<()>,
 ) -> Result<i64>
 where
     S: Stream<Item = Result<RecordBatch, arrow_flight::error::FlightError>> + Unpin,
@@ -47,7 +57,52 @@ where
             return Err(e);
         }
     };
-    write(sessions, principal, target, batches).await
+    write(sessions, principal, target, batches, record).await
+}
+
+/// The table an ingest command names, if it is one uploads may go to.
+fn target_name(cmd: &CommandStatementIngest) -> Result<TableName> {
+    if let Some(catalog) = cmd.catalog.as_deref().filter(|c| !c.is_empty())
+        && catalog != crate::catalog::CATALOG_NAME
+    {
+        return Err(Refusal::new(
+            ReasonCode::WriteNotAllowed,
+            format!(
+                "uploads go to the catalog {:?}, not {:?}",
+                crate::catalog::CATALOG_NAME,
+                truncated(catalog)
+            ),
+        )
+        .into());
+    }
+    let schema = cmd.schema.as_deref().unwrap_or(DEFAULT_SCHEMA);
+    if schema != DEFAULT_SCHEMA {
+        return Err(Refusal::new(
+            ReasonCode::WriteNotAllowed,
+            format!(
+                "uploads go to the {DEFAULT_SCHEMA} schema only (db_schema_name={DEFAULT_SCHEMA:?} or none), not {:?}",
+                truncated(schema)
+            ),
+        )
+        .into());
+    }
+    if cmd.table.is_empty() || cmd.table.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidRequest(format!(
+            "an upload's table name must be 1 to {MAX_NAME_LEN} characters (got {})",
+            cmd.table.len()
+        )));
+    }
+    TableName::parse(&format!("{schema}.{}", cmd.table)).map_err(|_| {
+        Error::InvalidRequest(format!(
+            "table name {:?}: use a lower-case identifier ([a-z_][a-z0-9_]*)",
+            truncated(&cmd.table)
+        ))
+    })
+}
+
+/// A client's name, cut for an error message.
+fn truncated(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 /// Where an accepted upload goes.
@@ -73,12 +128,7 @@ fn prepare(
             "temporary tables are not supported".into(),
         ));
     }
-    let schema = cmd
-        .schema
-        .clone()
-        .unwrap_or_else(|| DEFAULT_SCHEMA.to_string());
-    let name =
-        TableName::parse(&format!("{schema}.{}", cmd.table)).map_err(Error::InvalidRequest)?;
+    let name = target_name(&cmd)?;
     let policy = sessions.policy().current();
     if !policy.allows(principal, &name, Action::Admin) {
         return Err(Refusal::new(
@@ -131,6 +181,7 @@ async fn write<S>(
     principal: &Principal,
     target: Target,
     mut batches: S,
+    record: impl FnOnce(&TableName, i64) -> Result<()>,
 ) -> Result<i64>
 where
     S: Stream<Item = Result<RecordBatch, arrow_flight::error::FlightError>> + Unpin,
@@ -168,7 +219,14 @@ where
     let Some(w) = writer else {
         return Err(Error::InvalidRequest("the upload holds no batch".into()));
     };
-    w.close().map_err(|e| Error::Internal(e.to_string()))?;
+    if let Err(e) = w.close() {
+        let _ = std::fs::remove_file(&temp);
+        return Err(Error::Internal(e.to_string()));
+    }
+    if let Err(e) = record(&name, rows) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
     std::fs::rename(&temp, &part).map_err(|e| Error::Internal(e.to_string()))?;
 
     let table = open_upload(&dir, &crate::session::Sessions::bootstrap_state())

@@ -41,6 +41,8 @@ enum Command {
         #[arg(long, env = "AIRLOCK_DEMO_PATIENTS", default_value_t = 100_000)]
         patients: usize,
         #[command(flatten)]
+        limits: airlock::config::LimitArgs,
+        #[command(flatten)]
         telemetry: airlock::config::TelemetryArgs,
     },
     /// Validate configuration, users, datasets and policies without serving.
@@ -180,6 +182,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             state_dir,
             patients,
+            limits,
             telemetry,
         } => {
             let state_dir = state_dir.unwrap_or_else(airlock::demo::default_state_dir);
@@ -189,6 +192,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             let mut config = airlock::demo::prepare(&state_dir, listen, sizes)
                 .context("writing the demo's files")?;
+            limits.apply(&mut config.limits);
             config.metrics_listen = telemetry.metrics_listen;
             config.otlp_endpoint = telemetry.otlp_endpoint;
             println!(
@@ -223,8 +227,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             command: AuditCommand::Verify { state_dir },
         } => {
             let path = airlock::audit::path_in(&state_dir);
-            match airlock::audit::verify(&path) {
-                Ok((n, _)) => println!("{}: {n} records, chain intact", path.display()),
+            match airlock::audit::verify(&state_dir) {
+                Ok((n, _)) => {
+                    println!("{}: {n} records, chain intact and anchored", path.display())
+                }
                 Err(e) => {
                     eprintln!("{}: {e}", path.display());
                     return Ok(ExitCode::FAILURE);

@@ -127,7 +127,14 @@ impl Airlock {
             Arc::new(catalog),
             config.limits.clone(),
         )?);
-        let auth = Arc::new(Authenticator::new(users.clone(), config.limits.token_ttl));
+        let auth = Arc::new(
+            Authenticator::new(users.clone(), config.limits.token_ttl).with_login_limits(
+                crate::auth::LoginLimits {
+                    max_concurrent: config.limits.max_concurrent_logins,
+                    failures_per_minute: config.limits.failed_logins_per_minute,
+                },
+            ),
+        );
         let approvals: Arc<dyn ApprovalStore> =
             Arc::new(SqliteStore::open(&config.state_dir.join("approvals"))?);
         let audit = Arc::new(AuditLog::open(&config.state_dir)?);
@@ -228,6 +235,7 @@ impl Airlock {
                         tokio::spawn(crate::telemetry::serve_metrics(
                             l,
                             Arc::clone(&server.approvals),
+                            readiness(&server),
                         ));
                     }
                     Err(e) => tracing::error!(addr = %addr, error = %e, "cannot serve metrics"),
@@ -268,6 +276,30 @@ impl Airlock {
             runtime: Some(runtime),
         })
     }
+}
+
+/// Ready when the policy is loaded, the audit trail takes a synced write and the state
+/// store's directory does too (see `telemetry`).
+fn readiness(airlock: &Arc<Airlock>) -> crate::telemetry::Readiness {
+    let weak = Arc::downgrade(airlock);
+    Arc::new(move || {
+        let airlock = weak.upgrade().ok_or("shutting down")?;
+        let mut why = Vec::new();
+        if airlock.sessions.policy().current().version == 0 {
+            why.push("no policy loaded");
+        }
+        if !airlock.audit.probe() {
+            why.push("the audit trail cannot be written");
+        }
+        if !crate::audit::probe_dir(&airlock.config.state_dir.join("approvals")) {
+            why.push("the state store cannot be written");
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join("; "))
+        }
+    })
 }
 
 #[cfg(unix)]

@@ -7,6 +7,9 @@
 //!   configured.
 //! - Metrics: Prometheus text on `GET /metrics` of the metrics listener: queries by
 //!   decision and reason code, latency histograms, groups suppressed, pending approvals.
+//! - Health, on the same listener: `GET /healthz` answers 200 while the process serves
+//!   (liveness); `GET /readyz` answers 200 only when the policy is loaded and the audit
+//!   trail and the state store take writes, 503 with the reasons otherwise.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -212,18 +215,47 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve_metrics(listener: TcpListener, approvals: Arc<dyn ApprovalStore>) {
+/// The readiness check: `Ok` when ready, else the reasons. Called off the async threads
+/// (it may write a probe file).
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    approvals: Arc<dyn ApprovalStore>,
+    ready: Readiness,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let approvals = Arc::clone(&approvals);
+        let ready = Arc::clone(&ready);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let approvals = Arc::clone(&approvals);
+                let ready = Arc::clone(&ready);
                 async move {
-                    let response = if req.uri().path() == "/metrics" {
+                    let text = |status: StatusCode, body: String| {
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", "text/plain")
+                            .body(Full::new(Bytes::from(body)))
+                    };
+                    let response = if req.uri().path() == "/healthz" {
+                        text(StatusCode::OK, "ok\n".into())
+                    } else if req.uri().path() == "/readyz" {
+                        let checked = tokio::task::spawn_blocking(move || ready())
+                            .await
+                            .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
+                        match checked {
+                            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                            Err(why) => text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("not ready: {why}\n"),
+                            ),
+                        }
+                    } else if req.uri().path() == "/metrics" {
                         if let Ok(pending) = approvals.list(true) {
                             metrics().pending_approvals.set(pending.len() as i64);
                         }

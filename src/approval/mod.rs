@@ -24,6 +24,8 @@ pub enum Error {
     NotFound(String),
     #[error("request {0} was already decided")]
     AlreadyDecided(String),
+    #[error("{0}")]
+    OutOfRange(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -110,8 +112,18 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     fn get(&self, id: &str) -> Result<Request>;
     /// Every request, newest first (only pending ones if asked).
     fn list(&self, pending_only: bool) -> Result<Vec<Request>>;
-    /// Records an owner's decision on a pending request.
-    fn decide(&self, id: &str, decision: Decision, by: &str, now: i64) -> Result<Request>;
+    /// Records an owner's decision on a pending request, and in the same transaction its
+    /// audit record (`record`, with the request id filled in) in the audit outbox, so that
+    /// a decision never exists without its record (PRIVACY.md §5). Returns the request and
+    /// the outbox id of the record, for the audit log to append and clear.
+    fn decide(
+        &self,
+        id: &str,
+        decision: Decision,
+        by: &str,
+        now: i64,
+        record: &crate::audit::Event,
+    ) -> Result<(Request, i64)>;
     /// Uses an approval once: true if it could release rows (and, when single use, it
     /// cannot any more).
     fn consume(&self, id: &str, now: i64) -> Result<bool>;

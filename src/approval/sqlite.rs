@@ -52,6 +52,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::audit::STORE_SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -173,7 +174,14 @@ impl ApprovalStore for SqliteStore {
         Ok(rows)
     }
 
-    fn decide(&self, id: &str, decision: Decision, by: &str, now: i64) -> Result<Request> {
+    fn decide(
+        &self,
+        id: &str,
+        decision: Decision,
+        by: &str,
+        now: i64,
+        record: &crate::audit::Event,
+    ) -> Result<(Request, i64)> {
         let mut conn = self.conn.lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let current = Self::get_in(&tx, id)?;
@@ -185,18 +193,33 @@ impl ApprovalStore for SqliteStore {
                 max_rows,
                 expires_at,
                 reusable,
-            } => tx.execute(
-                "UPDATE requests SET status = 'approved', max_rows = ?2, expires_at = ?3, reusable = ?4, decided_by = ?5, decided_at = ?6 WHERE id = ?1",
-                params![id, max_rows.map(|n| n as i64), expires_at, reusable as i64, by, now],
-            )?,
+            } => {
+                let max_rows = max_rows
+                    .map(i64::try_from)
+                    .transpose()
+                    .map_err(|_| Error::OutOfRange("max_rows is too large".into()))?;
+                tx.execute(
+                    "UPDATE requests SET status = 'approved', max_rows = ?2, expires_at = ?3, reusable = ?4, decided_by = ?5, decided_at = ?6 WHERE id = ?1",
+                    params![id, max_rows, expires_at, reusable as i64, by, now],
+                )?
+            }
             Decision::Deny { reason } => tx.execute(
                 "UPDATE requests SET status = 'denied', deny_reason = ?2, decided_by = ?3, decided_at = ?4 WHERE id = ?1",
                 params![id, reason, by, now],
             )?,
         };
         let r = Self::get_in(&tx, id)?;
+        let event = crate::audit::Event {
+            approval: Some(id.to_string()),
+            ..record.clone()
+        };
+        tx.execute(
+            "INSERT INTO audit_outbox (event) VALUES (?1)",
+            params![serde_json::to_string(&event).unwrap_or_default()],
+        )?;
+        let outbox = tx.last_insert_rowid();
         tx.commit()?;
-        Ok(r)
+        Ok((r, outbox))
     }
 
     fn consume(&self, id: &str, now: i64) -> Result<bool> {
@@ -248,10 +271,17 @@ mod tests {
                 },
                 "owner",
                 110,
+                &Default::default(),
             )
             .unwrap();
         assert!(matches!(
-            store.decide(&a.id, Decision::Deny { reason: "x".into() }, "owner", 111),
+            store.decide(
+                &a.id,
+                Decision::Deny { reason: "x".into() },
+                "owner",
+                111,
+                &Default::default()
+            ),
             Err(Error::AlreadyDecided(_))
         ));
         assert!(store.consume(&a.id, 120).unwrap());
@@ -282,6 +312,7 @@ mod tests {
                 },
                 "o",
                 110,
+                &Default::default(),
             )
             .unwrap();
         assert!(store.consume(&a.id, 140).unwrap());

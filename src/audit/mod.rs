@@ -1,18 +1,38 @@
 //! The audit trail (PRIVACY.md §5): one JSON line per query and per decision, under
-//! `<state-dir>/audit/audit.jsonl`, each carrying the hash of the one before it.
+//! `<state-dir>/audit/audit.jsonl`, each carrying a keyed hash of the one before it.
 //!
-//! A record's `hash` is the SHA-256 of the previous record's hash and the record's own
-//! JSON without its hash; editing, removing or reordering any record breaks the chain
-//! from there on, which [`verify`] reports with the first bad line. Records are
-//! appended and synced to disk one at a time, under a lock: the chain has one writer.
+//! What it guarantees, and how:
+//!
+//! - **Keyed chain.** A record's `hash` is HMAC-SHA256, under a secret kept outside the
+//!   log (`<state-dir>/keys/audit.key`, mode 0600), of the previous record's hash and the
+//!   record's own JSON without its hash. Editing, removing or reordering any record breaks
+//!   the chain from there on, and whoever can write the log but not read the key cannot
+//!   recompute it. [`verify`] reports the first bad line.
+//! - **Anchored head.** After every append the last sequence number and hash are kept in
+//!   the state store (`audit_anchor` in the approvals SQLite database). A log cut short
+//!   no longer reaches its anchor: [`verify`] and [`AuditLog::open`] report it.
+//! - **Fail closed.** [`AuditLog::append`] returns an error when the record is not on
+//!   disk (write or sync failed); a partly written line is cut back at once, so the next
+//!   append (when the disk can take it again) continues a clean chain. Callers refuse to
+//!   release anything they could not audit (`AUDIT_UNAVAILABLE`).
+//! - **Crash recovery.** [`AuditLog::open`] cuts a partial last line (a crash in the
+//!   middle of a write) and records the cut; marks every release whose start was
+//!   recorded but whose end was not as `release_interrupted`; and appends the decision
+//!   records that the approval store committed with its decisions (`audit_outbox`) but
+//!   that did not reach the log before the process died.
+//!
+//! Records are appended and synced one at a time, under a lock: the chain has one writer.
 //! The SQL text is in the records because the log is for owners and admins only (the
 //! file lives in the state directory; nothing serves it to analysts).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -25,6 +45,14 @@ pub enum Error {
     },
     #[error("audit log line {line}: {message}")]
     Broken { line: usize, message: String },
+    #[error("audit anchor: {0}")]
+    Anchor(#[from] rusqlite::Error),
+    #[error("audit key {path}: {message}")]
+    Key { path: PathBuf, message: String },
+    #[error(
+        "the audit log cannot be written (its last append failed or it does not open for appending)"
+    )]
+    Unavailable,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -32,7 +60,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// What happened, as the owner reads it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// `query` or `decision`.
+    /// `query`, `decision`, `explain`, `upload`, `login` or `recovery`.
     pub kind: String,
     pub principal: String,
     /// The RPC's request id (as in the server log).
@@ -41,11 +69,20 @@ pub struct Event {
     pub approval: Option<String>,
     pub sql_fingerprint: Option<String>,
     pub sql: Option<String>,
-    /// released, refused, approval_pending, approval_denied, approved, denied, failed.
+    /// releasing (a release about to start), released, released_approved,
+    /// released_incomplete, release_interrupted, refused, approval_pending,
+    /// approval_denied, approved, denied, failed, explained, ingested, rate_limited,
+    /// partial_line_cut.
     pub decision: String,
     pub reason_code: Option<String>,
     pub groups_suppressed: Option<u64>,
     pub rows_released: Option<u64>,
+    /// The client's address (logins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Anything else the record needs: the table of an upload, what a recovery cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// One line of the log.
@@ -62,6 +99,11 @@ pub struct Record {
 /// The hash of the first record's predecessor.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// The decision of a record written before a release's first batch.
+pub const RELEASING: &str = "releasing";
+/// The decision recovery gives a release whose end was never recorded.
+pub const RELEASE_INTERRUPTED: &str = "release_interrupted";
+
 #[derive(Serialize)]
 struct Unsigned<'a> {
     seq: u64,
@@ -71,7 +113,38 @@ struct Unsigned<'a> {
     prev: &'a str,
 }
 
-fn hash_of(seq: u64, time: &str, event: &Event, prev: &str) -> String {
+/// The secret the chain is keyed with.
+#[derive(Clone)]
+pub struct Key([u8; 32]);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+impl Key {
+    /// HMAC-SHA256 (RFC 2104) of `parts`, concatenated.
+    fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut ipad = [0x36u8; 64];
+        let mut opad = [0x5cu8; 64];
+        for (i, b) in self.0.iter().enumerate() {
+            ipad[i] ^= b;
+            opad[i] ^= b;
+        }
+        let mut inner = Sha256::new();
+        inner.update(ipad);
+        for p in parts {
+            inner.update(p);
+        }
+        let mut outer = Sha256::new();
+        outer.update(opad);
+        outer.update(inner.finalize());
+        outer.finalize().into()
+    }
+}
+
+fn hash_of(key: &Key, seq: u64, time: &str, event: &Event, prev: &str) -> String {
     let body = serde_json::to_string(&Unsigned {
         seq,
         time,
@@ -79,24 +152,10 @@ fn hash_of(seq: u64, time: &str, event: &Event, prev: &str) -> String {
         prev,
     })
     .unwrap_or_default();
-    let mut h = Sha256::new();
-    h.update(prev.as_bytes());
-    h.update(body.as_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[derive(Debug)]
-struct Tail {
-    file: File,
-    seq: u64,
-    last: String,
-}
-
-/// The append-only, hash-chained log.
-#[derive(Debug)]
-pub struct AuditLog {
-    path: PathBuf,
-    tail: Mutex<Tail>,
+    key.mac(&[prev.as_bytes(), body.as_bytes()])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The log file of a state directory.
@@ -104,9 +163,244 @@ pub fn path_in(state_dir: &Path) -> PathBuf {
     state_dir.join("audit").join("audit.jsonl")
 }
 
+/// The chain's key file of a state directory.
+pub fn key_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("keys").join("audit.key")
+}
+
+/// The database holding the anchor (the approvals store's).
+pub fn anchor_db(state_dir: &Path) -> PathBuf {
+    state_dir.join("approvals").join("approvals.sqlite")
+}
+
+/// The tables the audit trail keeps in the state store. The approval store creates them
+/// too: it writes decision records into the outbox in the decision's own transaction.
+pub const STORE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS audit_anchor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event TEXT NOT NULL
+);
+";
+
+/// Reads the key of a state directory, creating it (0600) when `create` and missing.
+pub fn load_key(state_dir: &Path, create: bool) -> Result<Key> {
+    let path = key_path(state_dir);
+    let err = |message: String| Error::Key {
+        path: path.clone(),
+        message,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let bytes: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| err("not a 32-byte key".into()))?;
+            Ok(Key(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+            use rand::RngCore;
+            let dir = path.parent().expect("has a parent");
+            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            }
+            let mut bytes = [0u8; 32];
+            rand::rng().fill_bytes(&mut bytes);
+            let tmp = path.with_extension("key.tmp");
+            let mut options = OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
+            }
+            let mut f = options.open(&tmp).map_err(|e| err(e.to_string()))?;
+            f.write_all(&bytes).map_err(|e| err(e.to_string()))?;
+            f.sync_all().map_err(|e| err(e.to_string()))?;
+            std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))?;
+            Ok(Key(bytes))
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+fn open_store(state_dir: &Path) -> Result<Connection> {
+    let path = anchor_db(state_dir);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let conn = Connection::open(&path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // A lagging anchor (power loss) is still a record of the log: verification only
+    // needs the anchored record to be there. Process crashes lose nothing in WAL mode.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(STORE_SCHEMA)?;
+    Ok(conn)
+}
+
+fn read_anchor(conn: &Connection) -> Result<Option<(u64, String)>> {
+    Ok(conn
+        .query_row("SELECT seq, hash FROM audit_anchor WHERE id = 1", [], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })
+        .optional()?)
+}
+
+#[derive(Debug)]
+struct Tail {
+    file: File,
+    seq: u64,
+    last: String,
+    /// Bytes of complete records in the file: a failed append is cut back to this.
+    len: u64,
+}
+
+/// The append-only, keyed, anchored log.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    key: Key,
+    tail: Mutex<Tail>,
+    store: Mutex<Connection>,
+    /// Whether the last append reached the disk.
+    healthy: AtomicBool,
+}
+
+/// What a walk over the log found.
+#[derive(Debug, Default)]
+struct Walk {
+    seq: u64,
+    last: String,
+    /// Releases started (request id → their `releasing` event) and not yet ended.
+    open_releases: BTreeMap<String, Event>,
+    /// Approval requests with a decision record.
+    decided: BTreeSet<String>,
+    /// Whether the anchored record was seen with its hash.
+    anchored: bool,
+}
+
+/// Walks `text` (whole lines), checking the chain. `anchor` is checked when given.
+fn walk(text: &str, key: &Key, anchor: Option<&(u64, String)>) -> Result<Walk> {
+    let mut w = Walk {
+        last: GENESIS.to_string(),
+        anchored: anchor.is_none_or(|(seq, _)| *seq == 0),
+        ..Default::default()
+    };
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let r: Record = serde_json::from_str(line).map_err(|e| Error::Broken {
+            line: n,
+            message: format!("not a record: {e}"),
+        })?;
+        if r.seq != w.seq + 1 {
+            return Err(Error::Broken {
+                line: n,
+                message: format!(
+                    "sequence {} follows {}: a record was removed or reordered",
+                    r.seq, w.seq
+                ),
+            });
+        }
+        if r.prev != w.last {
+            return Err(Error::Broken {
+                line: n,
+                message: format!("record {} does not follow the record before it", r.seq),
+            });
+        }
+        if hash_of(key, r.seq, &r.time, &r.event, &r.prev) != r.hash {
+            return Err(Error::Broken {
+                line: n,
+                message: format!(
+                    "record {} was edited (or is not keyed with this key)",
+                    r.seq
+                ),
+            });
+        }
+        if let Some((seq, hash)) = anchor
+            && *seq == r.seq
+        {
+            if *hash != r.hash {
+                return Err(Error::Broken {
+                    line: n,
+                    message: format!("record {} is not the record the anchor names", r.seq),
+                });
+            }
+            w.anchored = true;
+        }
+        match (r.event.kind.as_str(), r.event.decision.as_str()) {
+            ("query", RELEASING) => {
+                w.open_releases
+                    .insert(r.event.request_id.clone(), r.event.clone());
+            }
+            ("query", _) => {
+                w.open_releases.remove(&r.event.request_id);
+            }
+            ("decision", _) => {
+                if let Some(a) = &r.event.approval {
+                    w.decided.insert(a.clone());
+                }
+            }
+            _ => {}
+        }
+        w.seq = r.seq;
+        w.last = r.hash;
+    }
+    if !w.anchored {
+        let (seq, _) = anchor.expect("unanchored only with an anchor");
+        return Err(Error::Broken {
+            line: text.lines().count(),
+            message: format!(
+                "the log ends at record {} but its anchor names record {seq}: records were removed from the end",
+                w.seq
+            ),
+        });
+    }
+    Ok(w)
+}
+
+/// Splits a log's bytes into whole records and a partial last line (a write the process
+/// did not finish), if any.
+fn split_partial(bytes: &[u8]) -> (usize, Option<usize>) {
+    let complete = match bytes.iter().rposition(|b| *b == b'\n') {
+        Some(i) => i + 1,
+        None => 0,
+    };
+    if complete < bytes.len() {
+        return (complete, Some(bytes.len() - complete));
+    }
+    // A last line that is whole but not a record is a partial write too (e.g. a write
+    // cut short and a newline after it); one that is a record is left to the chain check.
+    let body = &bytes[..complete];
+    let start = body[..complete.saturating_sub(1)]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let last = &body[start..complete];
+    let parses = std::str::from_utf8(last)
+        .ok()
+        .and_then(|l| serde_json::from_str::<Record>(l.trim_end()).ok())
+        .is_some();
+    if complete > 0 && !parses {
+        (start, Some(complete - start))
+    } else {
+        (complete, None)
+    }
+}
+
 impl AuditLog {
-    /// Opens the log of a state directory, continuing its chain. A chain that does not
-    /// verify refuses to open: appending to it would hide the break.
+    /// Opens the log of a state directory, recovering from a crash (see the module
+    /// documentation) and continuing its chain. A chain that does not verify, or that
+    /// does not reach its anchor, refuses to open: appending to it would hide the break.
     pub fn open(state_dir: &Path) -> Result<Self> {
         let path = path_in(state_dir);
         let io = |source| Error::Io {
@@ -114,13 +408,13 @@ impl AuditLog {
             source,
         };
         std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(io)?;
-        let (seq, last) = if path.exists() {
-            verify(&path)?
-        } else {
-            (0, GENESIS.to_string())
-        };
-        let file = OpenOptions::new()
+        let key = load_key(state_dir, true)?;
+        let store = open_store(state_dir)?;
+        let anchor = read_anchor(&store)?;
+
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
             .map_err(io)?;
@@ -132,18 +426,102 @@ impl AuditLog {
                 "the audit log is in use by another server on the same state directory",
             ),
         })?;
-        Ok(Self {
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io)?;
+        let (keep, cut) = split_partial(&bytes);
+        let text = std::str::from_utf8(&bytes[..keep]).map_err(|_| Error::Broken {
+            line: 0,
+            message: "the log is not UTF-8".into(),
+        })?;
+        let w = walk(text, &key, anchor.as_ref())?;
+        let cut_line = text.lines().count() + 1;
+        if cut.is_some() {
+            file.set_len(keep as u64).map_err(io)?;
+            file.sync_data().map_err(io)?;
+        }
+        let log = Self {
             path: path.clone(),
-            tail: Mutex::new(Tail { file, seq, last }),
-        })
+            key,
+            tail: Mutex::new(Tail {
+                file,
+                seq: w.seq,
+                last: w.last.clone(),
+                len: keep as u64,
+            }),
+            store: Mutex::new(store),
+            healthy: AtomicBool::new(true),
+        };
+        if let Some(n) = cut {
+            tracing::warn!(
+                bytes = n,
+                line = cut_line,
+                "audit log: cut a partial last line"
+            );
+            log.append(Event {
+                kind: "recovery".into(),
+                decision: "partial_line_cut".into(),
+                detail: Some(format!(
+                    "cut {n} bytes of a partial record at line {cut_line}"
+                )),
+                ..Default::default()
+            })?;
+        }
+        for (_, started) in w.open_releases {
+            log.append(Event {
+                decision: RELEASE_INTERRUPTED.into(),
+                detail: Some("the server stopped before the release ended".into()),
+                ..started
+            })?;
+        }
+        log.drain_outbox(&w.decided)?;
+        Ok(log)
     }
 
-    /// Appends one record and syncs it to disk.
+    /// Appends the decision records the approval store committed and the log does not
+    /// hold yet, then clears them from the outbox.
+    fn drain_outbox(&self, decided: &BTreeSet<String>) -> Result<()> {
+        let rows: Vec<(i64, String)> = {
+            let store = self.store.lock();
+            let mut stmt = store.prepare("SELECT id, event FROM audit_outbox ORDER BY id")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for (id, text) in rows {
+            if let Ok(event) = serde_json::from_str::<Event>(&text) {
+                let logged = event.approval.as_ref().is_some_and(|a| decided.contains(a));
+                if !logged {
+                    self.append(event)?;
+                }
+            }
+            self.store
+                .lock()
+                .execute("DELETE FROM audit_outbox WHERE id = ?1", params![id])?;
+        }
+        Ok(())
+    }
+
+    /// Appends one outbox record (written by the approval store with its decision) and
+    /// removes it from the outbox.
+    pub fn append_from_outbox(&self, outbox_id: i64, event: Event) -> Result<Record> {
+        let record = self.append(event)?;
+        if let Err(e) = self
+            .store
+            .lock()
+            .execute("DELETE FROM audit_outbox WHERE id = ?1", params![outbox_id])
+        {
+            // The record is in the log; recovery skips decisions it already holds.
+            tracing::warn!(error = %e, "audit outbox: cannot clear a written record");
+        }
+        Ok(record)
+    }
+
+    /// Appends one record and syncs it to disk. On error nothing of the record stays in
+    /// the file and the caller must not act as if it was audited.
     pub fn append(&self, event: Event) -> Result<Record> {
         let mut tail = self.tail.lock();
         let seq = tail.seq + 1;
         let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        let hash = hash_of(seq, &time, &event, &tail.last);
+        let hash = hash_of(&self.key, seq, &time, &event, &tail.last);
         let record = Record {
             seq,
             time,
@@ -151,71 +529,109 @@ impl AuditLog {
             prev: tail.last.clone(),
             hash,
         };
-        let line = serde_json::to_string(&record).unwrap_or_default();
+        let mut line = serde_json::to_string(&record).unwrap_or_default();
+        line.push('\n');
         let io = |source| Error::Io {
             path: self.path.clone(),
             source,
         };
-        writeln!(tail.file, "{line}").map_err(io)?;
-        tail.file.sync_data().map_err(io)?;
+        let written = tail
+            .file
+            .write_all(line.as_bytes())
+            .and_then(|_| tail.file.sync_data());
+        if let Err(e) = written {
+            // Cut back whatever part of the line reached the file, so that the next
+            // append continues a clean chain.
+            let len = tail.len;
+            let grew = tail.file.metadata().map_or(true, |m| m.len() != len);
+            if grew && let Err(cut) = tail.file.set_len(len).and_then(|_| tail.file.sync_data()) {
+                tracing::error!(error = %cut, "audit log: cannot cut back a failed append");
+            }
+            if self.healthy.swap(false, Ordering::Relaxed) {
+                tracing::error!(error = %e, "audit log: cannot write; releases are refused until it can");
+            }
+            return Err(io(e));
+        }
         tail.seq = seq;
         tail.last = record.hash.clone();
+        tail.len += line.len() as u64;
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!("audit log: writable again");
+        }
+        if let Err(e) = self.store.lock().execute(
+            "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            params![seq as i64, record.hash],
+        ) {
+            // The record is on disk; only truncation detection lags until the next append.
+            tracing::error!(error = %e, "audit log: cannot update the anchor");
+        }
         Ok(record)
     }
 
-    /// Appends, logging (not failing) when the disk refuses: the query has already been
-    /// decided by then.
+    /// Appends, logging (not failing) when the disk refuses: for records of things that
+    /// release nothing (a refusal, a failed call) and must be answered anyway.
     pub fn record(&self, event: Event) {
         if let Err(e) = self.append(event) {
             tracing::error!(error = %e, "cannot write the audit log");
         }
     }
+
+    /// Whether the trail can be written now: the last append reached the disk and the
+    /// file opens for appending (an immutable or read-only file does not).
+    pub fn writable(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && OpenOptions::new().append(true).open(&self.path).is_ok()
+    }
+
+    /// Whether the trail can be written, checked by writing: a probe file next to the log
+    /// (so a full disk shows) and opening the log for appending (so an immutable file
+    /// shows). For readiness checks, not for every request.
+    pub fn probe(&self) -> bool {
+        let dir = self.path.parent().expect("has a parent");
+        OpenOptions::new().append(true).open(&self.path).is_ok() && probe_dir(dir)
+    }
 }
 
-/// Checks a log file's chain. Returns the last sequence number and hash, or the first
-/// bad record.
-pub fn verify(path: &Path) -> Result<(u64, String)> {
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
+/// Whether a directory takes a small synced write.
+pub fn probe_dir(dir: &Path) -> bool {
+    let probe = dir.join(".probe");
+    let ok = File::create(&probe)
+        .and_then(|mut f| {
+            f.write_all(&[0u8; 4096])?;
+            f.sync_data()
+        })
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+/// Checks the log of a state directory: its keyed chain and that it reaches its anchor.
+/// Returns the number of records and the last hash, or the first bad record.
+pub fn verify(state_dir: &Path) -> Result<(u64, String)> {
+    let path = path_in(state_dir);
+    let key = load_key(state_dir, false)?;
+    let db = anchor_db(state_dir);
+    let anchor = if db.exists() {
+        let conn = Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let has_table: bool = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'audit_anchor'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)?;
+        if has_table { read_anchor(&conn)? } else { None }
+    } else {
+        None
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
         source,
     })?;
-    let mut prev = GENESIS.to_string();
-    let mut seq = 0;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let n = i + 1;
-        let line = line.map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let r: Record = serde_json::from_str(&line).map_err(|e| Error::Broken {
-            line: n,
-            message: format!("not a record: {e}"),
-        })?;
-        if r.seq != seq + 1 {
-            return Err(Error::Broken {
-                line: n,
-                message: format!(
-                    "sequence {} follows {seq}: a record was removed or reordered",
-                    r.seq
-                ),
-            });
-        }
-        if r.prev != prev {
-            return Err(Error::Broken {
-                line: n,
-                message: format!("record {} does not follow the record before it", r.seq),
-            });
-        }
-        if hash_of(r.seq, &r.time, &r.event, &r.prev) != r.hash {
-            return Err(Error::Broken {
-                line: n,
-                message: format!("record {} was edited", r.seq),
-            });
-        }
-        seq = r.seq;
-        prev = r.hash;
-    }
-    Ok((seq, prev))
+    let w = walk(&text, &key, anchor.as_ref())?;
+    Ok((w.seq, w.last))
 }
 
 /// The last `n` records of a log.
@@ -253,6 +669,20 @@ mod tests {
     }
 
     #[test]
+    fn hmac_matches_rfc_4231_case_2_shape() {
+        // Key shorter than the block: RFC 4231 test case 2 uses "Jefe", here padded to 32
+        // bytes with zeros, which HMAC treats the same as the 4-byte key.
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(b"Jefe");
+        let mac = Key(k).mac(&[b"what do ya want ", b"for nothing?"]);
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
     fn chain_verifies_and_catches_edits_removals_and_reordering() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path()).unwrap();
@@ -266,7 +696,7 @@ mod tests {
             .append(event(9))
             .unwrap();
         let path = path_in(dir.path());
-        assert_eq!(verify(&path).unwrap().0, 5);
+        assert_eq!(verify(dir.path()).unwrap().0, 5);
         let good = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = good.lines().collect();
 
@@ -276,21 +706,84 @@ mod tests {
         )
         .unwrap();
         assert!(
-            matches!(verify(&path), Err(Error::Broken { line: 3, .. })),
+            matches!(verify(dir.path()), Err(Error::Broken { line: 3, .. })),
             "{:?}",
-            verify(&path)
+            verify(dir.path())
         );
 
         let removed = [lines[0], lines[2], lines[3], lines[4]].join("\n") + "\n";
         std::fs::write(&path, removed).unwrap();
-        assert!(matches!(verify(&path), Err(Error::Broken { line: 2, .. })));
+        assert!(matches!(
+            verify(dir.path()),
+            Err(Error::Broken { line: 2, .. })
+        ));
 
         let reordered = [lines[0], lines[2], lines[1], lines[3], lines[4]].join("\n") + "\n";
         std::fs::write(&path, reordered).unwrap();
-        assert!(matches!(verify(&path), Err(Error::Broken { line: 2, .. })));
+        assert!(matches!(
+            verify(dir.path()),
+            Err(Error::Broken { line: 2, .. })
+        ));
         assert!(
             AuditLog::open(dir.path()).is_err(),
             "a broken chain is not appended to"
         );
+
+        // Cutting records off the end keeps a valid chain, but not its anchor.
+        let truncated = [lines[0], lines[1], lines[2]].join("\n") + "\n";
+        std::fs::write(&path, truncated).unwrap();
+        let err = verify(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("removed from the end"), "{err}");
+        assert!(AuditLog::open(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_partial_last_line_is_cut_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
+        for i in 0..3 {
+            log.append(event(i)).unwrap();
+        }
+        drop(log);
+        let path = path_in(dir.path());
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":4,\"time\":\"20").unwrap();
+        drop(f);
+        let log = AuditLog::open(dir.path()).unwrap();
+        log.append(event(5)).unwrap();
+        drop(log);
+        let (n, _) = verify(dir.path()).unwrap();
+        assert_eq!(n, 5, "three records, the cut, one more");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("partial_line_cut"), "{text}");
+    }
+
+    #[test]
+    fn a_started_release_without_an_end_is_marked_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
+        log.append(Event {
+            decision: RELEASING.into(),
+            ..event(1)
+        })
+        .unwrap();
+        log.append(Event {
+            decision: RELEASING.into(),
+            ..event(2)
+        })
+        .unwrap();
+        log.append(event(2)).unwrap();
+        drop(log);
+        drop(AuditLog::open(dir.path()).unwrap());
+        let text = std::fs::read_to_string(path_in(dir.path())).unwrap();
+        let interrupted: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(RELEASE_INTERRUPTED))
+            .collect();
+        assert_eq!(interrupted.len(), 1, "{text}");
+        assert!(interrupted[0].contains("\"request_id\":\"r1\""));
+        // Reopening again adds nothing.
+        drop(AuditLog::open(dir.path()).unwrap());
+        assert_eq!(verify(dir.path()).unwrap().0, 4);
     }
 }

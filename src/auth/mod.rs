@@ -39,6 +39,8 @@ pub enum Error {
     InvalidCredentials,
     #[error("unknown or expired token; authenticate again")]
     InvalidToken,
+    #[error("too many failed logins for this user or address; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -52,6 +54,38 @@ const BASIC_DECODER: GeneralPurpose = GeneralPurpose::new(
 /// How long a verified Basic pair is remembered.
 const BASIC_CACHE_TTL: Duration = Duration::from_secs(300);
 
+/// The window failed logins are counted in.
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Throttled keys kept before expired windows are swept.
+const FAILURE_SWEEP_AT: usize = 10_000;
+
+/// How password checks are bounded: argon2id takes 19 MiB and tens of milliseconds per
+/// check, so wrong passwords must not run it without bound.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginLimits {
+    /// Password verifications running at once; further ones wait their turn.
+    pub max_concurrent: usize,
+    /// Failed logins per user name, and per client address, within a minute; more are
+    /// refused with `RATE_LIMITED` (without running argon2) until the minute is over.
+    pub failures_per_minute: u32,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 4,
+            failures_per_minute: 10,
+        }
+    }
+}
+
+/// Failed logins in the current window of one user name or address.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    since: Instant,
+    count: u32,
+}
 #[derive(Debug)]
 struct Grant {
     principal: Arc<Principal>,
@@ -66,6 +100,12 @@ pub struct Authenticator {
     tokens: DashMap<String, Grant>,
     basic_cache: DashMap<[u8; 32], Grant>,
     cache_key: [u8; 32],
+    limits: LoginLimits,
+    verifications: Arc<tokio::sync::Semaphore>,
+    /// argon2's working memory, one buffer per verification that may run at once, reused.
+    memory: Arc<parking_lot::Mutex<Vec<Vec<argon2::Block>>>>,
+    failed_users: DashMap<String, Failures>,
+    failed_peers: DashMap<std::net::IpAddr, Failures>,
 }
 
 impl Authenticator {
@@ -78,22 +118,55 @@ impl Authenticator {
             tokens: DashMap::new(),
             basic_cache: DashMap::new(),
             cache_key,
+            limits: LoginLimits::default(),
+            verifications: Arc::new(tokio::sync::Semaphore::new(
+                LoginLimits::default().max_concurrent,
+            )),
+            memory: Arc::default(),
+            failed_users: DashMap::new(),
+            failed_peers: DashMap::new(),
         }
     }
 
-    /// Checks a username and password (argon2id, off the async threads).
-    pub async fn verify_password(&self, user: &str, password: &str) -> Result<Arc<Principal>> {
+    /// The same authenticator with other login limits.
+    pub fn with_login_limits(mut self, limits: LoginLimits) -> Self {
+        self.verifications = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent.max(1)));
+        self.limits = limits;
+        self
+    }
+
+    /// Checks a username and password (argon2id, off the async threads, at most
+    /// `max_concurrent` at once); throttles failures per user name and per `peer`.
+    pub async fn verify_password(
+        &self,
+        user: &str,
+        password: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Arc<Principal>> {
         let key = self.basic_key(user, password);
         if let Some(g) = self.basic_cache.get(&key)
             && g.expires > Instant::now()
         {
             return Ok(Arc::clone(&g.principal));
         }
+        self.check_throttle(user, peer)?;
+        let permit = Arc::clone(&self.verifications)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::InvalidCredentials)?;
+        // Others may have failed while this one waited.
+        self.check_throttle(user, peer)?;
         let entry = self.users.get(user).cloned();
         let password = zeroize::Zeroizing::new(password.to_string());
         let user_name = user.to_string();
+        let memory = Arc::clone(&self.memory);
         let principal = tokio::task::spawn_blocking(move || {
-            users::verify(entry.as_ref(), &password).then(|| {
+            let _permit = permit;
+            // At most `max_concurrent` buffers exist: one per permit.
+            let mut buffer = memory.lock().pop().unwrap_or_default();
+            let ok = users::verify_in(entry.as_ref(), &password, &mut buffer);
+            memory.lock().push(buffer);
+            ok.then(|| {
                 let entry = entry.expect("verify fails without an entry");
                 Arc::new(Principal {
                     name: user_name,
@@ -102,8 +175,11 @@ impl Authenticator {
             })
         })
         .await
-        .map_err(|_| Error::InvalidCredentials)?
-        .ok_or(Error::InvalidCredentials)?;
+        .map_err(|_| Error::InvalidCredentials)?;
+        let Some(principal) = principal else {
+            self.count_failure(user, peer);
+            return Err(Error::InvalidCredentials);
+        };
         self.basic_cache.insert(
             key,
             Grant {
@@ -112,6 +188,51 @@ impl Authenticator {
             },
         );
         Ok(principal)
+    }
+
+    /// Refuses when the user name or the address failed too often in the current window.
+    fn check_throttle(&self, user: &str, peer: Option<std::net::IpAddr>) -> Result<()> {
+        let now = Instant::now();
+        let limit = self.limits.failures_per_minute;
+        let over = |f: &Failures| -> Option<u64> {
+            let end = f.since + FAILURE_WINDOW;
+            (f.count >= limit && end > now).then(|| (end - now).as_secs() + 1)
+        };
+        let by_user = self.failed_users.get(user).and_then(|f| over(&f));
+        let by_peer = peer.and_then(|p| self.failed_peers.get(&p).and_then(|f| over(&f)));
+        match by_user.max(by_peer) {
+            Some(retry_after_secs) => Err(Error::RateLimited { retry_after_secs }),
+            None => Ok(()),
+        }
+    }
+
+    fn count_failure(&self, user: &str, peer: Option<std::net::IpAddr>) {
+        let now = Instant::now();
+        let bump = |f: &mut Failures| {
+            if f.since + FAILURE_WINDOW <= now {
+                *f = Failures {
+                    since: now,
+                    count: 0,
+                };
+            }
+            f.count = f.count.saturating_add(1);
+        };
+        let fresh = Failures {
+            since: now,
+            count: 0,
+        };
+        if self.failed_users.len() > FAILURE_SWEEP_AT {
+            self.failed_users
+                .retain(|_, f| f.since + FAILURE_WINDOW > now);
+        }
+        if self.failed_peers.len() > FAILURE_SWEEP_AT {
+            self.failed_peers
+                .retain(|_, f| f.since + FAILURE_WINDOW > now);
+        }
+        bump(&mut self.failed_users.entry(user.to_string()).or_insert(fresh));
+        if let Some(p) = peer {
+            bump(&mut self.failed_peers.entry(p).or_insert(fresh));
+        }
     }
 
     /// Issues a new bearer token for a principal.
@@ -135,10 +256,16 @@ impl Authenticator {
     }
 
     /// The principal behind a call's `authorization` header: Bearer or Basic.
-    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Arc<Principal>> {
+    pub async fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Arc<Principal>> {
         match Credentials::from_metadata(metadata)? {
             Credentials::Bearer(token) => self.principal_for_token(&token),
-            Credentials::Basic { user, password } => self.verify_password(&user, &password).await,
+            Credentials::Basic { user, password } => {
+                self.verify_password(&user, &password, peer).await
+            }
         }
     }
 
@@ -222,22 +349,60 @@ mod tests {
     #[tokio::test]
     async fn basic_then_bearer() {
         let a = auth();
-        let p = a.verify_password("ann", "secret").await.unwrap();
+        let p = a.verify_password("ann", "secret", None).await.unwrap();
         assert_eq!(p.roles, vec!["analyst".to_string()]);
         assert_eq!(
-            a.verify_password("ann", "nope").await.unwrap_err(),
+            a.verify_password("ann", "nope", None).await.unwrap_err(),
             Error::InvalidCredentials
         );
         assert_eq!(
-            a.verify_password("bob", "secret").await.unwrap_err(),
+            a.verify_password("bob", "secret", None).await.unwrap_err(),
             Error::InvalidCredentials
         );
         let token = a.issue_token(p.clone());
         let mut md = MetadataMap::new();
         md.insert("authorization", format!("Bearer {token}").parse().unwrap());
-        assert_eq!(a.authenticate(&md).await.unwrap(), p);
+        assert_eq!(a.authenticate(&md, None).await.unwrap(), p);
         md.insert("authorization", "Bearer forged".parse().unwrap());
-        assert_eq!(a.authenticate(&md).await.unwrap_err(), Error::InvalidToken);
+        assert_eq!(
+            a.authenticate(&md, None).await.unwrap_err(),
+            Error::InvalidToken
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_logins_are_throttled_per_user_and_per_address() {
+        let a = auth().with_login_limits(LoginLimits {
+            max_concurrent: 1,
+            failures_per_minute: 2,
+        });
+        let here: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let there: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                a.verify_password("ann", "nope", Some(here))
+                    .await
+                    .unwrap_err(),
+                Error::InvalidCredentials
+            );
+        }
+        // The user name is throttled, from any address, even with the right password.
+        assert!(matches!(
+            a.verify_password("ann", "secret", Some(there)).await,
+            Err(Error::RateLimited { retry_after_secs }) if retry_after_secs <= 61
+        ));
+        // The address is throttled for any user name.
+        assert!(matches!(
+            a.verify_password("bob", "x", Some(here)).await,
+            Err(Error::RateLimited { .. })
+        ));
+        // Others are not.
+        assert_eq!(
+            a.verify_password("bob", "x", Some(there))
+                .await
+                .unwrap_err(),
+            Error::InvalidCredentials
+        );
     }
 
     #[tokio::test]

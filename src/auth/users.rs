@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2};
 use serde::Deserialize;
 use toml::Spanned;
@@ -110,14 +110,57 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
 const DECOY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$bQk8kdVd4ZtF3kN7xO0BvJX0Kx2Gz8mY9rN3x8y7y0Q";
 
 /// True when `password` matches the entry. Runs argon2 even when there is no entry.
+#[cfg(test)]
 pub(crate) fn verify(entry: Option<&UserEntry>, password: &str) -> bool {
+    verify_in(entry, password, &mut Vec::new())
+}
+
+/// [`verify`] with argon2's working memory (19 MiB for the default parameters) in
+/// `memory`, grown as needed and kept by the caller for the next check. Reusing a few
+/// long-lived buffers, instead of allocating and freeing 19 MiB per check on whichever
+/// thread runs it, is what keeps the process's memory flat under a flood of wrong
+/// passwords: the allocator kept the freed blocks per thread arena (800 MB after 40
+/// concurrent failures, four at a time).
+pub(crate) fn verify_in(
+    entry: Option<&UserEntry>,
+    password: &str,
+    memory: &mut Vec<argon2::Block>,
+) -> bool {
+    use argon2::{Algorithm, Params, Version};
     let hash = entry.map_or(DECOY_HASH, |e| e.password_hash.as_str());
     let Ok(parsed) = PasswordHash::new(hash) else {
         return false;
     };
-    Argon2::default()
-        .verify_password(password.as_bytes(), &parsed)
-        .is_ok()
+    let (Ok(params), Some(expected), Some(salt)) =
+        (Params::try_from(&parsed), parsed.hash, parsed.salt)
+    else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(parsed.algorithm) else {
+        return false;
+    };
+    let version = match parsed.version.map(Version::try_from).transpose() {
+        Ok(v) => v.unwrap_or_default(),
+        Err(_) => return false,
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, argon2::Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    let computed = Argon2::new(algorithm, version, params).hash_password_into_with_memory(
+        password.as_bytes(),
+        salt,
+        &mut out,
+        &mut memory[..blocks],
+    );
+    // Output's equality is constant-time.
+    computed.is_ok()
+        && argon2::password_hash::Output::new(&out).is_ok_and(|o| o == expected)
         && entry.is_some()
 }
 

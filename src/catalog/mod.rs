@@ -130,6 +130,15 @@ impl Catalog {
         };
         let mut errors = Vec::new();
         for schema in schemas.flatten().filter(|e| e.path().is_dir()) {
+            // Uploads live in one schema; anything else under uploads/ (left by an older
+            // version that accepted any schema) is not served.
+            if schema.file_name() != crate::ingest::DEFAULT_SCHEMA {
+                tracing::warn!(
+                    dir = %schema.path().display(),
+                    "ignoring uploads outside the uploads schema"
+                );
+                continue;
+            }
             for table in std::fs::read_dir(schema.path())
                 .into_iter()
                 .flatten()

@@ -66,7 +66,60 @@ pub struct ConfigArgs {
     #[arg(long, env = "AIRLOCK_MAX_CONCURRENT_QUERIES", value_name = "N")]
     pub max_concurrent_queries: Option<usize>,
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
+}
+
+/// Limits that keep hostile clients from holding the service (shared by `serve` and
+/// `demo`). Each overrides the `[limits]` key of the same name.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct LimitArgs {
+    /// Cancel a result stream whose client has not read for this long, freeing its query
+    /// slot and memory (e.g. 60s).
+    #[arg(long, env = "AIRLOCK_STREAM_IDLE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub stream_idle_timeout: Option<Duration>,
+    /// Most bytes a client may send when binding prepared-statement parameters (e.g. 1MiB).
+    #[arg(long, env = "AIRLOCK_MAX_PARAMETER_BYTES", value_name = "BYTES")]
+    pub max_parameter_bytes: Option<ByteSize>,
+    /// Password checks (argon2id, 19 MiB each) running at once.
+    #[arg(long, env = "AIRLOCK_MAX_CONCURRENT_LOGINS", value_name = "N")]
+    pub max_concurrent_logins: Option<usize>,
+    /// Failed logins per user name and per client address within a minute before further
+    /// attempts are refused with RATE_LIMITED.
+    #[arg(long, env = "AIRLOCK_FAILED_LOGINS_PER_MINUTE", value_name = "N")]
+    pub failed_logins_per_minute: Option<u32>,
+    /// Deepest expression a query may nest (operators, calls, subscripts), checked on
+    /// the SQL before planning.
+    #[arg(long, env = "AIRLOCK_MAX_EXPRESSION_DEPTH", value_name = "N")]
+    pub max_expression_depth: Option<usize>,
+    /// Most expression nodes a query may hold, checked on the SQL before planning.
+    #[arg(long, env = "AIRLOCK_MAX_EXPRESSION_NODES", value_name = "N")]
+    pub max_expression_nodes: Option<usize>,
+}
+
+impl LimitArgs {
+    /// Applies the flags given over `limits`.
+    pub fn apply(&self, limits: &mut Limits) {
+        if let Some(d) = self.stream_idle_timeout {
+            limits.stream_idle_timeout = d;
+        }
+        if let Some(b) = self.max_parameter_bytes {
+            limits.max_parameter_bytes = b.as_u64() as usize;
+        }
+        if let Some(n) = self.max_concurrent_logins {
+            limits.max_concurrent_logins = n.max(1);
+        }
+        if let Some(n) = self.failed_logins_per_minute {
+            limits.failed_logins_per_minute = n.max(1);
+        }
+        if let Some(n) = self.max_expression_depth {
+            limits.max_expression_depth = n.max(1);
+        }
+        if let Some(n) = self.max_expression_nodes {
+            limits.max_expression_nodes = n.max(1);
+        }
+    }
 }
 
 /// Where traces and metrics go (shared by `serve` and `demo`).
@@ -113,6 +166,18 @@ pub struct Limits {
     pub cache_memory: usize,
     /// How often cached datasets' files are checked for changes.
     pub cache_check_interval: Duration,
+    /// A result stream whose client has not read for this long is cancelled.
+    pub stream_idle_timeout: Duration,
+    /// Most bytes read from a DoPut of prepared-statement parameters.
+    pub max_parameter_bytes: usize,
+    /// Password verifications running at once.
+    pub max_concurrent_logins: usize,
+    /// Failed logins per user name and per address within a minute.
+    pub failed_logins_per_minute: u32,
+    /// Deepest expression nesting a query may have.
+    pub max_expression_depth: usize,
+    /// Most expression nodes a query may have.
+    pub max_expression_nodes: usize,
 }
 
 impl Default for Limits {
@@ -124,6 +189,12 @@ impl Default for Limits {
             token_ttl: Duration::from_secs(8 * 3600),
             cache_memory: 1024 * 1024 * 1024,
             cache_check_interval: Duration::from_secs(2),
+            stream_idle_timeout: Duration::from_secs(60),
+            max_parameter_bytes: 1024 * 1024,
+            max_concurrent_logins: 4,
+            failed_logins_per_minute: 10,
+            max_expression_depth: 256,
+            max_expression_nodes: 10_000,
         }
     }
 }
@@ -245,6 +316,12 @@ struct RawLimits {
     token_ttl: Option<Spanned<String>>,
     cache_memory: Option<Spanned<String>>,
     cache_check_interval: Option<Spanned<String>>,
+    stream_idle_timeout: Option<Spanned<String>>,
+    max_parameter_bytes: Option<Spanned<String>>,
+    max_concurrent_logins: Option<Spanned<usize>>,
+    failed_logins_per_minute: Option<Spanned<u32>>,
+    max_expression_depth: Option<Spanned<usize>>,
+    max_expression_nodes: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -390,17 +467,64 @@ impl ServiceConfig {
             if let Some(b) = limit(&mut out, at, "memory_per_query", &l.memory_per_query, bytes) {
                 limits.memory_per_query = b;
             }
-            if let Some(n) = &l.max_concurrent_queries {
-                limits.max_concurrent_queries = *n.get_ref();
-                if *n.get_ref() == 0 {
-                    out.push(Diagnostic::at_span(
-                        &file,
-                        &text,
-                        Some(n.span()),
-                        "limits.max_concurrent_queries must be at least 1",
-                    ));
-                }
+            if let Some(d) = limit(
+                &mut out,
+                at,
+                "stream_idle_timeout",
+                &l.stream_idle_timeout,
+                interval,
+            ) {
+                limits.stream_idle_timeout = d;
             }
+            if let Some(b) = limit(
+                &mut out,
+                at,
+                "max_parameter_bytes",
+                &l.max_parameter_bytes,
+                bytes,
+            ) {
+                limits.max_parameter_bytes = b;
+            }
+            let mut count = |key: &str, n: &Option<Spanned<usize>>, into: &mut usize| {
+                if let Some(n) = n {
+                    *into = *n.get_ref();
+                    if *n.get_ref() == 0 {
+                        out.push(Diagnostic::at_span(
+                            &file,
+                            &text,
+                            Some(n.span()),
+                            format!("limits.{key} must be at least 1"),
+                        ));
+                    }
+                }
+            };
+            count(
+                "max_concurrent_queries",
+                &l.max_concurrent_queries,
+                &mut limits.max_concurrent_queries,
+            );
+            count(
+                "max_concurrent_logins",
+                &l.max_concurrent_logins,
+                &mut limits.max_concurrent_logins,
+            );
+            count(
+                "max_expression_depth",
+                &l.max_expression_depth,
+                &mut limits.max_expression_depth,
+            );
+            count(
+                "max_expression_nodes",
+                &l.max_expression_nodes,
+                &mut limits.max_expression_nodes,
+            );
+            let per_minute = l
+                .failed_logins_per_minute
+                .as_ref()
+                .map(|n| Spanned::new(n.span(), *n.get_ref() as usize));
+            let mut failures = limits.failed_logins_per_minute as usize;
+            count("failed_logins_per_minute", &per_minute, &mut failures);
+            limits.failed_logins_per_minute = failures.min(u32::MAX as usize) as u32;
         }
         if let Some(d) = args.query_timeout {
             limits.query_timeout = d;
@@ -411,6 +535,7 @@ impl ServiceConfig {
         if let Some(n) = args.max_concurrent_queries {
             limits.max_concurrent_queries = n.max(1);
         }
+        args.limits.apply(&mut limits);
 
         let mut datasets = Vec::new();
         let mut seen = BTreeSet::new();

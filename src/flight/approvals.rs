@@ -34,6 +34,10 @@ pub const STATUS: &str = "RequestStatus";
 /// Default lifetime of an approval: 24 hours.
 pub const DEFAULT_EXPIRY_SECS: i64 = 24 * 3600;
 
+/// Longest lifetime of an approval: ten years (a longer one is a mistake, and a much
+/// longer one would overflow the clock's arithmetic).
+pub const MAX_EXPIRY_SECS: i64 = 10 * 365 * 24 * 3600;
+
 #[derive(Debug, Default, Deserialize)]
 struct IdBody {
     id: String,
@@ -117,6 +121,7 @@ fn store_err(e: crate::approval::Error) -> Error {
         crate::approval::Error::AlreadyDecided(id) => {
             Error::InvalidRequest(format!("request {id} was already decided"))
         }
+        crate::approval::Error::OutOfRange(m) => Error::InvalidRequest(m),
         other => Error::Internal(other.to_string()),
     }
 }
@@ -134,24 +139,15 @@ pub async fn handle(
     let result = match kind {
         LIST => list(body, principal, sessions, store),
         SHOW => show(body, principal, sessions, store).await,
-        APPROVE | DENY => {
-            let approve = kind == APPROVE;
-            let result = decide(body, principal, sessions, store, approve);
-            if let Ok(text) = &result
-                && let Ok(r) = serde_json::from_str::<Request>(text)
-            {
-                audit.record(AuditEvent {
-                    kind: "decision".into(),
-                    principal: principal.name.clone(),
-                    request_id: rid.to_string(),
-                    approval: Some(r.id.clone()),
-                    sql: Some(r.sql.clone()),
-                    decision: if approve { "approved" } else { "denied" }.into(),
-                    ..Default::default()
-                });
-            }
-            result
-        }
+        APPROVE | DENY => decide(
+            body,
+            principal,
+            sessions,
+            store,
+            audit,
+            rid,
+            kind == APPROVE,
+        ),
         STATUS => status(body, principal, sessions, store),
         _ => return None,
     };
@@ -207,26 +203,42 @@ async fn show(
     .unwrap_or_default())
 }
 
+/// Records a decision and its audit record in one durable step (the approval store's
+/// transaction writes the record to the audit outbox), then moves the record to the log.
+/// Refused with `AUDIT_UNAVAILABLE`, deciding nothing, while the log cannot be written.
 fn decide(
     body: &[u8],
     principal: &Principal,
     sessions: &Sessions,
     store: &dyn ApprovalStore,
+    audit: &AuditLog,
+    rid: &RequestId,
     approve: bool,
 ) -> Result<String> {
     let (id, decision) = if approve {
         let b: ApproveBody = parse(body)?;
         let expires = b.expires_in_secs.unwrap_or(DEFAULT_EXPIRY_SECS);
-        if expires <= 0 {
-            return Err(Error::InvalidRequest(
-                "expires_in_secs must be positive".into(),
-            ));
+        if !(1..=MAX_EXPIRY_SECS).contains(&expires) {
+            return Err(Error::InvalidRequest(format!(
+                "expires_in_secs must be between 1 and {MAX_EXPIRY_SECS} (ten years)"
+            )));
         }
+        if let Some(n) = b.max_rows
+            && i64::try_from(n).is_err()
+        {
+            return Err(Error::InvalidRequest(format!(
+                "max_rows must be at most {}",
+                i64::MAX
+            )));
+        }
+        let expires_at = now()
+            .checked_add(expires)
+            .ok_or_else(|| Error::InvalidRequest("expires_in_secs is too large".into()))?;
         (
             b.id,
             Decision::Approve {
                 max_rows: b.max_rows,
-                expires_at: now() + expires,
+                expires_at,
                 reusable: b.reusable,
             },
         )
@@ -251,10 +263,27 @@ fn decide(
         }
         return Err(not_yours(&id));
     }
-    let decided = store
-        .decide(&id, decision, &principal.name, now())
+    if !audit.writable() {
+        return Err(Error::AuditUnavailable(crate::audit::Error::Unavailable));
+    }
+    let record = AuditEvent {
+        kind: "decision".into(),
+        principal: principal.name.clone(),
+        request_id: rid.to_string(),
+        approval: Some(id.clone()),
+        sql: Some(r.sql.clone()),
+        decision: if approve { "approved" } else { "denied" }.into(),
+        ..Default::default()
+    };
+    let (decided, outbox) = store
+        .decide(&id, decision, &principal.name, now(), &record)
         .map_err(store_err)?;
     tracing::info!(request = %id, decided_by = %principal.name, approved = approve, "approval decision");
+    if let Err(e) = audit.append_from_outbox(outbox, record) {
+        // The decision and its record are durable together in the state store; the record
+        // reaches the log when the server next starts.
+        tracing::error!(request = %id, error = %e, "decision recorded in the outbox only");
+    }
     Ok(serde_json::to_string(&decided).unwrap_or_default())
 }
 

@@ -5,6 +5,7 @@
 //! comes back. Errors become statuses in exactly one place (`Error::into_status`).
 
 pub mod approvals;
+pub mod guard;
 pub mod handles;
 pub mod metadata;
 pub mod request_id;
@@ -42,7 +43,7 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::approval::ApprovalStore;
-use crate::audit::{AuditLog, Event as AuditEvent};
+use crate::audit::{AuditLog, Event as AuditEvent, RELEASING};
 use crate::auth::{Authenticator, Credentials, Principal};
 use crate::error::{Error, Result};
 use crate::policy::refusal::{ReasonCode, Refusal};
@@ -78,6 +79,8 @@ pub struct AirlockService {
     audit: Arc<AuditLog>,
     state_dir: std::path::PathBuf,
     handles: Handles,
+    /// Planning threads at once (planning runs off the async threads, see [`Self::planning`]).
+    planners: Arc<tokio::sync::Semaphore>,
 }
 
 impl AirlockService {
@@ -91,18 +94,45 @@ impl AirlockService {
     ) -> Self {
         Self {
             auth,
-            sessions,
             users,
             approvals,
             audit,
+            planners: Arc::new(tokio::sync::Semaphore::new(
+                sessions.limits().max_concurrent_queries,
+            )),
+            sessions,
             state_dir,
             handles: Handles::default(),
         }
     }
 
-    /// Audits a query that was not released: refused, sent to approval, or failed.
-    fn audit_unreleased(&self, principal: &Principal, rid: &RequestId, sql: &str, err: &Error) {
-        let (decision, code) = match err {
+    /// Audits a query that was not released (refused, sent to approval, or failed) and
+    /// returns its error, or `AUDIT_UNAVAILABLE` when the record cannot be written: no
+    /// answer leaves without its record.
+    fn audit_unreleased(
+        &self,
+        principal: &Principal,
+        rid: &RequestId,
+        sql: Option<&str>,
+        err: Error,
+    ) -> Error {
+        self.audit_outcome("query", principal, rid, sql, None, err)
+    }
+
+    /// [`Self::audit_unreleased`] for any kind of record (`query`, `explain`, `upload`).
+    fn audit_outcome(
+        &self,
+        kind: &str,
+        principal: &Principal,
+        rid: &RequestId,
+        sql: Option<&str>,
+        detail: Option<String>,
+        err: Error,
+    ) -> Error {
+        if let Error::AuditUnavailable(_) = err {
+            return err;
+        }
+        let (decision, code) = match &err {
             Error::Refused(r) => (
                 match r.code {
                     ReasonCode::ApprovalPending => "approval_pending",
@@ -113,7 +143,7 @@ impl AirlockService {
             ),
             _ => ("failed", None),
         };
-        let approval = match err {
+        let approval = match &err {
             Error::Refused(r) => r
                 .message
                 .strip_prefix("request ")
@@ -121,27 +151,119 @@ impl AirlockService {
                 .map(str::to_string),
             _ => None,
         };
-        crate::telemetry::metrics()
-            .queries
-            .with_label_values(&[decision, code.as_deref().unwrap_or("")])
-            .inc();
-        self.audit.record(AuditEvent {
-            kind: "query".into(),
+        if kind == "query" {
+            crate::telemetry::metrics()
+                .queries
+                .with_label_values(&[decision, code.as_deref().unwrap_or("")])
+                .inc();
+        }
+        let written = self.audit.append(AuditEvent {
+            kind: kind.into(),
             principal: principal.name.clone(),
             request_id: rid.to_string(),
             approval,
-            sql_fingerprint: Some(sql_fingerprint(sql)),
-            sql: Some(sql.to_string()),
+            sql_fingerprint: sql.map(sql_fingerprint),
+            sql: sql.map(str::to_string),
             decision: decision.into(),
             reason_code: code,
+            detail,
             ..Default::default()
         });
+        match written {
+            Ok(_) => err,
+            Err(e) => Error::AuditUnavailable(e),
+        }
     }
 
+    /// The caller's principal. Wrong passwords and throttled logins are audited.
     async fn principal<T>(&self, request: &Request<T>) -> Result<Arc<Principal>> {
-        let principal = self.auth.authenticate(request.metadata()).await?;
-        tracing::Span::current().record("principal", principal.name.as_str());
-        Ok(principal)
+        let peer = request.remote_addr().map(|a| a.ip());
+        match self.auth.authenticate(request.metadata(), peer).await {
+            Ok(principal) => {
+                tracing::Span::current().record("principal", principal.name.as_str());
+                Ok(principal)
+            }
+            Err(e) => {
+                let user = match Credentials::from_metadata(request.metadata()) {
+                    Ok(Credentials::Basic { user, .. }) => user,
+                    _ => String::new(),
+                };
+                Err(self.login_failed(&user, peer, &RequestId::of(request), e))
+            }
+        }
+    }
+
+    /// Audits a failed password login (wrong password, throttled) and returns its error,
+    /// or `AUDIT_UNAVAILABLE` when the record cannot be written.
+    fn login_failed(
+        &self,
+        user: &str,
+        peer: Option<std::net::IpAddr>,
+        rid: &RequestId,
+        e: crate::auth::Error,
+    ) -> Error {
+        let decision = match e {
+            crate::auth::Error::InvalidCredentials => "failed",
+            crate::auth::Error::RateLimited { .. } => "rate_limited",
+            _ => return e.into(),
+        };
+        let written = self.audit.append(AuditEvent {
+            kind: "login".into(),
+            // A user name is the client's text: bounded in the record.
+            principal: user.chars().take(256).collect(),
+            request_id: rid.to_string(),
+            decision: decision.into(),
+            reason_code: matches!(e, crate::auth::Error::RateLimited { .. })
+                .then(|| ReasonCode::RateLimited.as_str().to_string()),
+            peer: peer.map(|p| p.to_string()),
+            ..Default::default()
+        });
+        match written {
+            Ok(_) => e.into(),
+            Err(a) => Error::AuditUnavailable(a),
+        }
+    }
+
+    /// Runs a planning step (SQL → optimized plan: CPU-bound, and for hostile SQL slow)
+    /// on a blocking thread, never on the async threads, under the query timeout, after a
+    /// cheap bound on the SQL's size (`query::parse::check_size`). When the caller goes
+    /// away or the timeout passes the step is abandoned: it holds one of the
+    /// `max_concurrent_queries` planner permits until it ends, so abandoned work is
+    /// bounded too.
+    async fn planning<T, F>(&self, sql: &str, step: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        let limits = self.sessions.limits();
+        let timeout = limits.query_timeout;
+        let (depth, nodes) = (limits.max_expression_depth, limits.max_expression_nodes);
+        let over = || {
+            Error::ResourceExhausted(format!(
+                "planning exceeded the query time limit of {}",
+                humantime::format_duration(timeout)
+            ))
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let permit = tokio::time::timeout_at(deadline, Arc::clone(&self.planners).acquire_owned())
+            .await
+            .map_err(|_| over())?
+            .map_err(|_| Error::Internal("planner permits closed".into()))?;
+        let sql = sql.to_string();
+        let runtime = tokio::runtime::Handle::current();
+        let span = tracing::Span::current();
+        let task = tokio::task::spawn_blocking(move || {
+            use tracing::Instrument;
+            let _permit = permit;
+            let _entered = span.enter();
+            query::parse::check_size(&sql, depth, nodes)?;
+            runtime.block_on(step.in_current_span())
+        });
+        match tokio::time::timeout_at(deadline, task).await {
+            Err(_) => Err(over()),
+            Ok(Err(e)) => Err(Error::Internal(format!("planning task: {e}"))),
+            Ok(Ok(result)) => result,
+        }
     }
 
     /// A FlightInfo whose one endpoint's ticket is `ticket`; no counts (-1), ever.
@@ -181,11 +303,27 @@ impl AirlockService {
         params: Option<&[ScalarValue]>,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo> {
-        let result = self.plan_to_info(principal, sql, params, descriptor).await;
-        if let Err(e) = &result {
-            self.audit_unreleased(principal, rid, sql, e);
-        }
-        result
+        self.plan_to_info(principal, sql, params, descriptor)
+            .await
+            .map_err(|e| self.audit_unreleased(principal, rid, Some(sql), e))
+    }
+
+    /// Plans `sql` with approvals, off the async threads (see [`Self::planning`]).
+    async fn plan_query(
+        &self,
+        principal: &Arc<Principal>,
+        sql: &str,
+        params: Option<&[ScalarValue]>,
+    ) -> Result<query::PlannedQuery> {
+        let session = self.sessions.session_for(principal);
+        let approvals = Arc::clone(&self.approvals);
+        let owned_sql = sql.to_string();
+        let params = params.map(<[ScalarValue]>::to_vec);
+        self.planning(sql, async move {
+            query::plan_with_approvals(session, &owned_sql, params.as_deref(), approvals.as_ref())
+                .await
+        })
+        .await
     }
 
     async fn plan_to_info(
@@ -195,9 +333,7 @@ impl AirlockService {
         params: Option<&[ScalarValue]>,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo> {
-        let session = self.sessions.session_for(principal);
-        let planned =
-            query::plan_with_approvals(session, sql, params, self.approvals.as_ref()).await?;
+        let planned = self.plan_query(principal, sql, params).await?;
         let schema = Arc::clone(&planned.schema);
         let handle = self.handles.put_query(planned);
         let ticket = TicketStatementQuery {
@@ -210,11 +346,22 @@ impl AirlockService {
         )
     }
 
+    /// Runs a planned query and streams it; failures are audited.
     async fn run_planned(
         &self,
         planned: &query::PlannedQuery,
         rid: RequestId,
     ) -> Result<DoGetStream> {
+        self.release(planned, rid.clone())
+            .await
+            .map_err(|e| self.audit_unreleased(planned.principal(), &rid, Some(&planned.sql), e))
+    }
+
+    /// Starts a release: the record that authorises it is on disk before its first batch
+    /// can leave (refused with `AUDIT_UNAVAILABLE` when it cannot be written); the record
+    /// of how it ended follows when the stream is done with. A stream whose client stops
+    /// reading for `limits.stream_idle_timeout` is cancelled.
+    async fn release(&self, planned: &query::PlannedQuery, rid: RequestId) -> Result<DoGetStream> {
         let audit = Arc::clone(&self.audit);
         let event = AuditEvent {
             kind: "query".into(),
@@ -232,32 +379,40 @@ impl AirlockService {
             ..Default::default()
         };
         let started = std::time::Instant::now();
-        let stream = query::execute(planned, &self.sessions)
-            .await?
-            .on_finish(move |o| {
-                let m = crate::telemetry::metrics();
-                m.queries
-                    .with_label_values(&[event.decision.as_str(), ""])
-                    .inc();
-                m.latency
-                    .with_label_values(&[event.decision.as_str()])
-                    .observe(started.elapsed().as_secs_f64());
-                m.groups_suppressed.inc_by(o.groups_suppressed);
-                audit.record(AuditEvent {
-                    decision: if o.completed {
-                        event.decision.clone()
-                    } else {
-                        format!("{}_incomplete", event.decision)
-                    },
-                    groups_suppressed: Some(o.groups_suppressed),
-                    rows_released: Some(o.rows),
-                    ..event
-                });
+        let stream = query::execute(planned, &self.sessions).await?;
+        // Nothing leaves before this record is on disk. Dropping the stream on error
+        // releases nothing (no end record: it never started).
+        self.audit
+            .append(AuditEvent {
+                decision: RELEASING.into(),
+                ..event.clone()
+            })
+            .map_err(Error::AuditUnavailable)?;
+        let stream = stream.on_finish(move |o| {
+            let m = crate::telemetry::metrics();
+            m.queries
+                .with_label_values(&[event.decision.as_str(), ""])
+                .inc();
+            m.latency
+                .with_label_values(&[event.decision.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+            m.groups_suppressed.inc_by(o.groups_suppressed);
+            audit.record(AuditEvent {
+                decision: if o.completed {
+                    event.decision.clone()
+                } else {
+                    format!("{}_incomplete", event.decision)
+                },
+                groups_suppressed: Some(o.groups_suppressed),
+                rows_released: Some(o.rows),
+                ..event
             });
+        });
         let schema = Arc::clone(stream.schema());
         let rid_for_errors = rid.clone();
-        let batches =
-            stream.map_err(move |e| FlightError::Tonic(Box::new(e.into_status(&rid_for_errors))));
+        let batches = stream
+            .detach(self.sessions.limits().stream_idle_timeout)
+            .map_err(move |e| FlightError::Tonic(Box::new(e.into_status(&rid_for_errors))));
         let flight = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(batches)
@@ -312,6 +467,7 @@ impl FlightSqlService for AirlockService {
                 Ok(_) => self.principal(&request).await?,
                 Err(crate::auth::Error::MissingCredentials) => {
                     // Older clients send BasicAuth in the first handshake message.
+                    let peer = request.remote_addr().map(|a| a.ip());
                     let mut stream = request.into_inner();
                     let first = stream
                         .message()
@@ -323,10 +479,14 @@ impl FlightSqlService for AirlockService {
                     if basic.username.is_empty() {
                         return Err(crate::auth::Error::MissingCredentials.into());
                     }
-                    let p = self
+                    let p = match self
                         .auth
-                        .verify_password(&basic.username, &basic.password)
-                        .await?;
+                        .verify_password(&basic.username, &basic.password, peer)
+                        .await
+                    {
+                        Ok(p) => p,
+                        Err(e) => return Err(self.login_failed(&basic.username, peer, &rid, e)),
+                    };
                     tracing::Span::current().record("principal", p.name.as_str());
                     p
                 }
@@ -540,7 +700,8 @@ impl FlightSqlService for AirlockService {
             let principal = self.principal(&request).await?;
             let planned = self
                 .handles
-                .take_query(&ticket.statement_handle, &principal)?;
+                .take_query(&ticket.statement_handle, &principal)
+                .map_err(|e| self.audit_unreleased(&principal, &rid, None, e))?;
             self.run_planned(&planned, rid.clone()).await
         })
         .await
@@ -557,16 +718,15 @@ impl FlightSqlService for AirlockService {
             let principal = self.principal(&request).await?;
             let stmt = self
                 .handles
-                .prepared(&cmd.prepared_statement_handle, &principal)?;
-            let params = params_for(&stmt)?;
-            let session = self.sessions.session_for(&principal);
-            let planned = query::plan_with_approvals(
-                session,
-                &stmt.sql,
-                params.as_deref(),
-                self.approvals.as_ref(),
-            )
-            .await?;
+                .prepared(&cmd.prepared_statement_handle, &principal)
+                .map_err(|e| self.audit_unreleased(&principal, &rid, None, e))?;
+            let planned = async {
+                let params = params_for(&stmt)?;
+                self.plan_query(&principal, &stmt.sql, params.as_deref())
+                    .await
+            }
+            .await
+            .map_err(|e| self.audit_unreleased(&principal, &rid, Some(&stmt.sql), e))?;
             self.run_planned(&planned, rid.clone()).await
         })
         .await
@@ -777,7 +937,41 @@ impl FlightSqlService for AirlockService {
             let principal = self.principal(&request).await?;
             let stream = request.into_inner().map_err(FlightError::from);
             let batches = FlightRecordBatchStream::new_from_flight_data(stream);
-            crate::ingest::ingest(&self.sessions, &self.state_dir, &principal, cmd, batches).await
+            // The record of an accepted upload is written before the table is served.
+            let record = |table: &crate::config::TableName, rows: i64| {
+                self.audit
+                    .append(AuditEvent {
+                        kind: "upload".into(),
+                        principal: principal.name.clone(),
+                        request_id: rid.to_string(),
+                        decision: "ingested".into(),
+                        rows_released: Some(rows.max(0) as u64),
+                        detail: Some(format!("table {table}")),
+                        ..Default::default()
+                    })
+                    .map(|_| ())
+                    .map_err(Error::AuditUnavailable)
+            };
+            let detail: String = format!(
+                "table {}.{}",
+                cmd.schema
+                    .as_deref()
+                    .unwrap_or(crate::ingest::DEFAULT_SCHEMA),
+                cmd.table
+            )
+            .chars()
+            .take(200)
+            .collect();
+            crate::ingest::ingest(
+                &self.sessions,
+                &self.state_dir,
+                &principal,
+                cmd,
+                batches,
+                record,
+            )
+            .await
+            .map_err(|e| self.audit_outcome("upload", &principal, &rid, None, Some(detail), e))
         })
         .await
     }
@@ -793,11 +987,36 @@ impl FlightSqlService for AirlockService {
             // Check ownership before reading anything the client sends.
             self.handles
                 .prepared(&cmd.prepared_statement_handle, &principal)?;
-            let stream = request.into_inner().map_err(FlightError::from);
-            let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(stream)
-                .try_collect()
+            // Read at most `max_parameter_bytes`, and stop at the second row: one row of
+            // parameters is all a query takes.
+            let max = self.sessions.limits().max_parameter_bytes;
+            let mut seen = 0usize;
+            let stream = request
+                .into_inner()
+                .map_err(FlightError::from)
+                .and_then(move |d| {
+                    seen += d.data_header.len() + d.data_body.len() + d.app_metadata.len();
+                    futures::future::ready(if seen > max {
+                        Err(FlightError::ProtocolError(format!(
+                            "the parameters exceed the limit of {}",
+                            bytesize::ByteSize::b(max as u64)
+                        )))
+                    } else {
+                        Ok(d)
+                    })
+                });
+            let mut reader = FlightRecordBatchStream::new_from_flight_data(stream);
+            let mut batches: Vec<RecordBatch> = Vec::new();
+            while let Some(batch) = reader
+                .try_next()
                 .await
-                .map_err(|e| Error::InvalidRequest(format!("cannot read parameters: {e}")))?;
+                .map_err(|e| Error::InvalidRequest(format!("cannot read parameters: {e}")))?
+            {
+                batches.push(batch);
+                if batches.iter().map(RecordBatch::num_rows).sum::<usize>() > 1 {
+                    break;
+                }
+            }
             let params = first_row(&batches)?;
             self.handles
                 .bind(&cmd.prepared_statement_handle, &principal, params)?;
@@ -822,7 +1041,14 @@ impl FlightSqlService for AirlockService {
                 ));
             }
             let session = self.sessions.session_for(&principal);
-            let prepared = query::prepare(session, &query.query).await?;
+            let sql = query.query.clone();
+            let prepared = self
+                .planning(
+                    &query.query,
+                    async move { query::prepare(session, &sql).await },
+                )
+                .await
+                .map_err(|e| self.audit_unreleased(&principal, &rid, Some(&query.query), e))?;
             let dataset_schema = ipc_schema(&prepared.dataset_schema)?;
             let parameter_schema = ipc_schema(&prepared.parameter_schema)?;
             let handle = self.handles.put_prepared(PreparedStatement {
@@ -926,7 +1152,28 @@ impl FlightSqlService for AirlockService {
                         Error::InvalidRequest("the body must be SQL text (UTF-8)".into())
                     })?;
                     let session = self.sessions.session_for(&principal);
-                    query::explain_privacy(session, sql).await
+                    let owned = sql.to_string();
+                    let explained = self
+                        .planning(
+                            sql,
+                            async move { query::explain_privacy(session, &owned).await },
+                        )
+                        .await
+                        .map_err(|e| {
+                            self.audit_outcome("explain", &principal, &rid, Some(sql), None, e)
+                        })?;
+                    self.audit
+                        .append(AuditEvent {
+                            kind: "explain".into(),
+                            principal: principal.name.clone(),
+                            request_id: rid.to_string(),
+                            sql_fingerprint: Some(sql_fingerprint(sql)),
+                            sql: Some(sql.to_string()),
+                            decision: "explained".into(),
+                            ..Default::default()
+                        })
+                        .map_err(Error::AuditUnavailable)?;
+                    Ok(explained)
                 }
                 actions::MY_ACCESS => {
                     let policy = self.sessions.policy().current();
@@ -1058,11 +1305,15 @@ impl AirlockService {
         .map(|b| Response::new(one_batch(b)))
     }
 
-    /// The tonic service, ready to add to a server.
-    pub fn into_server(self) -> arrow_flight::flight_service_server::FlightServiceServer<Self> {
-        arrow_flight::flight_service_server::FlightServiceServer::new(self)
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024)
+    /// The tonic service, ready to add to a server (behind [`guard::Guarded`]).
+    pub fn into_server(
+        self,
+    ) -> arrow_flight::flight_service_server::FlightServiceServer<guard::Guarded> {
+        arrow_flight::flight_service_server::FlightServiceServer::new(guard::Guarded(Arc::new(
+            self,
+        )))
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024)
     }
 }
 

@@ -60,6 +60,11 @@ pub enum ReasonCode {
     JoinNotAllowed,
     /// A name reserved for the rewriter (`__airlock*`, `airlock_*`, §3.6).
     ReservedName,
+    /// The audit trail cannot be written: nothing is released or decided until it can
+    /// (PRIVACY.md §5). Retryable.
+    AuditUnavailable,
+    /// Too many failed logins for a user name or from an address; retry later.
+    RateLimited,
 }
 
 impl ReasonCode {
@@ -89,6 +94,8 @@ impl ReasonCode {
             Self::OperatorNotAllowed => "OPERATOR_NOT_ALLOWED",
             Self::JoinNotAllowed => "JOIN_NOT_ALLOWED",
             Self::ReservedName => "RESERVED_NAME",
+            Self::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            Self::RateLimited => "RATE_LIMITED",
         }
     }
 }

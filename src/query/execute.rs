@@ -2,7 +2,9 @@
 //!
 //! The stream holds an execution slot for as long as it lives and ends with a
 //! `ResourceExhausted` error when the query timeout passes. Batches are passed on one at
-//! a time as DataFusion produces them.
+//! a time as DataFusion produces them. [`QueryStream::detach`] runs it in a task of its
+//! own that cancels the query (freeing its slot and memory) when the client stops
+//! reading.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -73,6 +75,49 @@ impl Drop for QueryStream {
                 completed: self.finished && !self.failed,
             });
         }
+    }
+}
+
+impl QueryStream {
+    /// Runs the query in a task of its own and hands its batches over a channel of one.
+    /// When the consumer (the client, through gRPC flow control) has not taken a batch for
+    /// `idle`, or has gone away, the query is dropped: its slot and memory are free at
+    /// once, and its finish callback runs with `completed: false`. The consumer then sees
+    /// a `ResourceExhausted` error after the batches it already had.
+    pub fn detach(self, idle: Duration) -> impl Stream<Item = Result<RecordBatch>> + Send {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(1);
+        let idled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&idled);
+        tokio::spawn(async move {
+            let mut query = self;
+            while let Some(item) = query.next().await {
+                match tokio::time::timeout(idle, tx.send(item)).await {
+                    Ok(Ok(())) => {}
+                    // The consumer is gone: the client cancelled or disconnected.
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(
+                            idle = %humantime::format_duration(idle),
+                            "result stream not read; query cancelled"
+                        );
+                        break;
+                    }
+                }
+            }
+            drop(query);
+        });
+        let ended = futures::stream::once(async move {
+            idled.load(std::sync::atomic::Ordering::Relaxed).then(|| {
+                Err(Error::ResourceExhausted(format!(
+                    "the result was not read for {}; the query was cancelled",
+                    humantime::format_duration(idle)
+                )))
+            })
+        })
+        .filter_map(futures::future::ready);
+        tokio_stream::wrappers::ReceiverStream::new(rx).chain(ended)
     }
 }
 

@@ -9,6 +9,7 @@ mod limits;
 mod policy_slt;
 mod property;
 mod reload;
+mod resilience;
 mod support;
 mod telemetry;
 mod totality;
