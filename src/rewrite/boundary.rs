@@ -46,6 +46,12 @@ use futures::{Stream, StreamExt};
 
 use super::protect::Protect;
 
+/// A boundary's input columns: those it keeps, and its counts with their k.
+type Layout = (Vec<usize>, Vec<(usize, u64)>);
+
+/// A boundary's input columns: those it keeps, and its counts with their k.
+type Layout = (Vec<usize>, Vec<(usize, u64)>);
+
 /// Prefix of the hidden count columns.
 pub const COUNT_PREFIX: &str = "__airlock_count_";
 
@@ -131,7 +137,7 @@ impl Release {
     fn layout(
         input: &datafusion::arrow::datatypes::Schema,
         counts: &[(String, u64)],
-    ) -> Result<(Vec<usize>, Vec<(usize, u64)>)> {
+    ) -> Result<Layout> {
         let kept = (0..input.fields().len())
             .filter(|i| !input.field(*i).name().starts_with(COUNT_PREFIX))
             .collect();
