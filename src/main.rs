@@ -40,6 +40,15 @@ enum Command {
         /// Number of patients to generate.
         #[arg(long, env = "AIRLOCK_DEMO_PATIENTS", default_value_t = 100_000)]
         patients: usize,
+        /// Serve the owner console (web pages) at this address (port 0 picks a free port;
+        /// `off` disables it).
+        #[arg(
+            long,
+            env = "AIRLOCK_CONSOLE_LISTEN",
+            value_name = "ADDR",
+            default_value = "127.0.0.1:8080"
+        )]
+        console_listen: airlock::config::ConsoleListen,
         #[command(flatten)]
         telemetry: airlock::config::TelemetryArgs,
     },
@@ -180,6 +189,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             state_dir,
             patients,
+            console_listen,
             telemetry,
         } => {
             let state_dir = state_dir.unwrap_or_else(airlock::demo::default_state_dir);
@@ -191,6 +201,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .context("writing the demo's files")?;
             config.metrics_listen = telemetry.metrics_listen;
             config.otlp_endpoint = telemetry.otlp_endpoint;
+            config.console_listen = console_listen.0;
             println!(
                 "Airlock demo: a synthetic hospital ({patients} patients) in {}",
                 state_dir.display()
@@ -198,6 +209,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!(
                 "  users: analyst / analyst (aggregates of patients and visits), owner / owner (everything)"
             );
+            if let Some(a) = config.console_listen {
+                println!("  console: sign in at http://{a}/ (port 0: see the line below)");
+            }
             serve(config).await?;
         }
         Command::Check(args) => {
@@ -323,6 +337,14 @@ async fn serve(config: ServiceConfig) -> anyhow::Result<()> {
     println!("airlock listening on {}", running.addr);
     if let Some(m) = running.metrics_addr {
         println!("metrics on http://{m}/metrics");
+    }
+    if let Some(c) = running.console_addr {
+        let scheme = if running.airlock.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("console listening on {scheme}://{c}/");
     }
     tokio::signal::ctrl_c().await.ok();
     tracing::info!("shutting down");

@@ -32,7 +32,8 @@ class Server:
 def server(tmp_path_factory):
     state = tmp_path_factory.mktemp("airlock-client-state")
     proc = subprocess.Popen(
-        [airlock_binary(), "demo", "--listen", "127.0.0.1:0", "--state-dir", str(state), "--patients", "5000"],
+        [airlock_binary(), "demo", "--listen", "127.0.0.1:0", "--state-dir", str(state), "--patients", "5000",
+         "--console-listen", "off"],
         stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
     )
     addr = None
