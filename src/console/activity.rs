@@ -45,8 +45,12 @@ pub const DECISIONS: [&str; 7] = [
 pub enum Chain {
     /// No record yet.
     Empty,
-    Intact { records: u64 },
-    Broken { message: String },
+    Intact {
+        records: u64,
+    },
+    Broken {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -134,18 +138,19 @@ impl Console {
             .recursion_limit
             .get();
         let tables = match crate::query::parse::parse(sql, limit) {
-            Ok(crate::query::parse::Checked::Query(s) | crate::query::parse::Checked::Explain(s)) => {
-                self.parser
-                    .resolve_table_references(&s)
-                    .map(|refs| {
-                        refs.iter()
-                            .filter_map(crate::rewrite::table_name)
-                            .collect::<BTreeSet<_>>()
-                            .into_iter()
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            }
+            Ok(
+                crate::query::parse::Checked::Query(s) | crate::query::parse::Checked::Explain(s),
+            ) => self
+                .parser
+                .resolve_table_references(&s)
+                .map(|refs| {
+                    refs.iter()
+                        .filter_map(crate::rewrite::table_name)
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect()
+                })
+                .unwrap_or_default(),
             Err(_) => Vec::new(),
         };
         let mut cache = self.sql_tables.lock();
@@ -221,7 +226,10 @@ pub async fn page(
     let path = audit::path_in(&console.airlock.config.state_dir);
     let (records, chain) = console.audit.load(path).await?;
     let seen = visible(&console, &scope, &records);
-    let principals: BTreeSet<String> = seen.iter().map(|(r, _)| r.event.principal.clone()).collect();
+    let principals: BTreeSet<String> = seen
+        .iter()
+        .map(|(r, _)| r.event.principal.clone())
+        .collect();
     let table = TableName::parse(&filter.table).ok();
     // Principal and table narrow the chart too; the chart splits by decision itself.
     let narrowed: Vec<&(&Record, Vec<TableName>)> = seen
@@ -253,7 +261,11 @@ pub async fn page(
                 principal: e.principal.clone(),
                 decision: e.decision.clone(),
                 reason_code: e.reason_code.clone().unwrap_or_default(),
-                tables: t.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                tables: t
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 approval: e.approval.clone().unwrap_or_default(),
                 rows_released: e.rows_released.map(|n| n.to_string()).unwrap_or_default(),
                 groups_suppressed: e

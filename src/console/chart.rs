@@ -110,7 +110,11 @@ pub fn hourly<'a>(records: impl Iterator<Item = (&'a str, &'a str)>, now: System
                 width: num(bar),
                 height: num(h),
                 class: SERIES[s],
-                title: format!("{}:00 UTC, {}: {n}", &label[..13].replace('T', " "), SERIES[s]),
+                title: format!(
+                    "{}:00 UTC, {}: {n}",
+                    &label[..13].replace('T', " "),
+                    SERIES[s]
+                ),
             });
         }
         if i % 3 == 0 {

@@ -173,8 +173,10 @@ pub async fn page(State(console): State<Arc<Console>>, Owner(who): Owner) -> Res
                         name: (*name).clone(),
                         roles: entry.roles.clone(),
                     };
-                    let actions: Vec<bool> =
-                        Action::ALL.iter().map(|a| policy.allows(&p, t, *a)).collect();
+                    let actions: Vec<bool> = Action::ALL
+                        .iter()
+                        .map(|a| policy.allows(&p, t, *a))
+                        .collect();
                     actions.iter().any(|a| *a).then(|| Grant {
                         user: p.name.clone(),
                         roles: entry.roles.join(", "),

@@ -63,7 +63,10 @@ impl Console {
     }
 
     /// Every request `principal` may see, newest first.
-    pub(super) async fn visible_requests(&self, principal: &Arc<Principal>) -> Result<Vec<Request>> {
+    pub(super) async fn visible_requests(
+        &self,
+        principal: &Arc<Principal>,
+    ) -> Result<Vec<Request>> {
         let text = self
             .action(actions::LIST, json!({ "pending": false }), principal)
             .await?;
@@ -232,7 +235,9 @@ pub async fn approve(
         })?),
     };
     if !EXPIRIES.iter().any(|(_, s)| *s == f.expires_in_secs) {
-        return Err(Error::BadRequest("choose one of the offered expiries".into()));
+        return Err(Error::BadRequest(
+            "choose one of the offered expiries".into(),
+        ));
     }
     let body = json!({
         "id": id,

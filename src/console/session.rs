@@ -138,7 +138,10 @@ pub struct NoFields {}
 /// The form's `csrf` field must equal the session's token.
 fn check_token(form: &[u8], expected: &str) -> Result<()> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(form).unwrap_or_default();
-    let sent = pairs.iter().find(|(k, _)| k == CSRF).map(|(_, v)| v.as_str());
+    let sent = pairs
+        .iter()
+        .find(|(k, _)| k == CSRF)
+        .map(|(_, v)| v.as_str());
     match sent {
         Some(sent) if same(sent.as_bytes(), expected.as_bytes()) => Ok(()),
         _ => Err(Error::Csrf),

@@ -61,7 +61,8 @@ impl RequestRow {
                 } else {
                     "approved"
                 };
-                let cap = max_rows.map_or("no row cap".to_string(), |n| format!("at most {n} rows"));
+                let cap =
+                    max_rows.map_or("no row cap".to_string(), |n| format!("at most {n} rows"));
                 let reuse = if *reusable { "reusable" } else { "single use" };
                 (
                     state,

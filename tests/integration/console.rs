@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use airlock::client::{Client, Error};
 use airlock::config::ServiceConfig;
@@ -25,7 +26,11 @@ fn config(dir: &Path) -> ServiceConfig {
     policy.push_str("p, nurse, hospital.visits, approve\n");
     std::fs::write(policies.join("policy.csv"), policy).unwrap();
     let mut users = String::new();
-    for (name, role) in [("analyst", "analyst"), ("owner", "owner"), ("nurse", "nurse")] {
+    for (name, role) in [
+        ("analyst", "analyst"),
+        ("owner", "owner"),
+        ("nurse", "nurse"),
+    ] {
         let hash = airlock::auth::hash_password(name).unwrap();
         users.push_str(&format!(
             "[users.{name}]\npassword_hash = \"{hash}\"\nroles = [\"{role}\"]\n\n"
@@ -61,12 +66,19 @@ impl Response {
         self.headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
-            .find_map(|(_, v)| v.starts_with("airlock_console=").then(|| v.split(';').next().unwrap().to_string()))
+            .find_map(|(_, v)| {
+                v.starts_with("airlock_console=")
+                    .then(|| v.split(';').next().unwrap().to_string())
+            })
     }
 
     /// The CSRF token of the page's forms.
     fn token(&self) -> String {
-        let at = self.body.find("name=\"csrf\" value=\"").expect("a form with a token") + 19;
+        let at = self
+            .body
+            .find("name=\"csrf\" value=\"")
+            .expect("a form with a token")
+            + 19;
         self.body[at..].split('"').next().unwrap().to_string()
     }
 }
@@ -80,7 +92,19 @@ async fn http(
     extra: &[(&str, &str)],
     form: Option<&str>,
 ) -> Response {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    exchange(s, addr, method, path, cookie, extra, form).await
+}
+
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    extra: &[(&str, &str)],
+    form: Option<&str>,
+) -> Response {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(c) = cookie {
         req.push_str(&format!("Cookie: {c}\r\n"));
@@ -95,11 +119,19 @@ async fn http(
     req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
+    // A TLS peer may close without close_notify after the response: keep what came.
+    let _ = s.read_to_end(&mut raw).await;
     let text = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -115,7 +147,9 @@ async fn http(
 async fn sign_in(addr: SocketAddr, user: &str) -> (String, String) {
     let form = http(addr, "GET", "/login", None, &[], None).await;
     assert_eq!(form.status, 200);
-    let anon = form.cookie().expect("an anonymous session for the form's token");
+    let anon = form
+        .cookie()
+        .expect("an anonymous session for the form's token");
     let body = format!("csrf={}&user={user}&password={user}", form.token());
     let r = http(addr, "POST", "/login", Some(&anon), &[], Some(&body)).await;
     assert_eq!(r.status, 303, "{r:?}");
@@ -151,11 +185,17 @@ async fn owner_decides_in_the_browser_and_analysts_see_only_their_own() {
     assert_eq!((r.status, r.header("location")), (303, Some("/login")));
     let login = http(web, "GET", "/login", None, &[], None).await;
     let csp = login.header("content-security-policy").unwrap();
-    assert!(csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"), "{csp}");
+    assert!(
+        csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
     assert!(!csp.contains("unsafe-inline"));
     assert_eq!(login.header("x-frame-options"), Some("DENY"));
     let set = login.header("set-cookie").unwrap().to_ascii_lowercase();
-    assert!(set.contains("httponly") && set.contains("samesite=strict"), "{set}");
+    assert!(
+        set.contains("httponly") && set.contains("samesite=strict"),
+        "{set}"
+    );
     assert!(!set.contains("secure"), "no TLS, no Secure flag: {set}");
     let htmx = http(web, "GET", "/assets/htmx.min.js", None, &[], None).await;
     assert_eq!(htmx.status, 200);
@@ -175,17 +215,38 @@ async fn owner_decides_in_the_browser_and_analysts_see_only_their_own() {
     let (owner, owner_token) = sign_in(web, "owner").await;
     let list = http(web, "GET", "/requests/live", Some(&owner), &[], None).await;
     assert_eq!(list.status, 200);
-    assert!(list.body.contains(&id) && list.body.contains(&visits_id), "{}", list.body);
-    let detail = http(web, "GET", &format!("/requests/{id}"), Some(&owner), &[], None).await;
+    assert!(
+        list.body.contains(&id) && list.body.contains(&visits_id),
+        "{}",
+        list.body
+    );
+    let detail = http(
+        web,
+        "GET",
+        &format!("/requests/{id}"),
+        Some(&owner),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(detail.status, 200);
-    assert!(detail.body.contains("SELECT * FROM hospital.patients WHERE age &gt; 88"));
+    assert!(
+        detail
+            .body
+            .contains("SELECT * FROM hospital.patients WHERE age &#62; 88")
+    );
     assert!(detail.body.contains("id=\"approve-form\""));
 
     // The analyst: their own requests, 403 on owner pages and on a direct approve.
     let (analyst, analyst_token) = sign_in(web, "analyst").await;
     let mine = http(web, "GET", "/mine/live", Some(&analyst), &[], None).await;
     assert!(mine.body.contains(&id));
-    for page in ["/requests", "/activity", "/policy", &format!("/requests/{id}")] {
+    for page in [
+        "/requests",
+        "/activity",
+        "/policy",
+        &format!("/requests/{id}"),
+    ] {
         let r = http(web, "GET", page, Some(&analyst), &[], None).await;
         assert_eq!(r.status, 403, "{page}");
     }
@@ -206,7 +267,10 @@ async fn owner_decides_in_the_browser_and_analysts_see_only_their_own() {
         assert_eq!(r.status, 403, "{form}");
     }
     let ok_form = format!("csrf={owner_token}&max_rows=2&expires_in_secs=3600");
-    let cross = [("Sec-Fetch-Site", "cross-site"), ("Origin", "https://evil.example")];
+    let cross = [
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Origin", "https://evil.example"),
+    ];
     let r = http(web, "POST", &approve, Some(&owner), &cross, Some(&ok_form)).await;
     assert_eq!(r.status, 403);
     assert_eq!(
@@ -215,21 +279,59 @@ async fn owner_decides_in_the_browser_and_analysts_see_only_their_own() {
     );
 
     // The real decision.
-    let same_site = [("Sec-Fetch-Site", "same-origin"), ("Origin", &format!("http://{web}"))];
-    let r = http(web, "POST", &approve, Some(&owner), &same_site, Some(&ok_form)).await;
-    assert_eq!((r.status, r.header("location")), (303, Some(&*format!("/requests/{id}"))));
+    let same_site = [
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Origin", &format!("http://{web}")),
+    ];
+    let r = http(
+        web,
+        "POST",
+        &approve,
+        Some(&owner),
+        &same_site,
+        Some(&ok_form),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("location")),
+        (303, Some(&*format!("/requests/{id}")))
+    );
     assert!(matches!(
         server.airlock.approvals.get(&id).unwrap().status,
-        airlock::approval::Status::Approved { max_rows: Some(2), reusable: false, .. }
+        airlock::approval::Status::Approved {
+            max_rows: Some(2),
+            reusable: false,
+            ..
+        }
     ));
     let deny = format!("csrf={owner_token}&reason=not+today");
-    let r = http(web, "POST", &format!("/requests/{visits_id}/deny"), Some(&owner), &[], Some(&deny)).await;
+    let r = http(
+        web,
+        "POST",
+        &format!("/requests/{visits_id}/deny"),
+        Some(&owner),
+        &[],
+        Some(&deny),
+    )
+    .await;
     assert_eq!(r.status, 303);
     let mine = http(web, "GET", "/mine/live", Some(&analyst), &[], None).await;
-    assert!(mine.body.contains("not today") && mine.body.contains("at most 2 rows"), "{}", mine.body);
+    assert!(
+        mine.body.contains("not today") && mine.body.contains("at most 2 rows"),
+        "{}",
+        mine.body
+    );
 
     // Activity: the chain, the decisions, the filters.
-    let activity = http(web, "GET", "/activity?decision=approved", Some(&owner), &[], None).await;
+    let activity = http(
+        web,
+        "GET",
+        "/activity?decision=approved",
+        Some(&owner),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(activity.status, 200);
     assert!(activity.body.contains("chain intact"), "{}", activity.body);
     assert!(activity.body.contains(&id) && !activity.body.contains("not today"));
@@ -256,11 +358,98 @@ async fn an_owner_sees_only_what_touches_their_tables() {
     let list = http(web, "GET", "/requests/live", Some(&nurse), &[], None).await;
     assert_eq!(list.status, 200);
     assert!(list.body.contains(&visits) && !list.body.contains(&patients));
-    let r = http(web, "GET", &format!("/requests/{patients}"), Some(&nurse), &[], None).await;
-    assert_eq!(r.status, 404, "another owner's request does not exist for you");
+    let r = http(
+        web,
+        "GET",
+        &format!("/requests/{patients}"),
+        Some(&nurse),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        r.status, 404,
+        "another owner's request does not exist for you"
+    );
     let policy = http(web, "GET", "/policy", Some(&nurse), &[], None).await;
     assert!(policy.body.contains("hospital.visits") && !policy.body.contains("hospital.patients"));
     let activity = http(web, "GET", "/activity", Some(&nurse), &[], None).await;
     assert!(activity.body.contains(&visits) || activity.body.contains("hospital.visits"));
-    assert!(!activity.body.contains("hospital.patients"), "{}", activity.body);
+    assert!(
+        !activity.body.contains("hospital.patients"),
+        "{}",
+        activity.body
+    );
+}
+
+#[tokio::test]
+async fn under_tls_the_console_serves_https_with_a_secure_cookie() {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path().join("server.crt"), key.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("server.key"),
+        key.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let mut config = config(dir.path());
+    config.tls = Some(airlock::config::TlsFiles {
+        cert: dir.path().join("server.crt"),
+        key: dir.path().join("server.key"),
+    });
+    let server = start_with(config).await;
+    let web = server.console_addr.unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(key.cert.der().to_vec()))
+        .unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(web).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS with the Flight endpoint's certificate");
+    let r = exchange(tls, web, "GET", "/login", None, &[], None).await;
+    assert_eq!(r.status, 200);
+    let set = r.header("set-cookie").unwrap().to_ascii_lowercase();
+    assert!(set.contains("secure") && set.contains("httponly"), "{set}");
+    assert!(r.header("strict-transport-security").is_some());
+
+    // Plain HTTP gets no page.
+    let mut plain = tokio::net::TcpStream::connect(web).await.unwrap();
+    plain
+        .write_all(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = plain.read_to_end(&mut raw).await;
+    assert!(!String::from_utf8_lossy(&raw).contains("200 OK"));
+}
+
+#[tokio::test]
+async fn a_busy_console_address_is_a_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = config(dir.path());
+    config.console_listen = Some(taken.local_addr().unwrap());
+    let err = airlock::server::Airlock::build(config)
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("console: cannot listen on"),
+        "{err}"
+    );
 }
