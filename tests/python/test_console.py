@@ -116,6 +116,14 @@ def post_from_page(driver, path, body) -> int:
     )
 
 
+def cell_texts(driver, selector) -> list[str]:
+    """The texts of a table row's cells, read at once (htmx may swap the row any time)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0] + ' td')).map(td => td.innerText.trim());",
+        selector,
+    )
+
+
 def page_token(driver) -> str:
     return driver.find_element(By.CSS_SELECTOR, "form.signout input[name=csrf]").get_attribute("value")
 
@@ -131,17 +139,18 @@ def test_owner_approves_in_the_browser_and_the_analyst_rerun_succeeds(server, br
     row = f'#pending tr[data-request="{request}"]'
     WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
     assert browser.execute_script("return window.__airlock_no_reload;") == 1, "the page was not reloaded"
-    cells = browser.find_element(By.CSS_SELECTOR, row).find_elements(By.TAG_NAME, "td")
-    assert cells[1].text == "analyst"
-    assert "hospital.patients" in cells[3].text
-    assert "AGGREGATE_REQUIRED" in cells[4].text
+    cells = cell_texts(browser, row)
+    assert cells[1] == "analyst"
+    assert "hospital.patients" in cells[3]
+    assert "AGGREGATE_REQUIRED" in cells[4]
     # The rows it would release appear once counted (the next refresh at the latest).
-    WebDriverWait(browser, WAIT).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, row).find_elements(By.TAG_NAME, "td")[5].text == "5000"
-    )
+    WebDriverWait(browser, WAIT).until(lambda d: cell_texts(d, row)[5:6] == ["5000"])
     browser.save_screenshot(str(artifacts() / "console-requests.png"))
 
-    browser.find_element(By.CSS_SELECTOR, f'{row} a.request-link').click()
+    # The list is swapped every two seconds: follow the link's address, not the element.
+    href = browser.execute_script(f"return document.querySelector('{row} a.request-link').href")
+    assert href.endswith(f"/requests/{request}")
+    browser.get(href)
     WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.ID, "approve"))
     assert browser.find_element(By.ID, "sql").text == RAW
     assert browser.find_element(By.ID, "plan").text.strip(), "the rewritten plan is shown"
@@ -170,7 +179,9 @@ def test_the_analyst_sees_only_their_own_requests_and_no_owner_page(server, brow
     sign_in(browser, server, "analyst")
     assert browser.current_url.endswith("/mine")
     WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-request="{mine}"]'))
-    shown = {tr.get_attribute("data-request") for tr in browser.find_elements(By.CSS_SELECTOR, "#my-requests tbody tr")}
+    shown = set(browser.execute_script(
+        "return Array.from(document.querySelectorAll('#my-requests tbody tr')).map(tr => tr.dataset.request);"
+    ))
     everyone = owner_cli(server, "list", "--all")
     theirs = {r["id"] for r in everyone if r["key"]["principal"] == "analyst"}
     assert mine in shown and shown == theirs, "exactly the analyst's own requests"
