@@ -4,7 +4,8 @@
 //! A session holds the user's name and a random CSRF token; nothing else. Signing in
 //! replaces the session id (no fixation) and the token. Every POST carries the token in a
 //! form field, compared in constant time ([`Action`]); the sign-in form's token lives in
-//! an anonymous session that expires after [`ANONYMOUS_TTL`] of inactivity.
+//! an anonymous session that expires after [`ANONYMOUS_TTL`]. A signed-in session lasts
+//! `limits.token_ttl` from sign-in, like a Flight bearer token.
 
 use std::sync::Arc;
 
