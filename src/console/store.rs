@@ -35,10 +35,12 @@ impl BoundedStore {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.0.lock().len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
