@@ -16,14 +16,30 @@ use tower_sessions::session_store::Result;
 /// Most sessions held at once.
 pub const MAX_SESSIONS: usize = 10_000;
 
-#[derive(Debug, Clone, Default)]
-pub struct BoundedStore(Arc<Mutex<HashMap<Id, Record>>>);
+#[derive(Debug, Clone)]
+pub struct BoundedStore {
+    sessions: Arc<Mutex<HashMap<Id, Record>>>,
+    capacity: usize,
+}
+
+impl Default for BoundedStore {
+    fn default() -> Self {
+        Self::with_capacity(MAX_SESSIONS)
+    }
+}
 
 impl BoundedStore {
-    fn make_room(map: &mut HashMap<Id, Record>) {
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            sessions: Arc::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn make_room(&self, map: &mut HashMap<Id, Record>) {
         let now = OffsetDateTime::now_utc();
         map.retain(|_, r| r.expiry_date > now);
-        while map.len() >= MAX_SESSIONS {
+        while map.len() >= self.capacity {
             let Some(oldest) = map
                 .iter()
                 .min_by_key(|(_, r)| r.expiry_date)
@@ -37,7 +53,7 @@ impl BoundedStore {
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.0.lock().len()
+        self.sessions.lock().len()
     }
 
     #[cfg(test)]
@@ -49,8 +65,8 @@ impl BoundedStore {
 #[async_trait]
 impl SessionStore for BoundedStore {
     async fn create(&self, record: &mut Record) -> Result<()> {
-        let mut map = self.0.lock();
-        Self::make_room(&mut map);
+        let mut map = self.sessions.lock();
+        self.make_room(&mut map);
         while map.contains_key(&record.id) {
             record.id = Id::default();
         }
@@ -59,9 +75,9 @@ impl SessionStore for BoundedStore {
     }
 
     async fn save(&self, record: &Record) -> Result<()> {
-        let mut map = self.0.lock();
+        let mut map = self.sessions.lock();
         if !map.contains_key(&record.id) {
-            Self::make_room(&mut map);
+            self.make_room(&mut map);
         }
         map.insert(record.id, record.clone());
         Ok(())
@@ -70,7 +86,7 @@ impl SessionStore for BoundedStore {
     async fn load(&self, id: &Id) -> Result<Option<Record>> {
         let now = OffsetDateTime::now_utc();
         Ok(self
-            .0
+            .sessions
             .lock()
             .get(id)
             .filter(|r| r.expiry_date > now)
@@ -78,7 +94,7 @@ impl SessionStore for BoundedStore {
     }
 
     async fn delete(&self, id: &Id) -> Result<()> {
-        self.0.lock().remove(id);
+        self.sessions.lock().remove(id);
         Ok(())
     }
 }
@@ -111,13 +127,13 @@ mod tests {
 
     #[tokio::test]
     async fn never_holds_more_than_the_bound() {
-        let store = BoundedStore::default();
+        let store = BoundedStore::with_capacity(100);
         let mut keep = record(600);
         store.create(&mut keep).await.unwrap();
-        for i in 0..MAX_SESSIONS + 5 {
-            store.create(&mut record(1 + i as i64 % 5)).await.unwrap();
+        for i in 0..105 {
+            store.create(&mut record(1 + i % 5)).await.unwrap();
         }
-        assert_eq!(store.len(), MAX_SESSIONS);
+        assert_eq!(store.len(), 100);
         assert!(
             store.load(&keep.id).await.unwrap().is_some(),
             "the longest-lived session stays"
