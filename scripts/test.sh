@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against real components:
 #   Rust unit and integration tests (one integration binary, servers on 127.0.0.1:0),
-#   Python tests through the real ADBC Flight SQL driver and pyarrow.flight,
+#   Python tests through the real ADBC Flight SQL driver and pyarrow.flight, and the
+#   owner console in Debian's headless Chromium (selenium; screenshots in artifacts/),
 #   the Python client package (clients/python) against a real server,
 #   Java tests through the Apache Arrow Flight SQL JDBC driver from Maven Central.
-# Installs what the tests need (a Python venv from PyPI, Maven artifacts) on first run.
+# Installs what the tests need (a Python venv from PyPI, Maven artifacts, Debian's
+# chromium and chromium-driver) on first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -26,7 +28,22 @@ cargo test --locked --all-targets 2>&1 | tee "$rust_log"
 rust_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$rust_log" | awk '{s += $4} END {print s + 0}')
 summary+=("rust: $rust_passed passed")
 
-step "Python tests (ADBC Flight SQL driver, pyarrow.flight)"
+step "Browser for the console test (Debian's chromium and chromium-driver)"
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = 0 ]; then
+    SUDO=""
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    SUDO="sudo -n"
+  else
+    echo "chromium and chromium-driver are missing; install them (apt-get install chromium chromium-driver) or run as root" >&2
+    exit 1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
+fi
+chromium --version 2>/dev/null || true
+
+step "Python tests (ADBC Flight SQL driver, pyarrow.flight, the console in headless Chromium)"
 VENV="$CARGO_TARGET_DIR/test-venv"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

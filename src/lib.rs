@@ -16,8 +16,8 @@
 //!
 //! Around them: `config` (flags and files → `ServiceConfig`), `catalog` (datasets →
 //! DataFusion tables), `policy` (casbin + tables.toml, hot-swappable snapshots),
-//! `server` (wiring and serving), `demo` (the synthetic hospital), `client` (the
-//! `airlock sql` client) and `telemetry`.
+//! `server` (wiring and serving), `console` (the owners' and analysts' web pages),
+//! `demo` (the synthetic hospital), `client` (the `airlock sql` client) and `telemetry`.
 
 pub mod approval;
 pub mod audit;
@@ -25,6 +25,7 @@ pub mod auth;
 pub mod catalog;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod error;
 pub mod flight;

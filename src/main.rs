@@ -40,6 +40,15 @@ enum Command {
         /// Number of patients to generate.
         #[arg(long, env = "AIRLOCK_DEMO_PATIENTS", default_value_t = 100_000)]
         patients: usize,
+        /// Serve the owner console (web pages) at this address (port 0 picks a free port;
+        /// `off` disables it).
+        #[arg(
+            long,
+            env = "AIRLOCK_CONSOLE_LISTEN",
+            value_name = "ADDR",
+            default_value = "127.0.0.1:8080"
+        )]
+        console_listen: airlock::config::ConsoleListen,
         #[command(flatten)]
         limits: airlock::config::LimitArgs,
         #[command(flatten)]
@@ -183,6 +192,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             state_dir,
             patients,
             limits,
+            console_listen,
             telemetry,
         } => {
             let state_dir = state_dir.unwrap_or_else(airlock::demo::default_state_dir);
@@ -195,6 +205,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             limits.apply(&mut config.limits);
             config.metrics_listen = telemetry.metrics_listen;
             config.otlp_endpoint = telemetry.otlp_endpoint;
+            config.console_listen = console_listen.0;
             println!(
                 "Airlock demo: a synthetic hospital ({patients} patients) in {}",
                 state_dir.display()
@@ -202,6 +213,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!(
                 "  users: analyst / analyst (aggregates of patients and visits), owner / owner (everything)"
             );
+            if let Some(a) = config.console_listen {
+                println!("  console: sign in at http://{a}/ (port 0: see the line below)");
+            }
             serve(config).await?;
         }
         Command::Check(args) => {
@@ -329,6 +343,14 @@ async fn serve(config: ServiceConfig) -> anyhow::Result<()> {
     println!("airlock listening on {}", running.addr);
     if let Some(m) = running.metrics_addr {
         println!("metrics on http://{m}/metrics");
+    }
+    if let Some(c) = running.console_addr {
+        let scheme = if running.airlock.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("console listening on {scheme}://{c}/");
     }
     tokio::signal::ctrl_c().await.ok();
     tracing::info!("shutting down");

@@ -3,7 +3,8 @@
 //! [`Airlock::build`] opens the users file, the catalog and the policy (each failure is a
 //! start-up error naming file and line); [`Airlock::start`] binds and serves in the
 //! background, which is what tests and the demo use; `SIGHUP` reloads the policy, and a
-//! bad policy leaves the last good one in force.
+//! bad policy leaves the last good one in force. When `console_listen` is set, the owner
+//! console (`crate::console`) is served on the same runtime, and stops with the endpoint.
 //!
 //! The server runs on a runtime of its own, whatever runtime the caller has: its threads
 //! have large stacks ([`WORKER_STACK`]), so deep (but bounded, see `query::parse`) plans
@@ -49,6 +50,8 @@ pub enum Error {
     Engine(#[from] datafusion::error::DataFusionError),
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("console: {0}")]
+    Console(#[from] crate::console::ServeError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -74,6 +77,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where `/metrics` is served, when configured.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the owner console is served, when configured (`https` when TLS is).
+    pub console_addr: Option<SocketAddr>,
     pub airlock: Arc<Airlock>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<()>>>,
@@ -183,7 +188,7 @@ impl Airlock {
                 Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
             }
         };
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<SocketAddr>>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(SocketAddr, Option<SocketAddr>)>>();
         let (metrics_tx, metrics_rx) = oneshot::channel::<SocketAddr>();
         let (tx, rx) = oneshot::channel::<()>();
         let server = Arc::clone(&airlock);
@@ -202,10 +207,16 @@ impl Airlock {
                         .tls_config(tls)
                         .map_err(|e| Error::Tls(e.to_string()))?;
                 }
-                Ok::<_, Error>((listener, local, builder))
+                let console = match server.config.console_listen {
+                    Some(addr) => {
+                        Some(crate::console::bind(addr, server.config.tls.as_ref()).await?)
+                    }
+                    None => None,
+                };
+                Ok::<_, Error>((listener, local, builder, console))
             }
             .await;
-            let (listener, local, builder) = match bound {
+            let (listener, local, builder, console) = match bound {
                 Ok(b) => b,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -241,17 +252,30 @@ impl Airlock {
                     Err(e) => tracing::error!(addr = %addr, error = %e, "cannot serve metrics"),
                 }
             }
+            // The console stops with the Flight endpoint (or when this task ends).
+            let (console_stop, console_stopped) = oneshot::channel::<()>();
+            let console_addr = console.map(|l| {
+                let addr = l.addr;
+                tracing::info!(addr = %addr, tls = l.is_tls(), "console listening");
+                let pages = crate::console::router(Arc::new(crate::console::Console::new(
+                    Arc::clone(&server),
+                    l.is_tls(),
+                )));
+                tokio::spawn(crate::console::run(l, pages, console_stopped));
+                addr
+            });
             tracing::info!(addr = %local, tls = server.config.tls.is_some(), "airlock listening");
-            let _ = ready_tx.send(Ok(local));
+            let _ = ready_tx.send(Ok((local, console_addr)));
             router
                 .serve_with_incoming_shutdown(incoming(listener), async {
                     let _ = rx.await;
+                    let _ = console_stop.send(());
                 })
                 .await
                 .map_err(Error::from)
         });
-        let addr = match ready_rx.await {
-            Ok(Ok(addr)) => addr,
+        let (addr, console_addr) = match ready_rx.await {
+            Ok(Ok(addrs)) => addrs,
             Ok(Err(e)) => {
                 runtime.shutdown_background();
                 return Err(e);
@@ -270,6 +294,7 @@ impl Airlock {
         Ok(Running {
             addr,
             metrics_addr,
+            console_addr,
             airlock,
             shutdown: Some(tx),
             task: Some(task),

@@ -65,6 +65,10 @@ pub struct ConfigArgs {
     /// Queries executing at once; further ones wait for a slot within their timeout.
     #[arg(long, env = "AIRLOCK_MAX_CONCURRENT_QUERIES", value_name = "N")]
     pub max_concurrent_queries: Option<usize>,
+    /// Serve the owner console (web pages) at this address, e.g. 127.0.0.1:8080 (port 0
+    /// picks a free port; `off` disables it). Off unless set.
+    #[arg(long, env = "AIRLOCK_CONSOLE_LISTEN", value_name = "ADDR")]
+    pub console_listen: Option<ConsoleListen>,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -133,6 +137,24 @@ pub struct TelemetryArgs {
     pub otlp_endpoint: Option<String>,
 }
 
+/// A listen address for the owner console, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for ConsoleListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "off" | "none" | "" => Ok(Self(None)),
+            addr => addr
+                .parse()
+                .map(|a| Self(Some(a)))
+                .map_err(|e| format!("{e}: expected an address such as 127.0.0.1:8080, or off")),
+        }
+    }
+}
+
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -147,6 +169,8 @@ pub struct ServiceConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// OTLP/gRPC span export endpoint, if any.
     pub otlp_endpoint: Option<String>,
+    /// The owner console's listen address, if it is served (`crate::console`).
+    pub console_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -296,6 +320,7 @@ struct RawFile {
     limits: Option<RawLimits>,
     metrics_listen: Option<Spanned<String>>,
     otlp_endpoint: Option<String>,
+    console_listen: Option<Spanned<String>>,
     #[serde(default)]
     datasets: Vec<Spanned<RawDataset>>,
 }
@@ -635,6 +660,23 @@ impl ServiceConfig {
             .clone()
             .or(raw.otlp_endpoint.clone());
 
+        let console_listen = match (&args.console_listen, &raw.console_listen) {
+            (Some(a), _) => a.0,
+            (None, Some(s)) => match s.get_ref().parse::<ConsoleListen>() {
+                Ok(a) => a.0,
+                Err(e) => {
+                    out.push(Diagnostic::at_span(
+                        &file,
+                        &text,
+                        Some(s.span()),
+                        format!("console_listen: {e}"),
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+
         out.finish(ServiceConfig {
             listen,
             tls,
@@ -645,6 +687,7 @@ impl ServiceConfig {
             limits,
             metrics_listen,
             otlp_endpoint,
+            console_listen,
         })
     }
 }
@@ -701,5 +744,25 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.listen.port(), 2);
         assert_eq!(cfg.limits.query_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn console_is_off_unless_set_and_flags_win() {
+        assert_eq!(load_text("").unwrap().console_listen, None);
+        let cfg = load_text("console_listen = \"127.0.0.1:0\"\n").unwrap();
+        assert_eq!(cfg.console_listen, Some("127.0.0.1:0".parse().unwrap()));
+        let err = load_text("\nconsole_listen = \"nowhere\"\n").unwrap_err();
+        assert!(err.to_string().contains(":2: console_listen:"), "{err}");
+        assert_eq!("off".parse::<ConsoleListen>().unwrap(), ConsoleListen(None));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.toml");
+        std::fs::write(&path, "console_listen = \"127.0.0.1:1\"\n").unwrap();
+        let cfg = ServiceConfig::load(&ConfigArgs {
+            config: Some(path),
+            console_listen: Some("off".parse().unwrap()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.console_listen, None);
     }
 }

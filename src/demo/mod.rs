@@ -73,6 +73,7 @@ pub fn prepare(
         limits: Limits::default(),
         metrics_listen: None,
         otlp_endpoint: None,
+        console_listen: None,
     })
 }
 

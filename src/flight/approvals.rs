@@ -90,7 +90,7 @@ fn tables(r: &Request) -> Vec<TableName> {
 }
 
 /// Whether `principal` may decide `r`: `approve` on every table it touches.
-fn can_decide(sessions: &Sessions, principal: &Principal, r: &Request) -> bool {
+pub fn can_decide(sessions: &Sessions, principal: &Principal, r: &Request) -> bool {
     let policy = sessions.policy().current();
     let t = tables(r);
     !t.is_empty()
@@ -100,7 +100,7 @@ fn can_decide(sessions: &Sessions, principal: &Principal, r: &Request) -> bool {
 }
 
 /// Admins see every request; an approver sees those touching a table they approve for.
-fn can_see(sessions: &Sessions, principal: &Principal, r: &Request) -> bool {
+pub fn can_see(sessions: &Sessions, principal: &Principal, r: &Request) -> bool {
     let policy = sessions.policy().current();
     policy.is_service_admin(principal)
         || tables(r)

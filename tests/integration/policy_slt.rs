@@ -115,6 +115,7 @@ async fn start_fixture(dir: &Path, state: &Path) -> Running {
         limits: Limits::default(),
         metrics_listen: None,
         otlp_endpoint: None,
+        console_listen: None,
     })
     .await
 }

@@ -239,6 +239,7 @@ async fn no_released_row_has_fewer_than_k_entities() {
         limits: Limits::default(),
         metrics_listen: None,
         otlp_endpoint: None,
+        console_listen: None,
     })
     .await;
     let mut client = analyst(&server).await;

@@ -128,6 +128,8 @@ fn spans_reach_an_otlp_receiver() {
             "127.0.0.1:0",
             "--patients",
             "500",
+            "--console-listen",
+            "off",
             "--state-dir",
         ])
         .arg(state.path())

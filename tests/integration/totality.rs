@@ -93,6 +93,7 @@ fn write_fixture(dir: &Path) -> ServiceConfig {
         limits: Limits::default(),
         metrics_listen: None,
         otlp_endpoint: None,
+        console_listen: None,
     }
 }
 

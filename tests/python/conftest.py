@@ -23,36 +23,45 @@ def airlock_binary() -> str:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, addr: str):
+    def __init__(self, proc: subprocess.Popen, addr: str, console: str | None = None):
         self.proc = proc
         self.addr = addr
+        # The owner console's base URL (http://host:port), when it is served.
+        self.console = console
         self.uri = f"grpc://{addr}"
         host, port = addr.rsplit(":", 1)
         self.host = host
         self.port = int(port)
 
 
-def start_server(state_dir: Path, patients: int = 5000) -> Server:
+def start_server(state_dir: Path, patients: int = 5000, console: bool = True) -> Server:
     proc = subprocess.Popen(
         [airlock_binary(), "demo", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir),
-         "--patients", str(patients)],
+         "--patients", str(patients),
+         "--console-listen", "127.0.0.1:0" if console else "off"],
         stdout=subprocess.PIPE,
         stderr=sys.stderr,
         text=True,
     )
     assert proc.stdout is not None
     addr = None
+    console_url = None
     for line in proc.stdout:
         m = re.match(r"airlock listening on (\S+)", line)
         if m:
             addr = m.group(1)
+            if not console:
+                break
+        m = re.match(r"console listening on (\S+?)/?$", line.strip())
+        if m:
+            console_url = m.group(1)
             break
-    if addr is None:
+    if addr is None or (console and console_url is None):
         proc.kill()
         raise RuntimeError(f"airlock demo did not start (exit {proc.wait()})")
     # Keep draining stdout so the server never blocks on a full pipe.
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return Server(proc, addr)
+    return Server(proc, addr, console_url)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,8 @@ class Server:
 
 def start_demo(state: Path):
     proc = subprocess.Popen(
-        [airlock_binary(), "demo", "--listen", "127.0.0.1:0", "--state-dir", str(state), "--patients", "5000"],
+        [airlock_binary(), "demo", "--listen", "127.0.0.1:0", "--state-dir", str(state), "--patients", "5000",
+         "--console-listen", "off"],
         stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
     )
     addr = None

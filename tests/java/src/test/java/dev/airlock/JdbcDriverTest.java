@@ -38,7 +38,7 @@ class JdbcDriverTest {
     server =
         new ProcessBuilder(
                 bin, "demo", "--listen", "127.0.0.1:0", "--state-dir", state.toString(),
-                "--patients", "5000")
+                "--patients", "5000", "--console-listen", "off")
             .redirectError(ProcessBuilder.Redirect.INHERIT)
             .start();
     BufferedReader out =
