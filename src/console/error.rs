@@ -43,6 +43,10 @@ impl Error {
             E::Unimplemented(m) => Error::BadRequest(m),
             E::Execution(d) => Error::Internal(d.to_string()),
             E::Internal(m) => Error::Internal(m),
+            // Nothing is decided while the trail cannot be written (fail closed).
+            E::AuditUnavailable(a) => {
+                Error::Internal(format!("the audit trail cannot be written: {a}"))
+            }
         }
     }
 

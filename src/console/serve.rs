@@ -98,7 +98,7 @@ pub async fn run(listener: Listener, router: Router, mut stop: oneshot::Receiver
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
             break;
         };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -111,7 +111,8 @@ pub async fn run(listener: Listener, router: Router, mut stop: oneshot::Receiver
             _ = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
+        // The peer's address, for the failed-login throttle per address.
+        let router = router.clone().layer(axum::Extension(PeerAddr(peer.ip())));
         let tls = listener.tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -128,6 +129,10 @@ pub async fn run(listener: Listener, router: Router, mut stop: oneshot::Receiver
         });
     }
 }
+
+/// The address a console connection comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::IpAddr);
 
 async fn connection<IO>(io: IO, router: Router)
 where

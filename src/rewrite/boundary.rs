@@ -49,9 +49,6 @@ use super::protect::Protect;
 /// A boundary's input columns: those it keeps, and its counts with their k.
 type Layout = (Vec<usize>, Vec<(usize, u64)>);
 
-/// A boundary's input columns: those it keeps, and its counts with their k.
-type Layout = (Vec<usize>, Vec<(usize, u64)>);
-
 /// Prefix of the hidden count columns.
 pub const COUNT_PREFIX: &str = "__airlock_count_";
 
