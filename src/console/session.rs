@@ -223,7 +223,10 @@ struct LoginForm {
 /// POST `/login`: checks the token and the password; on success a fresh session.
 pub async fn login(State(console): State<Arc<Console>>, req: Request) -> Result<Response> {
     let (mut parts, body) = req.into_parts();
-    let peer = parts.extensions.get::<super::serve::PeerAddr>().map(|p| p.0);
+    let peer = parts
+        .extensions
+        .get::<super::serve::PeerAddr>()
+        .map(|p| p.0);
     let session = session_of(&mut parts).await?;
     let bytes = axum::body::to_bytes(body, super::BODY_LIMIT)
         .await
