@@ -8,7 +8,7 @@
 //! file is read and verified again only when it changed (length or modification time).
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -85,7 +85,14 @@ impl AuditCache {
                 .lines()
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect();
-            let chain = match audit::verify(&path) {
+            // The keyed chain and its anchor are checked from the state directory.
+            // `path` is `audit::path_in(state_dir)`: <state>/audit/audit.jsonl.
+            let state_dir = path
+                .parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
+            let chain = match audit::verify(&state_dir) {
                 Ok((0, _)) => Chain::Empty,
                 Ok((n, _)) => Chain::Intact { records: n },
                 Err(e) => Chain::Broken {
