@@ -382,38 +382,8 @@ impl Checker<'_> {
                 i.cols.resize(width, Col::public(Provenance::Other));
                 i
             }
-            LogicalPlan::Aggregate(a) => {
-                let id = self.id();
-                let keys = a.group_expr.len();
-                Info {
-                    cols: (0..width)
-                        .map(|index| {
-                            Col::public(if keys == 0 {
-                                Provenance::Single
-                            } else if index < keys {
-                                Provenance::GroupKey { id, index, keys }
-                            } else {
-                                Provenance::Other
-                            })
-                        })
-                        .collect(),
-                    ..Info::default()
-                }
-            }
-            LogicalPlan::Distinct(Distinct::All(_)) => {
-                let id = self.id();
-                Info {
-                    cols: (0..width)
-                        .map(|index| {
-                            Col::public(Provenance::GroupKey {
-                                id,
-                                index,
-                                keys: width,
-                            })
-                        })
-                        .collect(),
-                    ..Info::default()
-                }
+            LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(Distinct::All(_)) => {
+                self.grouped(plan)
             }
             LogicalPlan::RecursiveQuery(_) => {
                 self.recursive = true;
@@ -865,7 +835,6 @@ impl Checker<'_> {
 
     /// The aggregate (or DISTINCT) that consumes raw rows: the release boundary goes above it.
     fn boundary(&mut self, plan: &LogicalPlan, input: &Info) -> Info {
-        let width = plan.schema().fields().len();
         let tables = input.raw.clone();
         if let LogicalPlan::Aggregate(a) = plan {
             let schema = a.input.schema();
@@ -898,6 +867,13 @@ impl Checker<'_> {
                 self.aggregate(e, schema, input, &tables, opt_ins);
             }
         }
+        self.grouped(plan)
+    }
+
+    /// The output of an aggregate or DISTINCT: released (or public) values whose group
+    /// keys are unique together, a relation of at most one row without keys.
+    fn grouped(&mut self, plan: &LogicalPlan) -> Info {
+        let width = plan.schema().fields().len();
         let id = self.id();
         let keys = match plan {
             LogicalPlan::Aggregate(a) => a.group_expr.len(),
@@ -915,8 +891,7 @@ impl Checker<'_> {
                     })
                 })
                 .collect(),
-            raw: BTreeSet::new(),
-            cross: None,
+            ..Info::default()
         }
     }
 
