@@ -26,6 +26,7 @@ pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod dp;
 pub mod error;
 pub mod flight;
 pub mod ingest;

@@ -60,6 +60,12 @@ pub enum ReasonCode {
     JoinNotAllowed,
     /// A name reserved for the rewriter (`__airlock*`, `airlock_*`, §3.6).
     ReservedName,
+    /// A query on a table in differential-privacy mode (§5b) that DP mode cannot answer:
+    /// an aggregate other than COUNT(*), COUNT(DISTINCT unit), SUM/AVG of a bounded
+    /// column, a join that is neither with a public table nor on the privacy unit, ...
+    DpNotSupported,
+    /// The principal's privacy budget on the dataset cannot pay for the query (§5b).
+    BudgetExhausted,
 }
 
 impl ReasonCode {
@@ -89,6 +95,8 @@ impl ReasonCode {
             Self::OperatorNotAllowed => "OPERATOR_NOT_ALLOWED",
             Self::JoinNotAllowed => "JOIN_NOT_ALLOWED",
             Self::ReservedName => "RESERVED_NAME",
+            Self::DpNotSupported => "DP_NOT_SUPPORTED",
+            Self::BudgetExhausted => "BUDGET_EXHAUSTED",
         }
     }
 }
