@@ -46,6 +46,9 @@ pub struct Event {
     pub reason_code: Option<String>,
     pub groups_suppressed: Option<u64>,
     pub rows_released: Option<u64>,
+    /// A DP query's charge: ε and δ charged (or not, for a repeat) and what is left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_budget: Option<String>,
 }
 
 /// One line of the log.

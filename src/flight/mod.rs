@@ -78,6 +78,8 @@ pub struct AirlockService {
     audit: Arc<AuditLog>,
     state_dir: std::path::PathBuf,
     handles: Handles,
+    /// The privacy-budget ledger (in the approvals database).
+    ledger: Arc<crate::approval::budget::Ledger>,
 }
 
 impl AirlockService {
@@ -88,8 +90,10 @@ impl AirlockService {
         approvals: Arc<dyn ApprovalStore>,
         audit: Arc<AuditLog>,
         state_dir: std::path::PathBuf,
+        ledger: Arc<crate::approval::budget::Ledger>,
     ) -> Self {
         Self {
+            ledger,
             auth,
             sessions,
             users,
@@ -180,8 +184,11 @@ impl AirlockService {
         sql: &str,
         params: Option<&[ScalarValue]>,
         descriptor: FlightDescriptor,
+        epsilon: Option<f64>,
     ) -> Result<FlightInfo> {
-        let result = self.plan_to_info(principal, sql, params, descriptor).await;
+        let result = self
+            .plan_to_info(principal, sql, params, descriptor, epsilon)
+            .await;
         if let Err(e) = &result {
             self.audit_unreleased(principal, rid, sql, e);
         }
@@ -194,10 +201,12 @@ impl AirlockService {
         sql: &str,
         params: Option<&[ScalarValue]>,
         descriptor: FlightDescriptor,
+        epsilon: Option<f64>,
     ) -> Result<FlightInfo> {
         let session = self.sessions.session_for(principal);
-        let planned =
+        let mut planned =
             query::plan_with_approvals(session, sql, params, self.approvals.as_ref()).await?;
+        planned.epsilon = epsilon;
         let schema = Arc::clone(&planned.schema);
         let handle = self.handles.put_query(planned);
         let ticket = TicketStatementQuery {
@@ -231,6 +240,22 @@ impl AirlockService {
             .into(),
             ..Default::default()
         };
+        // A DP query is charged before it reads data (§5b); every charge is audited.
+        let charged = match query::dp::charge(planned, &self.ledger) {
+            Ok(c) => c,
+            Err(e) => {
+                self.audit_unreleased(planned.principal(), &rid, &planned.sql, &e);
+                return Err(e);
+            }
+        };
+        if let Some(c) = &charged {
+            self.audit.record(AuditEvent {
+                kind: "budget".into(),
+                decision: if c.repeat { "repeat" } else { "charged" }.into(),
+                privacy_budget: Some(c.describe()),
+                ..event.clone()
+            });
+        }
         let started = std::time::Instant::now();
         let stream = query::execute(planned, &self.sessions)
             .await?
@@ -287,6 +312,17 @@ fn ipc_schema(schema: &Schema) -> Result<Bytes> {
         .try_into()
         .map_err(|e| Error::Internal(format!("encoding a schema: {e}")))?;
     Ok(bytes)
+}
+
+/// The ε a client asked to spend (the `airlock-epsilon` call header), if any.
+fn epsilon_of<T>(request: &Request<T>) -> Result<Option<f64>> {
+    let value = match request.metadata().get(query::dp::EPSILON_HEADER) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            Error::InvalidRequest(format!("{} is not text", query::dp::EPSILON_HEADER))
+        })?),
+    };
+    query::dp::parse_epsilon(value)
 }
 
 fn refuse<T>(code: ReasonCode, message: &str) -> Result<T> {
@@ -362,8 +398,16 @@ impl FlightSqlService for AirlockService {
                     "transactions are not supported: the service is read-only".into(),
                 ));
             }
-            self.plan_to_info_audited(&principal, &rid, &query.query, None, request.into_inner())
-                .await
+            let epsilon = epsilon_of(&request)?;
+            self.plan_to_info_audited(
+                &principal,
+                &rid,
+                &query.query,
+                None,
+                request.into_inner(),
+                epsilon,
+            )
+            .await
         })
         .await
         .map(Response::new)
@@ -397,12 +441,14 @@ impl FlightSqlService for AirlockService {
                 .handles
                 .prepared(&cmd.prepared_statement_handle, &principal)?;
             let params = params_for(&stmt)?;
+            let epsilon = epsilon_of(&request)?;
             self.plan_to_info_audited(
                 &principal,
                 &rid,
                 &stmt.sql,
                 params.as_deref(),
                 request.into_inner(),
+                epsilon,
             )
             .await
         })
@@ -560,13 +606,14 @@ impl FlightSqlService for AirlockService {
                 .prepared(&cmd.prepared_statement_handle, &principal)?;
             let params = params_for(&stmt)?;
             let session = self.sessions.session_for(&principal);
-            let planned = query::plan_with_approvals(
+            let mut planned = query::plan_with_approvals(
                 session,
                 &stmt.sql,
                 params.as_deref(),
                 self.approvals.as_ref(),
             )
             .await?;
+            planned.epsilon = epsilon_of(&request)?;
             self.run_planned(&planned, rid.clone()).await
         })
         .await

@@ -6,6 +6,7 @@
 //! query timeout, the memory limit and the concurrency limit. Nothing here collects a
 //! whole result.
 
+pub mod dp;
 pub mod execute;
 pub mod output;
 pub mod parse;
@@ -40,6 +41,10 @@ pub struct PlannedQuery {
     pub schema: SchemaRef,
     /// The approval request this plan releases, when an owner approved it.
     pub approval: Option<String>,
+    /// The normalized fingerprint of the bound query (before the rewrite).
+    pub fingerprint: String,
+    /// The ε the client asked to spend (`airlock-epsilon`), for DP tables.
+    pub epsilon: Option<f64>,
 }
 
 impl PlannedQuery {
@@ -67,6 +72,7 @@ pub async fn plan(
         .await?;
     let plan = bind(plan, params)?;
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    let fingerprint = crate::rewrite::fingerprint::fingerprint(&plan);
     // The analyzer (the privacy rules), the optimizer and the verifier.
     let plan = tracing::info_span!("rewrite").in_scope(|| {
         crate::rewrite::plan(&session.state, &session.privacy, &plan)
@@ -79,6 +85,8 @@ pub async fn plan(
         plan,
         schema,
         approval: None,
+        fingerprint,
+        epsilon: None,
     })
 }
 
@@ -149,6 +157,8 @@ pub async fn plan_with_approvals(
                 plan,
                 schema,
                 approval: Some(request.id),
+                fingerprint: String::new(),
+                epsilon: None,
             })
         }
         _ => Err(Refusal::new(

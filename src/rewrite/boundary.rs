@@ -414,6 +414,12 @@ impl ExtensionPlanner for AirlockPlanner {
                 Arc::clone(&r.suppressed),
             )?)));
         }
+        if let Some(d) = node.as_any().downcast_ref::<super::dp_release::DpRelease>() {
+            return Ok(Some(Arc::new(super::dp_release::DpReleaseExec::try_new(
+                Arc::clone(&physical_inputs[0]),
+                d.clone(),
+            )?)));
+        }
         if let Some(p) = node.as_any().downcast_ref::<Protect>() {
             let input_schema = logical_inputs[0].schema();
             let mut plan = Arc::clone(&physical_inputs[0]);
