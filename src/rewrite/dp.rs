@@ -179,6 +179,13 @@ pub fn boundary(a: &Aggregate, ctx: &PolicyContext) -> Result<Option<LogicalPlan
     })))
 }
 
+fn strip_aliases(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_aliases(&a.expr),
+        other => other,
+    }
+}
+
 fn strip_casts(e: &Expr) -> &Expr {
     match e {
         Expr::Cast(c) => strip_casts(&c.expr),
@@ -200,7 +207,7 @@ pub fn finish(plan: LogicalPlan) -> Result<LogicalPlan> {
                 for e in &pr.expr {
                     let (col, out) = match e {
                         Expr::Column(c) => (c, c.name.clone()),
-                        Expr::Alias(al) => match al.expr.as_ref() {
+                        Expr::Alias(al) => match strip_aliases(&al.expr) {
                             Expr::Column(c) => (c, al.name.clone()),
                             _ => continue,
                         },

@@ -4,6 +4,7 @@ mod approvals;
 mod audit;
 mod catalog;
 mod cli;
+mod dp;
 mod flight_sql;
 mod limits;
 mod policy_slt;
