@@ -664,3 +664,291 @@ pub fn fresh_seed() -> [u8; 32] {
     rand::RngCore::fill_bytes(&mut os_rng(), &mut s);
     s
 }
+
+/// Runs the DP release of `node` over in-memory batches (the node's input rows), as
+/// the execution plan does. For tests and benchmarks of the mechanism itself.
+pub fn release_batches(
+    node: &DpRelease,
+    grant: &Grant,
+    batches: &[RecordBatch],
+) -> Result<RecordBatch> {
+    let mut acc = Accumulator::new(node, grant)?;
+    for b in batches {
+        acc.add(b)?;
+    }
+    let schema: SchemaRef = Arc::new(node.schema.as_arrow().clone());
+    acc.finish(node, grant, &schema)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The statistics of the mechanism, in process (thousands of runs in a second or
+    //! two). Each run draws a fresh seed from the OS, as every distinct query does.
+    use super::*;
+    use crate::policy::dp::Real;
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::Schema;
+    use datafusion::common::ToDFSchema;
+    use datafusion::logical_expr::EmptyRelation;
+
+    fn policy(l0: u64, c: u64, delta: f64) -> DpPolicy {
+        DpPolicy {
+            max_groups_per_unit: l0,
+            max_rows_per_group_per_unit: c,
+            bounds: [("v".to_string(), (Real(0.0), Real(100.0)))].into(),
+            max_epsilon: Real(10.0),
+            delta: Real(delta),
+        }
+    }
+
+    fn node(groups: usize, aggregates: Vec<DpAggregate>, policy: DpPolicy) -> DpRelease {
+        let mut fields = vec![Field::new("unit", DataType::Int64, true)];
+        if groups > 0 {
+            fields.push(Field::new("key", DataType::Utf8, true));
+        }
+        fields.push(Field::new("v", DataType::Float64, true));
+        let input_schema = Schema::new(fields).to_dfschema_ref().unwrap();
+        let mut out = Vec::new();
+        if groups > 0 {
+            out.push(Field::new("key", DataType::Utf8, true));
+        }
+        for (i, _) in aggregates.iter().enumerate() {
+            out.push(Field::new(format!("agg{i}"), DataType::Float64, true));
+        }
+        let output = Schema::new(out).to_dfschema().unwrap();
+        DpRelease::try_new(
+            LogicalPlan::EmptyRelation(EmptyRelation {
+                produce_one_row: false,
+                schema: input_schema,
+            }),
+            "t.t".into(),
+            groups,
+            vec![("v".into(), 0, 100 * FIXED_SCALE)],
+            aggregates,
+            policy,
+            &output,
+            Arc::default(),
+        )
+        .unwrap()
+    }
+
+    /// Rows (unit, key, value) as the node's input.
+    fn batch(node: &DpRelease, rows: &[(i64, &str, f64)]) -> RecordBatch {
+        let schema: SchemaRef = Arc::new(node.input.schema().as_arrow().clone());
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        ))];
+        if node.groups > 0 {
+            cols.push(Arc::new(StringArray::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )));
+        }
+        cols.push(Arc::new(Float64Array::from(
+            rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+        )));
+        RecordBatch::try_new(schema, cols).unwrap()
+    }
+
+    fn run(node: &DpRelease, eps: f64, rows: &[(i64, &str, f64)]) -> RecordBatch {
+        let grant = Grant {
+            accounting: node.accounting(eps).unwrap(),
+            seed: fresh_seed(),
+        };
+        release_batches(node, &grant, &[batch(node, rows)]).unwrap()
+    }
+
+    fn first_i64(b: &RecordBatch, col: usize) -> i64 {
+        b.column(col)
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::Int64Array>()
+            .unwrap()
+            .value(0)
+    }
+
+    fn units(n: i64) -> Vec<(i64, &'static str, f64)> {
+        (0..n).map(|u| (u, "a", 50.0)).collect()
+    }
+
+    /// Neighbouring datasets (one unit added): for every output value with enough mass
+    /// in both, the ratio of frequencies stays within e^ε. Tolerance: with at least
+    /// 400 hits per bin, each frequency's relative sd is at most 5%, so the ratio's is
+    /// about 7%; 1.3·e^ε is more than 4 sd above e^ε. The largest ratio seen must also
+    /// come close to e^ε (the test has power: the discrete Laplace attains the bound).
+    #[test]
+    fn neighbouring_datasets_change_outputs_by_at_most_e_to_the_epsilon() {
+        let eps = 1.0;
+        let n = node(0, vec![DpAggregate::Units], policy(1, 1, 1e-6));
+        let runs = 20_000;
+        let hist = |d: &[(i64, &str, f64)]| {
+            let mut h = HashMap::<i64, u32>::new();
+            for _ in 0..runs {
+                *h.entry(first_i64(&run(&n, eps, d), 0)).or_default() += 1;
+            }
+            h
+        };
+        let (d, d1) = (hist(&units(20)), hist(&units(21)));
+        let mut worst: f64 = 0.0;
+        for (k, a) in &d {
+            let Some(b) = d1.get(k) else { continue };
+            if *a < 400 || *b < 400 {
+                continue;
+            }
+            let r = (*a as f64 / *b as f64).max(*b as f64 / *a as f64);
+            assert!(r <= 1.3 * eps.exp(), "output {k}: ratio {r}");
+            worst = worst.max(r);
+        }
+        assert!(
+            worst > 0.7 * eps.exp(),
+            "largest ratio {worst}: the test has no power"
+        );
+    }
+
+    /// A group that exists for one unit alone is released with probability at most
+    /// δ (here δ = 5e-2, so 4,000 runs expect at most 200 releases; 300 is about
+    /// 7 sd above).
+    #[test]
+    fn a_one_unit_group_is_released_about_delta_of_the_time() {
+        let n = node(1, vec![DpAggregate::Rows], policy(1, 1, 5e-2));
+        let mut rows = units(50);
+        rows.push((999, "rare", 50.0));
+        let mut released = 0;
+        for _ in 0..4_000 {
+            let b = run(&n, 1.0, &rows);
+            let keys = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            assert!(
+                (0..keys.len()).any(|i| keys.value(i) == "a"),
+                "the big group is released"
+            );
+            released += (0..keys.len()).filter(|i| keys.value(*i) == "rare").count();
+        }
+        assert!(released <= 300, "released {released} times in 4000");
+        // And the exact probability: P(1 + Z >= τ) <= δ / L0.
+        let a = n.accounting(1.0).unwrap();
+        let b = a.noises[0].scale_f64();
+        let alpha = (-1.0 / b).exp();
+        let tau = a.tau.unwrap() as i32;
+        assert!(alpha.powi(tau - 1) / (1.0 + alpha) <= 5e-2);
+    }
+
+    /// The differencing attack: count(all) and count(all but one person) are exact on a
+    /// threshold table (difference 1). Here their answer distributions overlap: the
+    /// total variation distance stays near the theoretical (1-α)/(1+α) = 0.46 at ε = 1.
+    #[test]
+    fn differencing_answers_overlap() {
+        let n = node(0, vec![DpAggregate::Rows], policy(1, 1, 1e-6));
+        let runs = 10_000;
+        let hist = |d: &[(i64, &str, f64)]| {
+            let mut h = HashMap::<i64, f64>::new();
+            for _ in 0..runs {
+                *h.entry(first_i64(&run(&n, 1.0, d), 0)).or_default() += 1.0 / runs as f64;
+            }
+            h
+        };
+        let (all, but_one) = (hist(&units(50)), hist(&units(49)));
+        let keys: std::collections::BTreeSet<i64> =
+            all.keys().chain(but_one.keys()).copied().collect();
+        let tv: f64 = keys
+            .iter()
+            .map(|k| (all.get(k).unwrap_or(&0.0) - but_one.get(k).unwrap_or(&0.0)).abs())
+            .sum::<f64>()
+            / 2.0;
+        // ε is split over units and rows: each at 0.5, so α = e^-0.5 and TV ≈ 0.245.
+        assert!(tv < 0.35, "total variation {tv}");
+    }
+
+    /// The reported 95% intervals cover the true (bounded) value at least ~95% of the
+    /// time: for COUNT, SUM and AVG (AVG's interval is conservative by construction).
+    #[test]
+    fn intervals_cover_the_truth_95_percent_of_the_time() {
+        let n = node(
+            0,
+            vec![DpAggregate::Rows, DpAggregate::Sum(0), DpAggregate::Avg(0)],
+            policy(1, 1, 1e-6),
+        );
+        let rows: Vec<(i64, &str, f64)> = (0..300).map(|u| (u, "a", (u % 100) as f64)).collect();
+        let (count, sum) = (300.0, rows.iter().map(|r| r.2).sum::<f64>());
+        let avg = sum / count;
+        let runs = 2_000;
+        let mut covered = [0u32; 3];
+        for _ in 0..runs {
+            let b = run(&n, 1.0, &rows);
+            let f = |i: usize| {
+                b.column(i)
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .map(|a| a.value(0))
+            };
+            let c = first_i64(&b, 0) as f64;
+            let (s, a) = (f(1).unwrap(), f(2).unwrap());
+            let (cc, sc, ac) = (f(3).unwrap(), f(4).unwrap(), f(5).unwrap());
+            covered[0] += u32::from((c - count).abs() <= cc);
+            covered[1] += u32::from((s - sum).abs() <= sc + 1e-9);
+            covered[2] += u32::from((a - avg).abs() <= ac + 1e-9);
+        }
+        for (what, c) in ["count", "sum", "avg"].iter().zip(covered) {
+            let rate = c as f64 / runs as f64;
+            // sd of the rate at 95%: 0.5%; 0.93 is 4 sd below.
+            assert!(rate >= 0.93, "{what}: coverage {rate}");
+        }
+    }
+
+    /// One unit with many rows in many groups counts at most C rows in at most L0
+    /// groups, whatever the order of its rows; the same seed gives the same answer in
+    /// any order.
+    #[test]
+    fn contributions_are_bounded_and_order_does_not_matter() {
+        let n = node(
+            1,
+            vec![DpAggregate::Rows, DpAggregate::Sum(0)],
+            policy(2, 3, 1e-6),
+        );
+        let mut rows: Vec<(i64, &str, f64)> = Vec::new();
+        for u in 0..400 {
+            rows.push((u, "base", 1.0));
+        }
+        let groups = ["g0", "g1", "g2", "g3", "g4"];
+        for g in groups {
+            for _ in 0..50 {
+                rows.push((7, g, 1_000.0)); // clamped to 100
+            }
+        }
+        let grant = Grant {
+            accounting: n.accounting(10.0).unwrap(),
+            seed: fresh_seed(),
+        };
+        let a = release_batches(&n, &grant, &[batch(&n, &rows)]).unwrap();
+        let mut reversed = rows.clone();
+        reversed.reverse();
+        let b = release_batches(&n, &grant, &[batch(&n, &reversed)]).unwrap();
+        assert_eq!(a, b, "same seed, any order: the same answer");
+        // The heavy unit's groups each hold one unit: never released (τ), and "base"
+        // counts at most 400 rows (plus small noise at ε = 10).
+        let keys = a.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(keys.len(), 1, "{a:?}");
+        assert_eq!(keys.value(0), "base");
+        let count = a
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0);
+        assert!((count - 400).abs() < 30, "{count}");
+        // Bounding itself, without noise: feed only the heavy unit with "base" rows.
+        let mut acc = Accumulator::new(&n, &grant).unwrap();
+        acc.add(&batch(&n, &rows)).unwrap();
+        let heavy: usize = acc
+            .cells
+            .iter()
+            .filter(|((u, _), _)| {
+                u.row().as_ref()
+                    == acc
+                        .units
+                        .convert_columns(&[Arc::new(Int64Array::from(vec![7]))])
+                        .unwrap()
+                        .row(0)
+                        .as_ref()
+            })
+            .count();
+        assert_eq!(heavy, 6, "six cells (base and g0..g4) before the L0 cut");
+    }
+}
