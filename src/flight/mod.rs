@@ -5,6 +5,7 @@
 //! comes back. Errors become statuses in exactly one place (`Error::into_status`).
 
 pub mod approvals;
+pub mod budget;
 pub mod handles;
 pub mod metadata;
 pub mod request_id;
@@ -987,7 +988,23 @@ impl FlightSqlService for AirlockService {
                                 .filter(|a| policy.allows(&principal, t, *a))
                                 .map(crate::policy::Action::as_str)
                                 .collect();
-                            serde_json::json!({ "table": t.to_string(), "actions": actions })
+                            let mut entry =
+                                serde_json::json!({ "table": t.to_string(), "actions": actions });
+                            // DP tables: the release mode and what is left of the budget.
+                            if policy.tables.get(t).and_then(|p| p.dp()).is_some() {
+                                entry["release"] = "dp".into();
+                                entry["budget"] = budget::remaining_json(
+                                    &self.ledger,
+                                    &policy,
+                                    &principal.name,
+                                    &principal.roles,
+                                    &t.schema,
+                                )
+                                .ok()
+                                .flatten()
+                                .unwrap_or(serde_json::Value::Null);
+                            }
+                            entry
                         })
                         .collect();
                     Ok(serde_json::Value::Array(access).to_string())
@@ -1015,6 +1032,21 @@ impl FlightSqlService for AirlockService {
                         ))),
                     }
                 }
+                other if budget::is_action(other) => {
+                    let policy = self.sessions.policy().current();
+                    budget::handle(
+                        other,
+                        &action.body,
+                        &principal,
+                        &policy,
+                        &self.ledger,
+                        &self.audit,
+                        &rid.to_string(),
+                    )
+                    .unwrap_or_else(|| {
+                        Err(Error::InvalidRequest(format!("unknown action {other:?}")))
+                    })
+                }
                 other => match approvals::handle(
                     other,
                     &action.body,
@@ -1041,7 +1073,19 @@ impl FlightSqlService for AirlockService {
     }
 
     async fn list_custom_actions(&self) -> Option<Vec<Result<arrow_flight::ActionType, Status>>> {
-        let described: [(&str, &str); 8] = [
+        let described: [(&str, &str); 11] = [
+            (
+                budget::LIST,
+                "Privacy budgets: charges and ε/δ spent per principal and dataset (admin on *); JSON",
+            ),
+            (
+                budget::SHOW,
+                "What is left of a principal's privacy budget (body: {\"principal\", \"dataset\", \"roles\"}); JSON",
+            ),
+            (
+                budget::GRANT,
+                "Add ε/δ to a principal's budget (body: {\"principal\", \"dataset\", \"epsilon\", \"delta\"}); audited",
+            ),
             (
                 actions::PRIVACY_EXPLAIN,
                 "Explain in plain words how the privacy policy rewrites a query (body: SQL); shows no data",

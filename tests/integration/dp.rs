@@ -158,3 +158,94 @@ async fn an_exhausted_budget_stays_exhausted_after_a_restart() {
         "BUDGET_EXHAUSTED",
     );
 }
+
+async fn login(addr: std::net::SocketAddr, user: &str) -> airlock::client::Client {
+    airlock::client::Client::connect(&format!("grpc://{addr}"), user, user, None)
+        .await
+        .unwrap()
+}
+
+async fn run(c: &mut airlock::client::Client, sql: &str) -> Result<usize, airlock::client::Error> {
+    let mut out = Vec::new();
+    airlock::client::run_sql(c, sql, airlock::client::Format::Csv, &mut out).await
+}
+
+/// The budget is charged before execution and durably: after `kill -9` the spent
+/// budget is still spent. Then the owner grants more, and MyAccess shows it.
+#[test]
+fn budget_refusal_survives_sigkill_and_owners_grant_more() {
+    use airlock::flight::budget as b;
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = demo_config();
+    config.state_dir = dir.path().join("state");
+    let conf_path = write_config_file(dir.path(), &config);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut first, addr) = serve_binary(&conf_path);
+    rt.block_on(async {
+        let mut analyst = login(addr, "analyst").await;
+        // ε defaults to the table's maximum, 1: ten queries spend the budget of 10.
+        for i in 0..10 {
+            run(
+                &mut analyst,
+                &format!("SELECT count(*) FROM hospital.claims WHERE amount > {i}"),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let (mut second, addr) = serve_binary(&conf_path);
+    rt.block_on(async {
+        let mut analyst = login(addr, "analyst").await;
+        let e = run(&mut analyst, "SELECT count(*) FROM hospital.claims")
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason_code().as_deref(), Some("BUDGET_EXHAUSTED"), "{e}");
+        // Analysts cannot grant themselves budget.
+        assert!(
+            analyst
+                .json_action(
+                    b::GRANT,
+                    json!({ "principal": "analyst", "dataset": "hospital", "epsilon": 5.0 })
+                )
+                .await
+                .is_err()
+        );
+        let mut owner = login(addr, "owner").await;
+        owner
+            .json_action(
+                b::GRANT,
+                json!({ "principal": "analyst", "dataset": "hospital", "epsilon": 2.0 }),
+            )
+            .await
+            .unwrap();
+        let listed = owner.json_action(b::LIST, json!({})).await.unwrap();
+        assert_eq!(listed[0]["charges"], 10, "{listed}");
+        let access = analyst
+            .json_action(airlock::flight::actions::MY_ACCESS, json!({}))
+            .await
+            .unwrap();
+        let claims = access
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == "hospital.claims")
+            .expect("claims visible");
+        assert_eq!(claims["release"], "dp");
+        assert!(
+            (claims["budget"]["epsilon_remaining"].as_f64().unwrap() - 2.0).abs() < 1e-6,
+            "{claims}"
+        );
+        assert_eq!(
+            run(&mut analyst, "SELECT count(*) FROM hospital.claims")
+                .await
+                .unwrap(),
+            1
+        );
+    });
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
