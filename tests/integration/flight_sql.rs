@@ -312,7 +312,7 @@ async fn metadata_lists_only_visible_tables() {
     let info = a.get_tables(tables(true)).await.unwrap();
     let (_, b) = fetch(&mut a, info).await.unwrap();
     let names = string_column(&b, "table_name");
-    assert_eq!(names, vec!["patients", "visits"]);
+    assert_eq!(names, vec!["claims", "patients", "visits"]);
     let schemas = b[0]
         .column_by_name("table_schema")
         .unwrap()
