@@ -49,6 +49,9 @@ use super::protect::Protect;
 /// Prefix of the hidden count columns.
 pub const COUNT_PREFIX: &str = "__airlock_count_";
 
+/// Indexes of a boundary input's kept columns, and of its count columns with their k.
+type Layout = (Vec<usize>, Vec<(usize, u64)>);
+
 /// The release boundary.
 #[derive(Debug, Clone)]
 pub struct Release {
@@ -131,7 +134,7 @@ impl Release {
     fn layout(
         input: &datafusion::arrow::datatypes::Schema,
         counts: &[(String, u64)],
-    ) -> Result<(Vec<usize>, Vec<(usize, u64)>)> {
+    ) -> Result<Layout> {
         let kept = (0..input.fields().len())
             .filter(|i| !input.field(*i).name().starts_with(COUNT_PREFIX))
             .collect();

@@ -1166,7 +1166,7 @@ impl Checker<'_> {
     ) {
         let leaf_of = |i: usize| leaves.iter().position(|l| l.columns.contains(&i));
         let mut parent: Vec<usize> = (0..leaves.len()).collect();
-        fn find(p: &mut Vec<usize>, x: usize) -> usize {
+        fn find(p: &mut [usize], x: usize) -> usize {
             let mut r = x;
             while p[r] != r {
                 r = p[r];

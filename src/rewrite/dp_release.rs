@@ -127,6 +127,7 @@ pub const CI_SUFFIX: &str = "_ci95";
 
 impl DpRelease {
     /// `output` is the replaced aggregate's schema (keys, then one field per aggregate).
+    #[expect(clippy::too_many_arguments, reason = "one value per part of the node")]
     pub fn try_new(
         input: LogicalPlan,
         table: String,
@@ -424,11 +425,11 @@ impl Accumulator {
         let values: Vec<Float64Array> = batch.columns()[g + 1..]
             .iter()
             .map(|c| {
-                Ok(cast(c, &DataType::Float64)?
+                cast(c, &DataType::Float64)?
                     .as_any()
                     .downcast_ref::<Float64Array>()
                     .cloned()
-                    .ok_or_else(|| DataFusionError::Internal("DP value column".into()))?)
+                    .ok_or_else(|| DataFusionError::Internal("DP value column".into()))
             })
             .collect::<Result<_>>()?;
         for r in 0..batch.num_rows() {
@@ -507,7 +508,7 @@ impl Accumulator {
         // key -> (units, rows, sums)
         let mut groups: HashMap<OwnedRow, (i128, i128, Vec<i128>)> = HashMap::new();
         for (_, mut cells) in by_unit {
-            cells.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            cells.sort_unstable_by_key(|a| a.0);
             cells.truncate(l0);
             for (_, key, cell) in cells {
                 let g = groups.entry(key).or_insert_with(|| (0, 0, vec![0; nv]));

@@ -157,7 +157,7 @@ impl UserDefinedLogicalNodeCore for Protect {
         mut inputs: Vec<LogicalPlan>,
     ) -> Result<Self> {
         let input = inputs.remove(0);
-        let row_filter = self.row_filter.as_ref().map(|_| exprs.pop()).flatten();
+        let row_filter = self.row_filter.as_ref().and_then(|_| exprs.pop());
         // Projection push-down may have narrowed the scan: keep the outputs it can still
         // compute (the parent asked only for those).
         let available = input.schema();

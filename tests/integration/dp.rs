@@ -68,8 +68,8 @@ async fn noisy_answers_carry_intervals_repeat_for_free_and_exhaust_the_budget() 
     // The common kinds are released; the noisy count is near the truth. (Not within the
     // interval necessarily: the truth counts every claim, the DP count at most C = 3 per
     // patient per kind, a bias the docs describe.)
-    assert!(kinds.len() >= 4, "{}", pretty(&[first.clone()]));
-    for i in 0..kinds.len() {
+    assert!(kinds.len() >= 4, "{}", pretty(std::slice::from_ref(&first)));
+    for (i, ci) in n_ci.iter().enumerate() {
         let j = (0..ekinds.len())
             .find(|j| ekinds.value(*j) == kinds.value(i))
             .unwrap();
@@ -78,12 +78,12 @@ async fn noisy_answers_carry_intervals_repeat_for_free_and_exhaust_the_budget() 
         // patient), so the noisy count is at most the truth plus noise.
         let noisy = n.value(i) as f64;
         assert!(
-            noisy <= truth + 3.0 * n_ci[i] && noisy >= 0.5 * truth,
+            noisy <= truth + 3.0 * ci && noisy >= 0.5 * truth,
             "{}: {} vs {truth}",
             kinds.value(i),
             n.value(i)
         );
-        assert!(n_ci[i] > 0.0);
+        assert!(*ci > 0.0);
     }
     // The rare kinds (a handful of patients) are not released.
     assert!((0..kinds.len()).all(|i| kinds.value(i) != "gene_therapy"));
