@@ -27,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod console;
 pub mod demo;
+pub mod dp;
 pub mod error;
 pub mod flight;
 pub mod ingest;

@@ -63,6 +63,14 @@ enum Command {
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+    /// The data owner's privacy budgets (DP tables): list charges, show what is left,
+    /// grant more.
+    Budget {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        #[command(subcommand)]
+        command: BudgetCommand,
+    },
     /// The audit trail: verify its hash chain, or read its last records.
     Audit {
         #[command(subcommand)]
@@ -86,6 +94,29 @@ enum Command {
         explain: bool,
         /// The query.
         sql: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BudgetCommand {
+    /// Every principal and dataset with charges or grants: charges, ε and δ spent.
+    List,
+    /// What is left of one principal's budget on a dataset.
+    Show {
+        principal: String,
+        dataset: String,
+        /// The principal's roles (budgets may be given per role).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
+    /// Add ε (and δ) to a principal's budget on a dataset.
+    Grant {
+        principal: String,
+        dataset: String,
+        #[arg(long)]
+        epsilon: f64,
+        #[arg(long, default_value_t = 0.0)]
+        delta: f64,
     },
 }
 
@@ -258,6 +289,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{line}");
             }
         }
+        Command::Budget { connect, command } => {
+            let result = budget(&connect, command).await;
+            if let Err(e) = result {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(if e.reason_code().is_some() {
+                    3
+                } else {
+                    1
+                }));
+            }
+        }
         Command::Approvals { connect, command } => {
             let result = approvals(&connect, command).await;
             if let Err(e) = result {
@@ -296,6 +338,45 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn budget(
+    connect: &ConnectArgs,
+    command: BudgetCommand,
+) -> Result<(), airlock::client::Error> {
+    use airlock::flight::budget as b;
+    use serde_json::json;
+    let mut client = connect.connect().await?;
+    let answer = match command {
+        BudgetCommand::List => client.json_action(b::LIST, json!({})).await?,
+        BudgetCommand::Show {
+            principal,
+            dataset,
+            roles,
+        } => {
+            client
+                .json_action(b::SHOW, json!({ "principal": principal, "dataset": dataset, "roles": roles }))
+                .await?
+        }
+        BudgetCommand::Grant {
+            principal,
+            dataset,
+            epsilon,
+            delta,
+        } => {
+            client
+                .json_action(
+                    b::GRANT,
+                    json!({ "principal": principal, "dataset": dataset, "epsilon": epsilon, "delta": delta }),
+                )
+                .await?
+        }
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&answer).unwrap_or_default()
+    );
+    Ok(())
 }
 
 async fn approvals(

@@ -64,6 +64,8 @@ pub struct Airlock {
     pub sessions: Arc<Sessions>,
     pub auth: Arc<Authenticator>,
     pub approvals: Arc<dyn ApprovalStore>,
+    /// The privacy-budget ledger, in the approvals database.
+    pub ledger: Arc<crate::approval::budget::Ledger>,
     pub audit: Arc<AuditLog>,
 }
 
@@ -142,6 +144,9 @@ impl Airlock {
         );
         let approvals: Arc<dyn ApprovalStore> =
             Arc::new(SqliteStore::open(&config.state_dir.join("approvals"))?);
+        let ledger = Arc::new(crate::approval::budget::Ledger::open(
+            &config.state_dir.join("approvals"),
+        )?);
         let audit = Arc::new(AuditLog::open(&config.state_dir)?);
         Ok(Self {
             config,
@@ -149,6 +154,7 @@ impl Airlock {
             sessions,
             auth,
             approvals,
+            ledger,
             audit,
         })
     }
@@ -230,6 +236,7 @@ impl Airlock {
                 Arc::clone(&server.approvals),
                 Arc::clone(&server.audit),
                 server.config.state_dir.clone(),
+                Arc::clone(&server.ledger),
             );
             let router = builder
                 .layer(RequestIdLayer)

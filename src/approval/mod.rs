@@ -8,6 +8,7 @@
 //! embedded default (WAL, synchronous writes: nothing the analyst was told about is lost
 //! on `kill -9`).
 
+pub mod budget;
 pub mod sqlite;
 
 use std::time::{SystemTime, UNIX_EPOCH};

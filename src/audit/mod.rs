@@ -83,6 +83,9 @@ pub struct Event {
     /// Anything else the record needs: the table of an upload, what a recovery cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A DP query's charge: ε and δ charged (or not, for a repeat) and what is left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_budget: Option<String>,
 }
 
 /// One line of the log.

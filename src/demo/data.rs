@@ -159,7 +159,7 @@ pub fn write_hospital(dir: &Path, sizes: Sizes) -> std::io::Result<Vec<(String, 
         sizes.patients, sizes.staff
     );
     let stamp_file = out.join(".generated");
-    let paths: Vec<(String, PathBuf)> = ["patients", "visits", "staff"]
+    let paths: Vec<(String, PathBuf)> = ["patients", "visits", "staff", "claims"]
         .iter()
         .map(|t| (format!("hospital.{t}"), out.join(format!("{t}.parquet"))))
         .collect();
@@ -172,6 +172,7 @@ pub fn write_hospital(dir: &Path, sizes: Sizes) -> std::io::Result<Vec<(String, 
     write_patients(&paths[0].1, &mut rng, sizes.patients)?;
     write_visits(&paths[1].1, &mut rng, sizes.patients)?;
     write_staff(&paths[2].1, &mut rng, sizes.staff)?;
+    write_claims(&paths[3].1, &mut rng, sizes.patients)?;
     std::fs::write(stamp_file, stamp)?;
     Ok(paths)
 }
@@ -294,6 +295,82 @@ fn write_visits(path: &Path, rng: &mut ChaCha8Rng, patients: usize) -> std::io::
             Arc::new(date.finish()),
             Arc::new(dept.finish()),
             Arc::new(cost.finish()),
+        ];
+        let batch =
+            RecordBatch::try_new(Arc::clone(&schema), columns).map_err(std::io::Error::other)?;
+        w.write(&batch).map_err(std::io::Error::other)?;
+        patient = end;
+    }
+    finish(path, w)
+}
+
+fn claims_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("claim_id", DataType::Int64, false),
+        Field::new("patient_id", DataType::Int64, false),
+        Field::new("claim_date", DataType::Date32, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("amount", DataType::Float64, false),
+    ]))
+}
+
+/// Claim kinds, most common first; the last ones are rare (a handful of patients).
+const CLAIM_KINDS: [&str; 8] = [
+    "consultation",
+    "pharmacy",
+    "lab",
+    "imaging",
+    "surgery",
+    "physiotherapy",
+    "transplant",
+    "gene_therapy",
+];
+
+/// Insurance claims (hospital.claims, released under differential privacy): zero to
+/// nine per patient; amounts mostly below 2,000, with a long tail (the owner's bounds
+/// clamp it).
+fn write_claims(path: &Path, rng: &mut ChaCha8Rng, patients: usize) -> std::io::Result<()> {
+    let schema = claims_schema();
+    let mut w = writer(path, Arc::clone(&schema))?;
+    let mut claim_id = 0i64;
+    let mut patient = 0usize;
+    while patient < patients {
+        let (mut cid, mut pid, mut date, mut kind, mut amount) = (
+            Int64Builder::new(),
+            Int64Builder::new(),
+            Date32Builder::new(),
+            StringBuilder::new(),
+            Float64Builder::new(),
+        );
+        let end = (patient + BATCH / 4).min(patients);
+        for p in patient..end {
+            let claims = rng.random_range(0..4) + rng.random_range(0..4) + rng.random_range(0..3);
+            for _ in 0..claims {
+                claim_id += 1;
+                cid.append_value(claim_id);
+                pid.append_value(p as i64 + 1);
+                date.append_value(DAY0 + rng.random_range(0..1_800));
+                // Geometric over kinds: the last two are very rare.
+                let mut k = 0;
+                while k + 1 < CLAIM_KINDS.len() && rng.random::<f64>() < 0.3 {
+                    k += 1;
+                }
+                kind.append_value(CLAIM_KINDS[k]);
+                let base: f64 = rng.random_range(20.0..2_000.0);
+                let tail = if rng.random::<f64>() < 0.02 {
+                    25.0
+                } else {
+                    1.0
+                };
+                amount.append_value((base * tail * 100.0).round() / 100.0);
+            }
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(cid.finish()),
+            Arc::new(pid.finish()),
+            Arc::new(date.finish()),
+            Arc::new(kind.finish()),
+            Arc::new(amount.finish()),
         ];
         let batch =
             RecordBatch::try_new(Arc::clone(&schema), columns).map_err(std::io::Error::other)?;

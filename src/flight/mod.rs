@@ -5,6 +5,7 @@
 //! comes back. Errors become statuses in exactly one place (`Error::into_status`).
 
 pub mod approvals;
+pub mod budget;
 pub mod guard;
 pub mod handles;
 pub mod metadata;
@@ -81,6 +82,8 @@ pub struct AirlockService {
     handles: Handles,
     /// Planning threads at once (planning runs off the async threads, see [`Self::planning`]).
     planners: Arc<tokio::sync::Semaphore>,
+    /// The privacy-budget ledger (in the approvals database).
+    ledger: Arc<crate::approval::budget::Ledger>,
 }
 
 impl AirlockService {
@@ -91,8 +94,10 @@ impl AirlockService {
         approvals: Arc<dyn ApprovalStore>,
         audit: Arc<AuditLog>,
         state_dir: std::path::PathBuf,
+        ledger: Arc<crate::approval::budget::Ledger>,
     ) -> Self {
         Self {
+            ledger,
             auth,
             users,
             approvals,
@@ -302,8 +307,9 @@ impl AirlockService {
         sql: &str,
         params: Option<&[ScalarValue]>,
         descriptor: FlightDescriptor,
+        epsilon: Option<f64>,
     ) -> Result<FlightInfo> {
-        self.plan_to_info(principal, sql, params, descriptor)
+        self.plan_to_info(principal, sql, params, descriptor, epsilon)
             .await
             .map_err(|e| self.audit_unreleased(principal, rid, Some(sql), e))
     }
@@ -332,8 +338,10 @@ impl AirlockService {
         sql: &str,
         params: Option<&[ScalarValue]>,
         descriptor: FlightDescriptor,
+        epsilon: Option<f64>,
     ) -> Result<FlightInfo> {
-        let planned = self.plan_query(principal, sql, params).await?;
+        let mut planned = self.plan_query(principal, sql, params).await?;
+        planned.epsilon = epsilon;
         let schema = Arc::clone(&planned.schema);
         let handle = self.handles.put_query(planned);
         let ticket = TicketStatementQuery {
@@ -378,6 +386,20 @@ impl AirlockService {
             .into(),
             ..Default::default()
         };
+        // A DP query is charged before it reads data (§5b); every charge is audited.
+        // A charge is spent even if its record then fails: nothing is released without it.
+        let charged = query::dp::charge(planned, &self.ledger)
+            .map_err(|e| self.audit_unreleased(planned.principal(), &rid, Some(&planned.sql), e))?;
+        if let Some(c) = &charged {
+            self.audit
+                .append(AuditEvent {
+                    kind: "budget".into(),
+                    decision: if c.repeat { "repeat" } else { "charged" }.into(),
+                    privacy_budget: Some(c.describe()),
+                    ..event.clone()
+                })
+                .map_err(Error::AuditUnavailable)?;
+        }
         let started = std::time::Instant::now();
         let stream = query::execute(planned, &self.sessions).await?;
         // Nothing leaves before this record is on disk. Dropping the stream on error
@@ -442,6 +464,17 @@ fn ipc_schema(schema: &Schema) -> Result<Bytes> {
         .try_into()
         .map_err(|e| Error::Internal(format!("encoding a schema: {e}")))?;
     Ok(bytes)
+}
+
+/// The ε a client asked to spend (the `airlock-epsilon` call header), if any.
+fn epsilon_of<T>(request: &Request<T>) -> Result<Option<f64>> {
+    let value = match request.metadata().get(query::dp::EPSILON_HEADER) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            Error::InvalidRequest(format!("{} is not text", query::dp::EPSILON_HEADER))
+        })?),
+    };
+    query::dp::parse_epsilon(value)
 }
 
 fn refuse<T>(code: ReasonCode, message: &str) -> Result<T> {
@@ -522,8 +555,16 @@ impl FlightSqlService for AirlockService {
                     "transactions are not supported: the service is read-only".into(),
                 ));
             }
-            self.plan_to_info_audited(&principal, &rid, &query.query, None, request.into_inner())
-                .await
+            let epsilon = epsilon_of(&request)?;
+            self.plan_to_info_audited(
+                &principal,
+                &rid,
+                &query.query,
+                None,
+                request.into_inner(),
+                epsilon,
+            )
+            .await
         })
         .await
         .map(Response::new)
@@ -557,12 +598,14 @@ impl FlightSqlService for AirlockService {
                 .handles
                 .prepared(&cmd.prepared_statement_handle, &principal)?;
             let params = params_for(&stmt)?;
+            let epsilon = epsilon_of(&request)?;
             self.plan_to_info_audited(
                 &principal,
                 &rid,
                 &stmt.sql,
                 params.as_deref(),
                 request.into_inner(),
+                epsilon,
             )
             .await
         })
@@ -720,13 +763,14 @@ impl FlightSqlService for AirlockService {
                 .handles
                 .prepared(&cmd.prepared_statement_handle, &principal)
                 .map_err(|e| self.audit_unreleased(&principal, &rid, None, e))?;
-            let planned = async {
+            let mut planned = async {
                 let params = params_for(&stmt)?;
                 self.plan_query(&principal, &stmt.sql, params.as_deref())
                     .await
             }
             .await
             .map_err(|e| self.audit_unreleased(&principal, &rid, Some(&stmt.sql), e))?;
+            planned.epsilon = epsilon_of(&request)?;
             self.run_planned(&planned, rid.clone()).await
         })
         .await
@@ -1187,7 +1231,23 @@ impl FlightSqlService for AirlockService {
                                 .filter(|a| policy.allows(&principal, t, *a))
                                 .map(crate::policy::Action::as_str)
                                 .collect();
-                            serde_json::json!({ "table": t.to_string(), "actions": actions })
+                            let mut entry =
+                                serde_json::json!({ "table": t.to_string(), "actions": actions });
+                            // DP tables: the release mode and what is left of the budget.
+                            if policy.tables.get(t).and_then(|p| p.dp()).is_some() {
+                                entry["release"] = "dp".into();
+                                entry["budget"] = budget::remaining_json(
+                                    &self.ledger,
+                                    &policy,
+                                    &principal.name,
+                                    &principal.roles,
+                                    &t.schema,
+                                )
+                                .ok()
+                                .flatten()
+                                .unwrap_or(serde_json::Value::Null);
+                            }
+                            entry
                         })
                         .collect();
                     Ok(serde_json::Value::Array(access).to_string())
@@ -1215,6 +1275,21 @@ impl FlightSqlService for AirlockService {
                         ))),
                     }
                 }
+                other if budget::is_action(other) => {
+                    let policy = self.sessions.policy().current();
+                    budget::handle(
+                        other,
+                        &action.body,
+                        &principal,
+                        &policy,
+                        &self.ledger,
+                        &self.audit,
+                        &rid.to_string(),
+                    )
+                    .unwrap_or_else(|| {
+                        Err(Error::InvalidRequest(format!("unknown action {other:?}")))
+                    })
+                }
                 other => match approvals::handle(
                     other,
                     &action.body,
@@ -1241,7 +1316,19 @@ impl FlightSqlService for AirlockService {
     }
 
     async fn list_custom_actions(&self) -> Option<Vec<Result<arrow_flight::ActionType, Status>>> {
-        let described: [(&str, &str); 8] = [
+        let described: [(&str, &str); 11] = [
+            (
+                budget::LIST,
+                "Privacy budgets: charges and ε/δ spent per principal and dataset (admin on *); JSON",
+            ),
+            (
+                budget::SHOW,
+                "What is left of a principal's privacy budget (body: {\"principal\", \"dataset\", \"roles\"}); JSON",
+            ),
+            (
+                budget::GRANT,
+                "Add ε/δ to a principal's budget (body: {\"principal\", \"dataset\", \"epsilon\", \"delta\"}); audited",
+            ),
             (
                 actions::PRIVACY_EXPLAIN,
                 "Explain in plain words how the privacy policy rewrites a query (body: SQL); shows no data",

@@ -6,6 +6,7 @@
 //! snapshot a session was built with.
 
 pub mod access;
+pub mod dp;
 pub mod refusal;
 pub mod tables;
 

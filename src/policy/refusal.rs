@@ -65,6 +65,12 @@ pub enum ReasonCode {
     AuditUnavailable,
     /// Too many failed logins for a user name or from an address; retry later.
     RateLimited,
+    /// A query on a table in differential-privacy mode (§5b) that DP mode cannot answer:
+    /// an aggregate other than COUNT(*), COUNT(DISTINCT unit), SUM/AVG of a bounded
+    /// column, a join that is neither with a public table nor on the privacy unit, ...
+    DpNotSupported,
+    /// The principal's privacy budget on the dataset cannot pay for the query (§5b).
+    BudgetExhausted,
 }
 
 impl ReasonCode {
@@ -96,6 +102,8 @@ impl ReasonCode {
             Self::ReservedName => "RESERVED_NAME",
             Self::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Self::RateLimited => "RATE_LIMITED",
+            Self::DpNotSupported => "DP_NOT_SUPPORTED",
+            Self::BudgetExhausted => "BUDGET_EXHAUSTED",
         }
     }
 }

@@ -12,6 +12,9 @@ use datafusion::arrow::datatypes::{DataType, Schema};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::dp::{
+    Budget, Budgets, DEFAULT_DELTA, DEFAULT_MAX_EPSILON, DpPolicy, Holder, Real, ReleaseMode,
+};
 use crate::config::{Collector, Diagnostic, Diagnostics, TableName};
 
 /// The default `min_group_size` (k).
@@ -88,6 +91,8 @@ pub struct TablePolicy {
     /// filterable columns only. Weakens the guarantee.
     pub conditional_aggregates: bool,
     pub row_filters: Vec<RowFilter>,
+    /// `release = "threshold"` (the default) or `"dp"` with its settings (§5b).
+    pub release: ReleaseMode,
 }
 
 impl TablePolicy {
@@ -106,6 +111,15 @@ impl TablePolicy {
             arithmetic_aggregates: false,
             conditional_aggregates: false,
             row_filters: vec![],
+            release: ReleaseMode::Threshold,
+        }
+    }
+
+    /// The DP settings, if the table is released under differential privacy.
+    pub fn dp(&self) -> Option<&DpPolicy> {
+        match &self.release {
+            ReleaseMode::Dp(d) => Some(d),
+            ReleaseMode::Threshold => None,
         }
     }
 
@@ -125,6 +139,8 @@ impl TablePolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TablesPolicy {
     pub tables: BTreeMap<TableName, TablePolicy>,
+    /// Privacy budgets of analysts on datasets with DP tables (§5b).
+    pub budgets: Budgets,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +148,27 @@ pub struct TablesPolicy {
 struct RawFile {
     #[serde(default)]
     tables: BTreeMap<String, Spanned<RawTable>>,
+    #[serde(default)]
+    budgets: Vec<Spanned<RawBudget>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    principal: Option<String>,
+    role: Option<String>,
+    dataset: Spanned<String>,
+    epsilon: Spanned<f64>,
+    delta: Spanned<f64>,
+    renew: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawRelease {
+    #[default]
+    Threshold,
+    Dp,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +190,13 @@ struct RawTable {
     conditional_aggregates: bool,
     #[serde(default)]
     row_filters: Vec<Spanned<RawRowFilter>>,
+    release: Option<Spanned<RawRelease>>,
+    max_groups_per_unit: Option<Spanned<i64>>,
+    max_rows_per_group_per_unit: Option<Spanned<i64>>,
+    #[serde(default)]
+    bounds: BTreeMap<String, Spanned<Vec<f64>>>,
+    max_epsilon: Option<Spanned<f64>>,
+    delta: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +238,15 @@ impl TablesPolicy {
                 continue;
             };
             let raw = entry.into_inner();
+            let raw_dp = RawDp {
+                release: raw.release.clone(),
+                max_groups_per_unit: raw.max_groups_per_unit.clone(),
+                max_rows_per_group_per_unit: raw.max_rows_per_group_per_unit.clone(),
+                bounds: raw.bounds.clone(),
+                max_epsilon: raw.max_epsilon.clone(),
+                delta: raw.delta.clone(),
+                table_span: table_span.clone(),
+            };
             let mut column = |c: &Spanned<String>, what: &str| -> Option<String> {
                 if schema.field_with_name(c.get_ref()).is_ok() {
                     Some(c.get_ref().clone())
@@ -313,6 +366,13 @@ impl TablesPolicy {
                     )),
                 }
             }
+            let release = dp_settings(
+                &table,
+                &raw_dp,
+                &schema,
+                privacy_unit.as_deref(),
+                &mut |sp, m| out.push(err(sp, m)),
+            );
             tables.insert(
                 table,
                 TablePolicy {
@@ -326,15 +386,231 @@ impl TablesPolicy {
                     arithmetic_aggregates: raw.arithmetic_aggregates,
                     conditional_aggregates: raw.conditional_aggregates,
                     row_filters,
+                    release,
                 },
             );
         }
-        out.finish(Self { tables })
+        let mut budgets = Vec::new();
+        for b in raw.budgets {
+            let span = b.span();
+            let b = b.into_inner();
+            let err = |sp: std::ops::Range<usize>, m: String| {
+                Diagnostic::at_span(path, text, Some(sp), m)
+            };
+            let holder = match (b.principal, b.role) {
+                (Some(p), None) => Holder::Principal(p),
+                (None, Some(r)) => Holder::Role(r),
+                _ => {
+                    out.push(err(
+                        span,
+                        "budget: give exactly one of principal or role".into(),
+                    ));
+                    continue;
+                }
+            };
+            let dataset = b.dataset.get_ref().clone();
+            if !tables
+                .iter()
+                .any(|(t, p)| t.schema == dataset && p.dp().is_some())
+            {
+                out.push(err(
+                    b.dataset.span(),
+                    format!("budget for {holder}: dataset {dataset:?} has no table with release = \"dp\""),
+                ));
+            }
+            let eps = *b.epsilon.get_ref();
+            if !(eps.is_finite() && eps > 0.0) {
+                out.push(err(
+                    b.epsilon.span(),
+                    format!("budget for {holder}: epsilon must be a positive number"),
+                ));
+            }
+            let delta = *b.delta.get_ref();
+            if !(delta.is_finite() && (0.0..1.0).contains(&delta)) {
+                out.push(err(
+                    b.delta.span(),
+                    format!("budget for {holder}: delta must be in [0, 1)"),
+                ));
+            }
+            let renew_secs = match &b.renew {
+                None => None,
+                Some(r) => {
+                    match humantime::parse_duration(r.get_ref()) {
+                        Ok(d) if d.as_secs() > 0 => Some(d.as_secs()),
+                        _ => {
+                            out.push(err(r.span(), format!("budget for {holder}: renew {:?} is not a duration such as \"30d\"", r.get_ref())));
+                            None
+                        }
+                    }
+                }
+            };
+            if budgets
+                .iter()
+                .any(|o: &Budget| o.holder == holder && o.dataset == dataset)
+            {
+                out.push(err(
+                    span,
+                    format!("budget for {holder} on {dataset} is given twice"),
+                ));
+                continue;
+            }
+            budgets.push(Budget {
+                holder,
+                dataset,
+                epsilon: Real(eps),
+                delta: Real(delta),
+                renew_secs,
+            });
+        }
+        out.finish(Self {
+            tables,
+            budgets: Budgets { budgets },
+        })
     }
 
     pub fn get(&self, table: &TableName) -> Option<&TablePolicy> {
         self.tables.get(table)
     }
+}
+
+/// The DP keys of one table section, kept apart from the threshold keys.
+struct RawDp {
+    release: Option<Spanned<RawRelease>>,
+    max_groups_per_unit: Option<Spanned<i64>>,
+    max_rows_per_group_per_unit: Option<Spanned<i64>>,
+    bounds: BTreeMap<String, Spanned<Vec<f64>>>,
+    max_epsilon: Option<Spanned<f64>>,
+    delta: Option<Spanned<f64>>,
+    table_span: std::ops::Range<usize>,
+}
+
+/// Validates the DP keys of a table: they are an error on a threshold table (a typo
+/// there would silently weaken nothing, but would mislead the owner); on a DP table
+/// L0 and C are required, bounds must name numeric columns with lo <= hi, and ε, δ
+/// must be in range.
+fn dp_settings(
+    table: &TableName,
+    raw: &RawDp,
+    schema: &Schema,
+    privacy_unit: Option<&str>,
+    err: &mut dyn FnMut(std::ops::Range<usize>, String),
+) -> ReleaseMode {
+    let Some(release) = raw
+        .release
+        .as_ref()
+        .filter(|r| *r.get_ref() == RawRelease::Dp)
+    else {
+        let stray = [
+            raw.max_groups_per_unit.as_ref().map(|s| s.span()),
+            raw.max_rows_per_group_per_unit.as_ref().map(|s| s.span()),
+            raw.max_epsilon.as_ref().map(|s| s.span()),
+            raw.delta.as_ref().map(|s| s.span()),
+        ];
+        if let Some(sp) = stray
+            .into_iter()
+            .flatten()
+            .next()
+            .or_else(|| raw.bounds.values().next().map(|b| b.span()))
+        {
+            err(sp, format!("{table}: DP settings need release = \"dp\""));
+        }
+        return ReleaseMode::Threshold;
+    };
+    if privacy_unit.is_none() {
+        err(
+            release.span(),
+            format!("{table}: release = \"dp\" needs a privacy_unit"),
+        );
+    }
+    let mut positive = |v: &Option<Spanned<i64>>, key: &str| -> u64 {
+        match v {
+            Some(n) if *n.get_ref() >= 1 => *n.get_ref() as u64,
+            Some(n) => {
+                err(n.span(), format!("{table}: {key} must be at least 1"));
+                1
+            }
+            None => {
+                err(
+                    raw.table_span.clone(),
+                    format!("{table}: release = \"dp\" needs {key}"),
+                );
+                1
+            }
+        }
+    };
+    let max_groups_per_unit = positive(&raw.max_groups_per_unit, "max_groups_per_unit");
+    let max_rows_per_group_per_unit = positive(
+        &raw.max_rows_per_group_per_unit,
+        "max_rows_per_group_per_unit",
+    );
+    let mut bounds = BTreeMap::new();
+    for (col, range) in &raw.bounds {
+        let numeric = schema
+            .field_with_name(col)
+            .map(|f| f.data_type().is_numeric())
+            .ok();
+        match numeric {
+            None => err(
+                range.span(),
+                format!("{table}: bounds column {col:?} does not exist"),
+            ),
+            Some(false) => err(
+                range.span(),
+                format!("{table}: bounds column {col:?} is not numeric"),
+            ),
+            Some(true) => {}
+        }
+        if Some(col.as_str()) == privacy_unit {
+            err(
+                range.span(),
+                format!("{table}: the privacy unit {col:?} cannot be summed"),
+            );
+        }
+        match range.get_ref().as_slice() {
+            [lo, hi]
+                if lo.is_finite()
+                    && hi.is_finite()
+                    && lo <= hi
+                    && lo.abs() < 1e12
+                    && hi.abs() < 1e12 =>
+            {
+                bounds.insert(col.clone(), (Real(*lo), Real(*hi)));
+            }
+            _ => err(
+                range.span(),
+                format!(
+                    "{table}: bounds for {col:?} must be [lo, hi] with lo <= hi, |lo|, |hi| < 1e12"
+                ),
+            ),
+        }
+    }
+    let max_epsilon = match &raw.max_epsilon {
+        None => DEFAULT_MAX_EPSILON,
+        Some(e) if e.get_ref().is_finite() && *e.get_ref() > 0.0 && *e.get_ref() <= 10.0 => {
+            *e.get_ref()
+        }
+        Some(e) => {
+            err(e.span(), format!("{table}: max_epsilon must be in (0, 10]"));
+            DEFAULT_MAX_EPSILON
+        }
+    };
+    let delta = match &raw.delta {
+        None => DEFAULT_DELTA,
+        Some(d) if d.get_ref().is_finite() && *d.get_ref() > 0.0 && *d.get_ref() < 1e-2 => {
+            *d.get_ref()
+        }
+        Some(d) => {
+            err(d.span(), format!("{table}: delta must be in (0, 0.01)"));
+            DEFAULT_DELTA
+        }
+    };
+    ReleaseMode::Dp(DpPolicy {
+        max_groups_per_unit,
+        max_rows_per_group_per_unit,
+        bounds,
+        max_epsilon: Real(max_epsilon),
+        delta: Real(delta),
+    })
 }
 
 /// Parses a row filter against its table's columns (qualified with the table's name).
@@ -409,5 +685,56 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("row filter for role r"), "{err}");
+    }
+
+    const DP: &str = "[tables.\"h.p\"]\nprivacy_unit = \"pid\"\nrelease = \"dp\"\nmax_groups_per_unit = 2\nmax_rows_per_group_per_unit = 3\nbounds = { age = [0, 120] }\nmax_epsilon = 1.0\ndelta = 1e-6\n";
+
+    #[test]
+    fn dp_settings_parse() {
+        let text = format!(
+            "{DP}\n[[budgets]]\nprincipal = \"analyst\"\ndataset = \"h\"\nepsilon = 10.0\ndelta = 1e-5\nrenew = \"30d\"\n"
+        );
+        let p = TablesPolicy::parse(Path::new("tables.toml"), &text, &schema_of).unwrap();
+        let t = &p.tables[&TableName::parse("h.p").unwrap()];
+        let dp = t.dp().expect("dp");
+        assert_eq!(dp.max_groups_per_unit, 2);
+        assert_eq!(dp.max_rows_per_group_per_unit, 3);
+        assert_eq!(dp.fixed_bounds("age"), Some((0, 120_000)));
+        assert_eq!(dp.fixed_bounds("name"), None);
+        let b = p.budgets.for_principal("analyst", &[], "h").unwrap();
+        assert_eq!(b.epsilon.0, 10.0);
+        assert_eq!(b.renew_secs, Some(30 * 86400));
+        assert!(p.budgets.for_principal("bob", &[], "h").is_none());
+    }
+
+    #[test]
+    fn dp_errors_name_lines() {
+        let bad = "[tables.\"h.p\"]\nprivacy_unit = \"pid\"\nrelease = \"dp\"\nmax_groups_per_unit = 0\nmax_rows_per_group_per_unit = 3\nbounds = { name = [0, 1], age = [5, 1] }\nmax_epsilon = 50.0\n\n[[budgets]]\nrole = \"r\"\ndataset = \"x\"\nepsilon = -1.0\ndelta = 0.0\n";
+        let err = TablesPolicy::parse(Path::new("t.toml"), bad, &schema_of)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "t.toml:4: h.p: max_groups_per_unit must be at least 1",
+            "t.toml:6: h.p: bounds column \"name\" is not numeric",
+            "t.toml:6: h.p: bounds for \"age\" must be [lo, hi]",
+            "t.toml:7: h.p: max_epsilon must be in (0, 10]",
+            "t.toml:11: budget for role r: dataset \"x\" has no table",
+            "t.toml:12: budget for role r: epsilon must be a positive number",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in {err}");
+        }
+        let stray = "[tables.\"h.p\"]\nprivacy_unit = \"pid\"\nmax_epsilon = 1.0\n";
+        let err = TablesPolicy::parse(Path::new("t.toml"), stray, &schema_of)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.toml:3: h.p: DP settings need release = \"dp\""),
+            "{err}"
+        );
+        let no_l0 = "[tables.\"h.p\"]\nprivacy_unit = \"pid\"\nrelease = \"dp\"\nmax_rows_per_group_per_unit = 1\n";
+        let err = TablesPolicy::parse(Path::new("t.toml"), no_l0, &schema_of)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs max_groups_per_unit"), "{err}");
     }
 }

@@ -6,6 +6,7 @@
 //! query timeout, the memory limit and the concurrency limit. Nothing here collects a
 //! whole result.
 
+pub mod dp;
 pub mod execute;
 pub mod output;
 pub mod parse;
@@ -40,6 +41,10 @@ pub struct PlannedQuery {
     pub schema: SchemaRef,
     /// The approval request this plan releases, when an owner approved it.
     pub approval: Option<String>,
+    /// The normalized fingerprint of the bound query (before the rewrite).
+    pub fingerprint: String,
+    /// The ε the client asked to spend (`airlock-epsilon`), for DP tables.
+    pub epsilon: Option<f64>,
 }
 
 impl PlannedQuery {
@@ -67,6 +72,7 @@ pub async fn plan(
         .await?;
     let plan = bind(plan, params)?;
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+    let fingerprint = crate::rewrite::fingerprint::fingerprint(&plan);
     // The analyzer (the privacy rules), the optimizer and the verifier.
     let plan = tracing::info_span!("rewrite").in_scope(|| {
         crate::rewrite::plan(&session.state, &session.privacy, &plan)
@@ -79,6 +85,8 @@ pub async fn plan(
         plan,
         schema,
         approval: None,
+        fingerprint,
+        epsilon: None,
     })
 }
 
@@ -149,6 +157,8 @@ pub async fn plan_with_approvals(
                 plan,
                 schema,
                 approval: Some(request.id),
+                fingerprint: String::new(),
+                epsilon: None,
             })
         }
         _ => Err(Refusal::new(
@@ -236,11 +246,50 @@ pub async fn explain_privacy(session: Arc<PrincipalSession>, sql: &str) -> Resul
     let plan = logical_plan(&session, sql).await?;
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
     let analyzed = crate::rewrite::plan(&session.state, &session.privacy, &plan).ok();
-    Ok(crate::rewrite::explain::explain(
-        &session.privacy,
-        &plan,
-        analyzed.as_ref(),
-    ))
+    let mut text = crate::rewrite::explain::explain(&session.privacy, &plan, analyzed.as_ref());
+    // DP releases: the contribution bounds, the clamp ranges, the ε split and τ at the
+    // table's maximum ε (the default; a smaller `airlock-epsilon` scales the noise up).
+    for d in analyzed
+        .as_ref()
+        .map(crate::rewrite::dp_release::dp_releases)
+        .unwrap_or_default()
+    {
+        use std::fmt::Write;
+        let bounds: Vec<String> = d
+            .values
+            .iter()
+            .map(|(c, lo, hi)| {
+                let f = crate::policy::dp::FIXED_SCALE as f64;
+                format!("{c} clamped to [{}, {}]", *lo as f64 / f, *hi as f64 / f)
+            })
+            .collect();
+        let _ = writeln!(
+            text,
+            "Differential privacy on {}: each patient/unit contributes at most L0 = {} groups and C = {} rows per group; {}.",
+            d.table,
+            d.policy.max_groups_per_unit,
+            d.policy.max_rows_per_group_per_unit,
+            if bounds.is_empty() {
+                "no summed columns".to_string()
+            } else {
+                bounds.join(", ")
+            }
+        );
+        match d.accounting(d.policy.max_epsilon.0) {
+            Ok(a) => {
+                let _ = writeln!(
+                    text,
+                    "  noise at ε = {} (the default): {}",
+                    d.policy.max_epsilon.0,
+                    a.describe()
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(text, "  {e}");
+            }
+        }
+    }
+    Ok(text)
 }
 
 /// The unoptimized logical plan of a gated statement.

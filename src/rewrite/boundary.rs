@@ -46,11 +46,11 @@ use futures::{Stream, StreamExt};
 
 use super::protect::Protect;
 
-/// A boundary's input columns: those it keeps, and its counts with their k.
-type Layout = (Vec<usize>, Vec<(usize, u64)>);
-
 /// Prefix of the hidden count columns.
 pub const COUNT_PREFIX: &str = "__airlock_count_";
+
+/// Indexes of a boundary input's kept columns, and of its count columns with their k.
+type Layout = (Vec<usize>, Vec<(usize, u64)>);
 
 /// The release boundary.
 #[derive(Debug, Clone)]
@@ -415,6 +415,12 @@ impl ExtensionPlanner for AirlockPlanner {
                 Arc::clone(&physical_inputs[0]),
                 &r.counts,
                 Arc::clone(&r.suppressed),
+            )?)));
+        }
+        if let Some(d) = node.as_any().downcast_ref::<super::dp_release::DpRelease>() {
+            return Ok(Some(Arc::new(super::dp_release::DpReleaseExec::try_new(
+                Arc::clone(&physical_inputs[0]),
+                d.clone(),
             )?)));
         }
         if let Some(p) = node.as_any().downcast_ref::<Protect>() {

@@ -20,6 +20,8 @@ pub mod allow;
 pub mod boundary;
 pub mod check;
 pub mod decision;
+pub mod dp;
+pub mod dp_release;
 pub mod explain;
 pub mod fingerprint;
 pub mod protect;
@@ -230,7 +232,8 @@ impl AnalyzerRule for PolicyRule {
         }
         let plan = protect::apply(plan, &self.ctx, &self.salt)?;
         // The entity columns reach every node below a boundary only once carried up.
-        let plan = threshold::apply(plan)?;
+        let plan = threshold::apply(plan, &self.ctx)?;
+        let plan = dp::finish(plan)?;
         total::rewrite(plan, &PolicyContext::below_boundary)
     }
 

@@ -31,8 +31,10 @@ use super::{HIDDEN_PREFIX, is_hidden};
 
 /// Carries the entity columns up and puts a release boundary over every aggregate
 /// (or DISTINCT) that consumes them.
-pub fn apply(plan: LogicalPlan) -> Result<LogicalPlan> {
-    plan.transform_up_with_subqueries(carry).map(|t| t.data)
+/// Aggregates over tables in DP mode get a DP release instead ([`super::dp`]).
+pub fn apply(plan: LogicalPlan, ctx: &super::PolicyContext) -> Result<LogicalPlan> {
+    plan.transform_up_with_subqueries(|p| carry(p, ctx))
+        .map(|t| t.data)
 }
 
 /// Hidden entity columns of a schema, with their qualifiers.
@@ -48,7 +50,7 @@ pub fn hidden(schema: &DFSchemaRef) -> Vec<Column> {
 /// results of aggregates over tables with `small_groups = "remainder"`.
 pub const REMAINDER_COLUMN: &str = "airlock_remainder";
 
-fn carry(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
+fn carry(plan: LogicalPlan, ctx: &super::PolicyContext) -> Result<Transformed<LogicalPlan>> {
     let marker = |p: &LogicalPlan| {
         p.schema()
             .fields()
@@ -86,8 +88,24 @@ fn carry(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
                 Projection::try_new(exprs, p.input)?,
             )))
         }
-        LogicalPlan::Aggregate(a) => boundary(a).map(Transformed::yes),
+        LogicalPlan::Aggregate(a) => match super::dp::boundary(&a, ctx)? {
+            Some(dp) => Ok(Transformed::yes(dp)),
+            None => boundary(a).map(Transformed::yes),
+        },
         LogicalPlan::Distinct(Distinct::All(input)) => {
+            if let Some(t) = hidden(input.schema())
+                .iter()
+                .find_map(|c| super::dp::dp_table(ctx, &c.name))
+            {
+                return Err(crate::policy::refusal::Refusal::new(
+                    crate::policy::refusal::ReasonCode::DpNotSupported,
+                    format!(
+                        "{}: DISTINCT is not supported in DP mode (use GROUP BY with COUNT(*))",
+                        t.0
+                    ),
+                )
+                .into());
+            }
             let groups: Vec<Expr> = input
                 .schema()
                 .iter()

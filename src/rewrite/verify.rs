@@ -64,6 +64,21 @@ impl Verifier<'_> {
                 },
             );
         }
+        if let Some(d) = super::dp_release::as_dp_release(plan) {
+            // Its input: one row per protected row, under the same rules as below a
+            // threshold boundary, with no aggregate of its own (the node aggregates).
+            if region != Region::Released {
+                return Err(unclassified("a DP release below another boundary".into()));
+            }
+            let unit = d.input.schema().field(0).name().clone();
+            if EntityColumn::parse(&unit).is_none() {
+                return Err(unclassified(format!(
+                    "the DP release of {} is not fed its privacy units",
+                    d.table
+                )));
+            }
+            return self.node(&d.input, Region::Below { remainder: false });
+        }
         if let Some(p) = as_protect(plan) {
             return self.protect(p, region);
         }

@@ -5,6 +5,7 @@ mod audit;
 mod catalog;
 mod cli;
 mod console;
+mod dp;
 mod flight_sql;
 mod limits;
 mod policy_slt;

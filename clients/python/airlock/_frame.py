@@ -269,11 +269,17 @@ class RemoteLazyFrame:
         """The SQL and the server's privacy explanation; nothing runs."""
         return f"SQL:\n  {self.sql()}\n\n{self._client.explain_privacy(self.sql())}"
 
-    def collect(self) -> "RemoteResult":
+    def collect(self, epsilon: float | None = None) -> "RemoteResult":
         """Runs the query on the server (planned and checked there) and returns a remote
         result: fetch it (pyarrow), convert it (``to_polars()``, ``to_pandas()``), or keep
-        building on it. A refusal raises :class:`airlock.PolicyViolation` here."""
-        result = RemoteResult(self._client, self.sql(), self._columns, depth=self._depth)
+        building on it. A refusal raises :class:`airlock.PolicyViolation` here.
+
+        ``epsilon``: for tables in differential-privacy mode, the privacy budget this
+        query may spend (at most the table's per-query maximum, which is the default).
+        It travels as the ``airlock-epsilon`` call header."""
+        result = RemoteResult(
+            self._client, self.sql(), self._columns, depth=self._depth, epsilon=epsilon
+        )
         result._execute()
         return result
 
@@ -407,13 +413,28 @@ class RemoteResult(RemoteLazyFrame):
     """A query the server accepted. Fetch its rows, or start further lazy queries from
     it: the server evaluates the combined query against the sources' policies."""
 
-    def __init__(self, client: "Client", sql: str, columns: Sequence[str] | None, *, depth: int = 0):
+    def __init__(
+        self,
+        client: "Client",
+        sql: str,
+        columns: Sequence[str] | None,
+        *,
+        depth: int = 0,
+        epsilon: float | None = None,
+    ):
         super().__init__(client, sql, columns, depth=depth)
         self._cursor = None
+        self._epsilon = epsilon
 
     def _execute(self) -> None:
         cur = self._client._conn.cursor()
         try:
+            if self._epsilon is not None:
+                # The ADBC Flight SQL driver sends statement options with this prefix as
+                # call headers on every RPC of the statement.
+                cur.adbc_statement.set_options(
+                    **{"adbc.flight.sql.rpc.call_header.airlock-epsilon": repr(float(self._epsilon))}
+                )
             cur.execute(self._relation)
         except Exception as e:  # the driver's error, carrying the server's code
             cur.close()

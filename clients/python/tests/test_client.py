@@ -226,3 +226,21 @@ def test_string_date_and_statistics_helpers(analyst, owner):
     for key, row in released.items():
         assert row["n"] == everything[key]["n"] >= 10
         assert row["v"] == pytest.approx(everything[key]["v"])
+
+
+def test_dp_epsilon_reaches_the_server_and_intervals_come_back(server):
+    """hospital.claims is in DP mode: ``collect(epsilon=...)`` sends the ε through the
+    ADBC driver's call header; the answer carries ``_ci95`` columns; the identical query
+    is answered identically (and for free); an ε above the table's maximum is refused."""
+    sql = "SELECT kind, count(*) AS n FROM hospital.claims GROUP BY kind"
+    with airlock.connect(server.uri, "analyst", "analyst") as c:
+        first = c.sql(sql).collect(epsilon=0.5).fetch()
+        assert first.column_names == ["kind", "n", "n_ci95"]
+        # A smaller ε means wider intervals than the default ε = 1 would give (±108 at
+        # ε = 1 with L0 = 4, C = 3 and ε split over two measurements).
+        assert first.column("n_ci95")[0].as_py() > 108
+        again = c.sql(sql).collect(epsilon=0.5).fetch()
+        assert first.sort_by("kind").equals(again.sort_by("kind"))
+        with pytest.raises(airlock.PolicyViolation) as e:
+            c.sql(sql).collect(epsilon=5.0).fetch()
+        assert e.value.code == "DP_NOT_SUPPORTED"

@@ -1,0 +1,431 @@
+//! The privacy-budget ledger (PRIVACY.md §5b): durable, in the approvals database.
+//!
+//! A DP query is charged *before* it reads data, in an `IMMEDIATE` transaction: SQLite
+//! takes the write lock at `BEGIN`, so two queries of one principal (in this process or
+//! another) are serialised and cannot both pass on the same remaining budget. A charge
+//! is never refunded. The identity of a query (principal, normalized plan fingerprint,
+//! ε, policy version) owns one noise seed, created with its one charge; asking again
+//! finds the seed, pays nothing and (the DP node drawing its noise from that seed, per
+//! group) gets the identical answer, so repetition cannot average the noise away.
+//! ε is kept in millionths and δ in 1e-12 units, as integers, so sums are exact.
+
+use std::path::Path;
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::{Error, Result, now};
+
+/// δ is kept in units of 1e-12.
+pub const DELTA_UNITS: f64 = 1e12;
+
+/// What a query is: the key of its one charge and its seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryIdentity {
+    pub principal: String,
+    pub dataset: String,
+    pub fingerprint: String,
+    pub epsilon_micros: u64,
+    pub policy: String,
+}
+
+impl QueryIdentity {
+    fn key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [
+            self.principal.as_str(),
+            self.dataset.as_str(),
+            self.fingerprint.as_str(),
+            &self.epsilon_micros.to_string(),
+            self.policy.as_str(),
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        format!("{:x}", h.finalize())
+    }
+}
+
+/// A budget as the ledger sees it: the policy's total plus any owner grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    pub epsilon_micros: u64,
+    pub delta_units: u64,
+    pub renew_secs: Option<u64>,
+}
+
+/// The outcome of asking to charge a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Charge {
+    /// Charged now; the answer's seed, and what is left afterwards.
+    Charged { seed: [u8; 32], remaining: Spent },
+    /// The identical query was charged before: its seed, nothing charged.
+    Repeat { seed: [u8; 32] },
+    /// Not enough budget: nothing charged; what is left.
+    Exhausted { remaining: Spent },
+}
+
+/// An amount of budget (spent or left), in ledger units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Spent {
+    pub epsilon_micros: u64,
+    pub delta_units: u64,
+}
+
+impl Spent {
+    pub fn epsilon(&self) -> f64 {
+        self.epsilon_micros as f64 / 1e6
+    }
+    pub fn delta(&self) -> f64 {
+        self.delta_units as f64 / DELTA_UNITS
+    }
+}
+
+/// One row of `airlock budget list`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LedgerRow {
+    pub principal: String,
+    pub dataset: String,
+    pub charges: u64,
+    pub epsilon_spent: f64,
+    pub delta_spent: f64,
+    pub epsilon_granted: f64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS budget_charges (
+    identity TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    epsilon_micros INTEGER NOT NULL,
+    delta_units INTEGER NOT NULL,
+    seed BLOB NOT NULL,
+    charged_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS budget_charges_by_holder ON budget_charges (principal, dataset, charged_at);
+CREATE TABLE IF NOT EXISTS budget_grants (
+    principal TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    epsilon_micros INTEGER NOT NULL,
+    delta_units INTEGER NOT NULL,
+    granted_by TEXT NOT NULL,
+    granted_at INTEGER NOT NULL
+);
+";
+
+/// The ledger, on its own connection to the approvals database.
+#[derive(Debug)]
+pub struct Ledger {
+    conn: Mutex<Connection>,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger tables in `approvals.sqlite` under `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Store(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        let conn = Connection::open(dir.join("approvals.sqlite"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Start of the current renewal period (charges before it no longer count).
+    fn period_start(renew_secs: Option<u64>, at: i64) -> i64 {
+        match renew_secs {
+            Some(p) if p > 0 => at - at.rem_euclid(p as i64),
+            _ => i64::MIN,
+        }
+    }
+
+    fn spent(
+        tx: &rusqlite::Transaction<'_>,
+        principal: &str,
+        dataset: &str,
+        since: i64,
+    ) -> rusqlite::Result<Spent> {
+        let (e, d): (i64, i64) = tx.query_row(
+            "SELECT COALESCE(SUM(epsilon_micros), 0), COALESCE(SUM(delta_units), 0)
+             FROM budget_charges WHERE principal = ?1 AND dataset = ?2 AND charged_at >= ?3",
+            params![principal, dataset, since],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok(Spent {
+            epsilon_micros: e.max(0) as u64,
+            delta_units: d.max(0) as u64,
+        })
+    }
+
+    fn granted(
+        tx: &rusqlite::Transaction<'_>,
+        principal: &str,
+        dataset: &str,
+    ) -> rusqlite::Result<Spent> {
+        let (e, d): (i64, i64) = tx.query_row(
+            "SELECT COALESCE(SUM(epsilon_micros), 0), COALESCE(SUM(delta_units), 0)
+             FROM budget_grants WHERE principal = ?1 AND dataset = ?2",
+            params![principal, dataset],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok(Spent {
+            epsilon_micros: e.max(0) as u64,
+            delta_units: d.max(0) as u64,
+        })
+    }
+
+    fn left(allowance: &Allowance, granted: Spent, spent: Spent) -> Spent {
+        Spent {
+            epsilon_micros: (allowance.epsilon_micros + granted.epsilon_micros)
+                .saturating_sub(spent.epsilon_micros),
+            delta_units: (allowance.delta_units + granted.delta_units)
+                .saturating_sub(spent.delta_units),
+        }
+    }
+
+    /// Charges `cost` for `query` unless the identical query was charged before, in one
+    /// serialised transaction; durable (`synchronous = FULL`) when this returns.
+    pub fn charge(
+        &self,
+        query: &QueryIdentity,
+        cost: Spent,
+        allowance: &Allowance,
+    ) -> Result<Charge> {
+        let key = query.key();
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let seed: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT seed FROM budget_charges WHERE identity = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(seed) = seed {
+            tx.commit()?;
+            return Ok(Charge::Repeat {
+                seed: seed.try_into().unwrap_or([0; 32]),
+            });
+        }
+        let at = now();
+        let since = Self::period_start(allowance.renew_secs, at);
+        let spent = Self::spent(&tx, &query.principal, &query.dataset, since)?;
+        let granted = Self::granted(&tx, &query.principal, &query.dataset)?;
+        let left = Self::left(allowance, granted, spent);
+        if cost.epsilon_micros > left.epsilon_micros || cost.delta_units > left.delta_units {
+            tx.commit()?;
+            return Ok(Charge::Exhausted { remaining: left });
+        }
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut crate::dp::noise::os_rng(), &mut seed);
+        tx.execute(
+            "INSERT INTO budget_charges (identity, principal, dataset, fingerprint, policy,
+                epsilon_micros, delta_units, seed, charged_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                key,
+                query.principal,
+                query.dataset,
+                query.fingerprint,
+                query.policy,
+                cost.epsilon_micros as i64,
+                cost.delta_units as i64,
+                seed.to_vec(),
+                at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Charge::Charged {
+            seed,
+            remaining: Spent {
+                epsilon_micros: left.epsilon_micros - cost.epsilon_micros,
+                delta_units: left.delta_units - cost.delta_units,
+            },
+        })
+    }
+
+    /// What is left of a principal's budget on a dataset.
+    pub fn remaining(
+        &self,
+        principal: &str,
+        dataset: &str,
+        allowance: &Allowance,
+    ) -> Result<Spent> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction()?;
+        let since = Self::period_start(allowance.renew_secs, now());
+        let spent = Self::spent(&tx, principal, dataset, since)?;
+        let granted = Self::granted(&tx, principal, dataset)?;
+        Ok(Self::left(allowance, granted, spent))
+    }
+
+    /// Adds ε (and δ) to a principal's budget on a dataset (an owner's decision).
+    pub fn grant(&self, principal: &str, dataset: &str, extra: Spent, by: &str) -> Result<()> {
+        self.conn.lock().execute(
+            "INSERT INTO budget_grants (principal, dataset, epsilon_micros, delta_units, granted_by, granted_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                principal,
+                dataset,
+                extra.epsilon_micros as i64,
+                extra.delta_units as i64,
+                by,
+                now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every principal and dataset with charges or grants (all time).
+    pub fn list(&self) -> Result<Vec<LedgerRow>> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare(
+            "SELECT p, d, SUM(n), SUM(e), SUM(dl), SUM(g) FROM (
+                SELECT principal p, dataset d, 1 n, epsilon_micros e, delta_units dl, 0 g FROM budget_charges
+                UNION ALL
+                SELECT principal, dataset, 0, 0, 0, epsilon_micros FROM budget_grants)
+             GROUP BY p, d ORDER BY p, d",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(LedgerRow {
+                    principal: r.get(0)?,
+                    dataset: r.get(1)?,
+                    charges: r.get::<_, i64>(2)? as u64,
+                    epsilon_spent: r.get::<_, i64>(3)? as f64 / 1e6,
+                    delta_spent: r.get::<_, i64>(4)? as f64 / DELTA_UNITS,
+                    epsilon_granted: r.get::<_, i64>(5)? as f64 / 1e6,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(fp: &str, eps: u64) -> QueryIdentity {
+        QueryIdentity {
+            principal: "analyst".into(),
+            dataset: "hospital".into(),
+            fingerprint: fp.into(),
+            epsilon_micros: eps,
+            policy: "v1".into(),
+        }
+    }
+
+    const TEN: Allowance = Allowance {
+        epsilon_micros: 10_000_000,
+        delta_units: 1_000_000,
+        renew_secs: None,
+    };
+
+    fn cost(eps: u64) -> Spent {
+        Spent {
+            epsilon_micros: eps,
+            delta_units: 1,
+        }
+    }
+
+    #[test]
+    fn charges_repeats_and_exhausts() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let Charge::Charged { seed, remaining } = l
+            .charge(&query("a", 1_000_000), cost(1_000_000), &TEN)
+            .unwrap()
+        else {
+            panic!("first charge")
+        };
+        assert_eq!(remaining.epsilon_micros, 9_000_000);
+        // The identical query: the same seed, no charge.
+        assert_eq!(
+            l.charge(&query("a", 1_000_000), cost(1_000_000), &TEN)
+                .unwrap(),
+            Charge::Repeat { seed }
+        );
+        for i in 0..9 {
+            assert!(matches!(
+                l.charge(&query(&format!("q{i}"), 1_000_000), cost(1_000_000), &TEN)
+                    .unwrap(),
+                Charge::Charged { .. }
+            ));
+        }
+        assert_eq!(
+            l.charge(&query("z", 1), cost(1), &TEN).unwrap(),
+            Charge::Exhausted {
+                remaining: Spent {
+                    epsilon_micros: 0,
+                    delta_units: 1_000_000 - 10
+                }
+            }
+        );
+        // Durable: a new connection sees the same ledger; an owner grant reopens it.
+        drop(l);
+        let l = Ledger::open(dir.path()).unwrap();
+        assert_eq!(
+            l.remaining("analyst", "hospital", &TEN)
+                .unwrap()
+                .epsilon_micros,
+            0
+        );
+        l.grant("analyst", "hospital", cost(500_000), "owner")
+            .unwrap();
+        assert!(matches!(
+            l.charge(&query("z", 500_000), cost(500_000), &TEN).unwrap(),
+            Charge::Charged { .. }
+        ));
+        let rows = l.list().unwrap();
+        assert_eq!(rows[0].charges, 11);
+        assert!((rows[0].epsilon_spent - 10.5).abs() < 1e-9);
+    }
+
+    /// Many threads, each on its own connection (as separate server processes would
+    /// be), racing to spend: exactly the budget is spent, never more.
+    #[test]
+    fn concurrent_charges_cannot_overspend() {
+        let dir = tempfile::tempdir().unwrap();
+        Ledger::open(dir.path()).unwrap();
+        let charged = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let dir = dir.path();
+                let charged = &charged;
+                s.spawn(move || {
+                    let l = Ledger::open(dir).unwrap();
+                    for i in 0..5 {
+                        if let Charge::Charged { .. } = l
+                            .charge(&query(&format!("t{t}-{i}"), 700_000), cost(700_000), &TEN)
+                            .unwrap()
+                        {
+                            charged.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        // 10 / 0.7 = 14 charges fit; 40 were attempted.
+        assert_eq!(charged.into_inner(), 14);
+        let l = Ledger::open(dir.path()).unwrap();
+        assert_eq!(
+            l.remaining("analyst", "hospital", &TEN)
+                .unwrap()
+                .epsilon_micros,
+            200_000
+        );
+    }
+
+    #[test]
+    fn renewal_periods_start_afresh() {
+        assert_eq!(Ledger::period_start(Some(100), 1234), 1200);
+        assert_eq!(Ledger::period_start(None, 1234), i64::MIN);
+    }
+}

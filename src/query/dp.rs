@@ -1,0 +1,162 @@
+//! Charging a DP query to its principal's privacy budget, before it reads data.
+//!
+//! The ε to spend comes from the `airlock-epsilon` call header (default: the most the
+//! tables allow per query). Every DP release of the plan gets an equal share; all must
+//! be in one dataset. The charge is durable when this returns; an exhausted budget is a
+//! `BUDGET_EXHAUSTED` refusal that says what is left. A repeat of the identical query
+//! (principal, plan fingerprint, ε, policy version) is free and gets the same seed, so
+//! the same noise.
+
+use crate::approval::budget::{Allowance, Charge, DELTA_UNITS, Ledger, QueryIdentity, Spent};
+use crate::error::{Error, Result};
+use crate::policy::refusal::{ReasonCode, Refusal};
+use crate::rewrite::dp_release::{Grant, dp_releases};
+
+use super::PlannedQuery;
+
+/// The call header that carries a query's ε.
+pub const EPSILON_HEADER: &str = "airlock-epsilon";
+
+/// What a charge did, for the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charged {
+    pub dataset: String,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub repeat: bool,
+    pub remaining: Option<Spent>,
+}
+
+impl Charged {
+    pub fn describe(&self) -> String {
+        let left = self.remaining.map_or(String::new(), |r| {
+            format!("; remaining ε={} δ={}", r.epsilon(), r.delta())
+        });
+        if self.repeat {
+            format!(
+                "{}: repeat of a charged query, nothing charged (ε={}){left}",
+                self.dataset, self.epsilon
+            )
+        } else {
+            format!(
+                "{}: charged ε={} δ={}{left}",
+                self.dataset, self.epsilon, self.delta
+            )
+        }
+    }
+}
+
+/// Parses the header's value.
+pub fn parse_epsilon(value: Option<&str>) -> Result<Option<f64>> {
+    match value {
+        None => Ok(None),
+        Some(v) => match v.trim().parse::<f64>() {
+            Ok(e) if e.is_finite() && e > 0.0 => Ok(Some(e)),
+            _ => Err(Error::InvalidRequest(format!(
+                "{EPSILON_HEADER} must be a positive number, got {v:?}"
+            ))),
+        },
+    }
+}
+
+/// Charges the query if it has DP releases (None: it has none).
+pub fn charge(query: &PlannedQuery, ledger: &Ledger) -> Result<Option<Charged>> {
+    let nodes = dp_releases(&query.plan);
+    if nodes.is_empty() {
+        return Ok(None);
+    }
+    let datasets: std::collections::BTreeSet<String> = nodes
+        .iter()
+        .map(|n| n.table.split('.').next().unwrap_or_default().to_string())
+        .collect();
+    if datasets.len() != 1 {
+        return Err(Refusal::new(
+            ReasonCode::DpNotSupported,
+            "one query may draw on the privacy budget of one dataset only",
+        )
+        .into());
+    }
+    let dataset = datasets.into_iter().next().unwrap_or_default();
+    let n = nodes.len() as f64;
+    let max = nodes
+        .iter()
+        .map(|d| d.policy.max_epsilon.0)
+        .fold(f64::INFINITY, f64::min);
+    let epsilon = query.epsilon.unwrap_or(max * n);
+    let accountings = nodes
+        .iter()
+        .map(|d| d.accounting(epsilon / n))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::from(Refusal::new(ReasonCode::DpNotSupported, e.to_string())))?;
+    let cost = Spent {
+        epsilon_micros: accountings.iter().map(|a| a.epsilon_micros as u64).sum(),
+        delta_units: accountings.iter().map(|a| a.delta_units).sum(),
+    };
+    let principal = query.principal();
+    let policy = &query.session.policy;
+    let Some(budget) =
+        policy
+            .tables
+            .budgets
+            .for_principal(&principal.name, &principal.roles, &dataset)
+    else {
+        return Err(Refusal::new(
+            ReasonCode::BudgetExhausted,
+            format!("no privacy budget on dataset {dataset}: remaining ε=0"),
+        )
+        .into());
+    };
+    let allowance = Allowance {
+        epsilon_micros: crate::dp::noise::epsilon_micros(budget.epsilon.0) as u64,
+        delta_units: (budget.delta.0 * DELTA_UNITS).floor() as u64,
+        renew_secs: budget.renew_secs,
+    };
+    let identity = QueryIdentity {
+        principal: principal.name.clone(),
+        dataset: dataset.clone(),
+        fingerprint: query.fingerprint.clone(),
+        epsilon_micros: cost.epsilon_micros,
+        policy: policy.digest.clone(),
+    };
+    let (seed, repeat, remaining) = match ledger
+        .charge(&identity, cost, &allowance)
+        .map_err(|e| Error::Internal(e.to_string()))?
+    {
+        Charge::Charged { seed, remaining } => (seed, false, Some(remaining)),
+        Charge::Repeat { seed } => (seed, true, None),
+        Charge::Exhausted { remaining } => {
+            return Err(Refusal::new(
+                ReasonCode::BudgetExhausted,
+                format!(
+                    "this query needs ε={} δ={} on dataset {dataset}; remaining ε={} δ={}",
+                    cost.epsilon(),
+                    cost.delta(),
+                    remaining.epsilon(),
+                    remaining.delta()
+                ),
+            )
+            .into());
+        }
+    };
+    for (i, (node, accounting)) in nodes.iter().zip(accountings).enumerate() {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(seed);
+        h.update((i as u64).to_be_bytes());
+        // The plan was built for this one execution; a grant already set would be a
+        // second execution of the same plan object: refuse rather than reuse.
+        node.grant
+            .set(Grant {
+                accounting,
+                seed: h.finalize().into(),
+            })
+            .map_err(|_| Error::Internal("a DP plan executed twice".into()))?;
+    }
+    Ok(Some(Charged {
+        dataset,
+        epsilon: cost.epsilon(),
+        delta: cost.delta(),
+        repeat,
+        remaining,
+    }))
+}

@@ -1,0 +1,235 @@
+//! The DP rule (PRIVACY.md §5b): an aggregate over a table in `release = "dp"` is
+//! replaced by a [`DpRelease`] node at the same boundary.
+//!
+//! [`boundary`] is called by [`super::threshold`] where it would put a k-threshold
+//! release: if the hidden entity column under the aggregate belongs to a DP table (and
+//! the principal is under the automatic rules), the aggregate must be one DP mode can
+//! answer, or the query is refused with `DP_NOT_SUPPORTED` (`APPROVAL_PENDING` for a
+//! principal holding `request`). Supported: COUNT(*), COUNT(DISTINCT <privacy unit>),
+//! SUM and AVG of a column with owner bounds (through DataFusion's implicit casts),
+//! grouped by any allowed expressions, over one DP table joined only with public
+//! tables. The node's input is a projection (unit, keys, values as Float64): the same
+//! allow-list and totality rules as under a threshold boundary hold there.
+//!
+//! [`finish`] then recomputes the schemas above each DP node (counts stay Int64, sums
+//! and averages become Float64) and carries each `<name>_ci95` interval column through
+//! the projections that pass its figure on, renamed after the figure's output name.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::Column;
+use datafusion::common::tree_node::Transformed;
+use datafusion::error::Result;
+use datafusion::logical_expr::{Aggregate, Expr, Extension, LogicalPlan, Projection, cast};
+
+use super::dp_release::{CI_SUFFIX, DpAggregate, DpRelease, dp_releases};
+use super::protect::EntityColumn;
+use super::{HIDDEN_PREFIX, PolicyContext};
+use crate::policy::refusal::{ReasonCode, Refusal};
+
+/// Refuses (or sends to approval) a DP query DP mode cannot answer.
+fn unsupported(
+    ctx: &PolicyContext,
+    table: &str,
+    why: String,
+) -> datafusion::error::DataFusionError {
+    let request = ctx
+        .tables
+        .iter()
+        .any(|(n, r)| n.to_string() == table && r.request);
+    if request {
+        Refusal::new(
+            ReasonCode::ApprovalPending,
+            format!(
+                "{table} is released under differential privacy, which cannot answer this: {why}"
+            ),
+        )
+        .into()
+    } else {
+        Refusal::new(ReasonCode::DpNotSupported, format!("{table}: {why}")).into()
+    }
+}
+
+/// The DP table behind a hidden entity column, if the principal is under its
+/// automatic rules.
+pub fn dp_table<'a>(
+    ctx: &'a PolicyContext,
+    entity: &str,
+) -> Option<(String, &'a crate::policy::dp::DpPolicy)> {
+    let e = EntityColumn::parse(entity)?;
+    ctx.tables
+        .iter()
+        .find(|(n, _)| n.to_string() == e.table)
+        .filter(|(_, r)| r.automatic())
+        .and_then(|(n, r)| r.policy.dp().map(|d| (n.to_string(), d)))
+}
+
+/// Replaces an aggregate over a DP table by its DP release (None: not a DP table).
+pub fn boundary(a: &Aggregate, ctx: &PolicyContext) -> Result<Option<LogicalPlan>> {
+    let entities = super::threshold::hidden(a.input.schema());
+    let dp: Vec<_> = entities
+        .iter()
+        .filter_map(|c| dp_table(ctx, &c.name).map(|t| (c.clone(), t)))
+        .collect();
+    let Some((unit_col, (table, policy))) = dp.first().cloned() else {
+        return Ok(None);
+    };
+    if entities.len() != 1 {
+        return Err(unsupported(
+            ctx,
+            &table,
+            "a DP table may be joined only with public tables (not with itself or another protected table)".into(),
+        ));
+    }
+    let unit_name = ctx
+        .tables
+        .iter()
+        .find(|(n, _)| n.to_string() == table)
+        .and_then(|(_, r)| r.policy.privacy_unit.clone())
+        .unwrap_or_default();
+    let mut values: Vec<(String, i64, i64)> = Vec::new();
+    let mut value_exprs: Vec<Expr> = Vec::new();
+    let mut aggregates = Vec::new();
+    for e in &a.aggr_expr {
+        let inner = match e {
+            Expr::Alias(al) => al.expr.as_ref(),
+            other => other,
+        };
+        let Expr::AggregateFunction(f) = inner else {
+            return Err(unsupported(
+                ctx,
+                &table,
+                format!("{e} is not an aggregate DP mode supports"),
+            ));
+        };
+        let name = f.func.name().to_ascii_lowercase();
+        let p = &f.params;
+        if p.filter.is_some() || !p.order_by.is_empty() {
+            return Err(unsupported(
+                ctx,
+                &table,
+                format!("{e}: FILTER and ORDER BY are not supported in DP mode"),
+            ));
+        }
+        let arg = p.args.first().map(strip_casts);
+        let agg = match (name.as_str(), p.distinct, arg) {
+            ("count", false, Some(Expr::Literal(v, _))) if !v.is_null() && p.args.len() == 1 => {
+                DpAggregate::Rows
+            }
+            ("count", true, Some(Expr::Column(c))) if c.name == unit_name => DpAggregate::Units,
+            ("sum" | "avg", false, Some(Expr::Column(c))) => {
+                let Some((lo, hi)) = policy.fixed_bounds(&c.name) else {
+                    return Err(unsupported(
+                        ctx,
+                        &table,
+                        format!(
+                            "{e}: column {} has no bounds, so it cannot be summed",
+                            c.name
+                        ),
+                    ));
+                };
+                let j = match values.iter().position(|(n, _, _)| *n == c.name) {
+                    Some(j) => j,
+                    None => {
+                        values.push((c.name.clone(), lo, hi));
+                        value_exprs.push(
+                            cast(Expr::Column(c.clone()), DataType::Float64)
+                                .alias(format!("{HIDDEN_PREFIX}dp_value_{}", values.len() - 1)),
+                        );
+                        values.len() - 1
+                    }
+                };
+                if name == "sum" {
+                    DpAggregate::Sum(j)
+                } else {
+                    DpAggregate::Avg(j)
+                }
+            }
+            _ => {
+                return Err(unsupported(
+                    ctx,
+                    &table,
+                    format!(
+                        "{e}: DP mode supports COUNT(*), COUNT(DISTINCT {unit_name}), SUM and AVG of bounded columns"
+                    ),
+                ));
+            }
+        };
+        aggregates.push(agg);
+    }
+    let mut exprs = vec![Expr::Column(unit_col)];
+    for (i, g) in a.group_expr.iter().enumerate() {
+        exprs.push(g.clone().alias(format!("{HIDDEN_PREFIX}dp_key_{i}")));
+    }
+    exprs.extend(value_exprs);
+    let input = LogicalPlan::Projection(Projection::try_new(exprs, Arc::clone(&a.input))?);
+    let node = DpRelease::try_new(
+        input,
+        table,
+        a.group_expr.len(),
+        values,
+        aggregates,
+        policy.clone(),
+        &a.schema,
+        Arc::default(),
+    )?;
+    Ok(Some(LogicalPlan::Extension(Extension {
+        node: Arc::new(node),
+    })))
+}
+
+fn strip_aliases(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_aliases(&a.expr),
+        other => other,
+    }
+}
+
+fn strip_casts(e: &Expr) -> &Expr {
+    match e {
+        Expr::Cast(c) => strip_casts(&c.expr),
+        Expr::TryCast(c) => strip_casts(&c.expr),
+        other => other,
+    }
+}
+
+/// Recomputes the schemas above DP nodes and carries the interval columns up.
+pub fn finish(plan: LogicalPlan) -> Result<LogicalPlan> {
+    plan.transform_up_with_subqueries(|p| {
+        if !p.inputs().iter().any(|i| !dp_releases(i).is_empty()) {
+            return Ok(Transformed::no(p));
+        }
+        match p {
+            LogicalPlan::Projection(pr) => {
+                let input_schema = pr.input.schema();
+                let mut exprs = pr.expr.clone();
+                for e in &pr.expr {
+                    let (col, out) = match e {
+                        Expr::Column(c) => (c, c.name.clone()),
+                        Expr::Alias(al) => match strip_aliases(&al.expr) {
+                            Expr::Column(c) => (c, al.name.clone()),
+                            _ => continue,
+                        },
+                        _ => continue,
+                    };
+                    let ci = format!("{}{CI_SUFFIX}", col.name);
+                    let wanted = format!("{out}{CI_SUFFIX}");
+                    if input_schema.fields().iter().any(|f| *f.name() == ci)
+                        && !pr
+                            .expr
+                            .iter()
+                            .any(|x| x.schema_name().to_string() == wanted)
+                    {
+                        exprs.push(Expr::Column(Column::from_name(ci)).alias(wanted));
+                    }
+                }
+                Ok(Transformed::yes(LogicalPlan::Projection(
+                    Projection::try_new(exprs, pr.input)?,
+                )))
+            }
+            other => Ok(Transformed::yes(other.recompute_schema()?)),
+        }
+    })
+    .map(|t| t.data)
+}
