@@ -27,6 +27,8 @@ pub struct QueryIdentity {
     pub fingerprint: String,
     pub epsilon_micros: u64,
     pub policy: String,
+    /// The data the query answers from ([`crate::catalog::Catalog::data_version`]).
+    pub data: String,
 }
 
 impl QueryIdentity {
@@ -39,6 +41,7 @@ impl QueryIdentity {
             self.fingerprint.as_str(),
             &self.epsilon_micros.to_string(),
             self.policy.as_str(),
+            self.data.as_str(),
         ] {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part.as_bytes());
@@ -319,6 +322,7 @@ mod tests {
             fingerprint: fp.into(),
             epsilon_micros: eps,
             policy: "v1".into(),
+            data: "d1".into(),
         }
     }
 

@@ -253,6 +253,34 @@ impl Catalog {
         self.uploads.iter()
     }
 
+    /// A digest of the data a table answers from: the files (path, size, modification
+    /// time) a hot dataset was loaded from, or those under a listed table's paths now.
+    /// Keys DP repeats (a repeat on changed data must not reuse the noise: the two
+    /// answers would difference out the change exactly).
+    pub fn data_version(&self, table: &TableName) -> String {
+        use sha2::{Digest, Sha256};
+        let files: Vec<Fingerprint> = match (self.hot.get(table), self.tables.get(table)) {
+            (Some(h), _) => vec![h.files.clone()],
+            (None, Some(t)) => match t.as_ref().downcast_ref::<ListingTable>() {
+                Some(l) => l
+                    .table_paths()
+                    .iter()
+                    .map(|u| match u.get_url().to_file_path() {
+                        Ok(p) => Fingerprint::of(&p),
+                        Err(()) => Fingerprint::default(),
+                    })
+                    .collect(),
+                // Tables held otherwise (none today) never count as unchanged.
+                None => return format!("unversioned:{:p}", Arc::as_ptr(t)),
+            },
+            (None, None) => return "absent".into(),
+        };
+        format!(
+            "{:x}",
+            Sha256::digest(format!("{table}:{files:?}").as_bytes())
+        )
+    }
+
     pub fn schema(&self, table: &TableName) -> Option<SchemaRef> {
         self.tables.get(table).map(|t| t.schema())
     }

@@ -388,7 +388,7 @@ impl AirlockService {
         };
         // A DP query is charged before it reads data (§5b); every charge is audited.
         // A charge is spent even if its record then fails: nothing is released without it.
-        let charged = query::dp::charge(planned, &self.ledger)
+        let charged = query::dp::charge(planned, &self.ledger, &self.sessions.catalog())
             .map_err(|e| self.audit_unreleased(planned.principal(), &rid, Some(&planned.sql), e))?;
         if let Some(c) = &charged {
             self.audit

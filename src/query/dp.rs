@@ -4,10 +4,16 @@
 //! tables allow per query). Every DP release of the plan gets an equal share; all must
 //! be in one dataset. The charge is durable when this returns; an exhausted budget is a
 //! `BUDGET_EXHAUSTED` refusal that says what is left. A repeat of the identical query
-//! (principal, plan fingerprint, ε, policy version) is free and gets the same seed, so
-//! the same noise.
+//! (principal, plan fingerprint, ε, policy version, and the files every scanned table
+//! answers from) is free and gets the same seed, so the same noise; a repeat on changed
+//! data is charged anew, or the two answers would difference out the change exactly.
+
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::logical_expr::LogicalPlan;
 
 use crate::approval::budget::{Allowance, Charge, DELTA_UNITS, Ledger, QueryIdentity, Spent};
+use crate::catalog::Catalog;
+use crate::config::TableName;
 use crate::error::{Error, Result};
 use crate::policy::refusal::{ReasonCode, Refusal};
 use crate::rewrite::dp_release::{Grant, dp_releases};
@@ -59,8 +65,28 @@ pub fn parse_epsilon(value: Option<&str>) -> Result<Option<f64>> {
     }
 }
 
+/// A digest of the data every table the plan scans answers from (see
+/// [`Catalog::data_version`]).
+fn data_version(plan: &LogicalPlan, catalog: &Catalog) -> String {
+    let mut tables = std::collections::BTreeSet::new();
+    let _ = plan.apply_with_subqueries(|p| {
+        if let LogicalPlan::TableScan(t) = p {
+            tables.insert(TableName {
+                schema: t.table_name.schema().unwrap_or_default().to_string(),
+                table: t.table_name.table().to_string(),
+            });
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    tables
+        .iter()
+        .map(|t| catalog.data_version(t))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Charges the query if it has DP releases (None: it has none).
-pub fn charge(query: &PlannedQuery, ledger: &Ledger) -> Result<Option<Charged>> {
+pub fn charge(query: &PlannedQuery, ledger: &Ledger, catalog: &Catalog) -> Result<Option<Charged>> {
     let nodes = dp_releases(&query.plan);
     if nodes.is_empty() {
         return Ok(None);
@@ -117,6 +143,7 @@ pub fn charge(query: &PlannedQuery, ledger: &Ledger) -> Result<Option<Charged>> 
         fingerprint: query.fingerprint.clone(),
         epsilon_micros: cost.epsilon_micros,
         policy: policy.digest.clone(),
+        data: data_version(&query.plan, catalog),
     };
     let (seed, repeat, remaining) = match ledger
         .charge(&identity, cost, &allowance)

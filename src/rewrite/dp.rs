@@ -8,7 +8,8 @@
 //! principal holding `request`). Supported: COUNT(*), COUNT(DISTINCT <privacy unit>),
 //! SUM and AVG of a column with owner bounds (through DataFusion's implicit casts),
 //! grouped by any allowed expressions, over one DP table joined only with public
-//! tables. The node's input is a projection (unit, keys, values as Float64): the same
+//! tables or, on the privacy unit, with another protected table (the release then keeps
+//! only rows whose units agree). The node's input is a projection (unit, keys, values as Float64): the same
 //! allow-list and totality rules as under a threshold boundary hold there.
 //!
 //! [`finish`] then recomputes the schemas above each DP node (counts stay Int64, sums
@@ -19,9 +20,12 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::Column;
-use datafusion::common::tree_node::Transformed;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::Result;
-use datafusion::logical_expr::{Aggregate, Expr, Extension, LogicalPlan, Projection, cast};
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{
+    Aggregate, Expr, Extension, Filter, JoinType, LogicalPlan, Operator, Projection, cast,
+};
 
 use super::dp_release::{CI_SUFFIX, DpAggregate, DpRelease, dp_releases};
 use super::protect::EntityColumn;
@@ -75,19 +79,39 @@ pub fn boundary(a: &Aggregate, ctx: &PolicyContext) -> Result<Option<LogicalPlan
     let Some((unit_col, (table, policy))) = dp.first().cloned() else {
         return Ok(None);
     };
-    if entities.len() != 1 {
+    if dp.len() != 1 {
         return Err(unsupported(
             ctx,
             &table,
-            "a DP table may be joined only with public tables (not with itself or another protected table)".into(),
+            "one DP table per aggregate: not joined with itself or another DP table".into(),
         ));
     }
-    let unit_name = ctx
-        .tables
-        .iter()
-        .find(|(n, _)| n.to_string() == table)
-        .and_then(|(_, r)| r.policy.privacy_unit.clone())
-        .unwrap_or_default();
+    let unit_name = unit_of(ctx, &table);
+    // Another protected table may stand below the same aggregate only joined on the
+    // privacy unit; the release then also keeps only rows whose units agree, so every
+    // row it bounds concerns one person whatever the join said.
+    let mut same_person = Vec::new();
+    for other in entities.iter().filter(|c| **c != unit_col) {
+        let other_table = EntityColumn::parse(&other.name)
+            .map(|e| e.table)
+            .unwrap_or_default();
+        let other_unit = unit_of(ctx, &other_table);
+        if other_unit.is_empty() || !joined_on(&a.input, &unit_name, &other_unit) {
+            return Err(unsupported(
+                ctx,
+                &table,
+                format!(
+                    "a DP table may be joined only with public tables or, on its privacy unit {unit_name}, with {other_table}.{}",
+                    if other_unit.is_empty() {
+                        "<unit>"
+                    } else {
+                        &other_unit
+                    }
+                ),
+            ));
+        }
+        same_person.push(Expr::Column(unit_col.clone()).eq(Expr::Column(other.clone())));
+    }
     let mut values: Vec<(String, i64, i64)> = Vec::new();
     let mut value_exprs: Vec<Expr> = Vec::new();
     let mut aggregates = Vec::new();
@@ -163,7 +187,14 @@ pub fn boundary(a: &Aggregate, ctx: &PolicyContext) -> Result<Option<LogicalPlan
         exprs.push(g.clone().alias(format!("{HIDDEN_PREFIX}dp_key_{i}")));
     }
     exprs.extend(value_exprs);
-    let input = LogicalPlan::Projection(Projection::try_new(exprs, Arc::clone(&a.input))?);
+    let rows = match same_person.into_iter().reduce(Expr::and) {
+        None => Arc::clone(&a.input),
+        Some(p) => Arc::new(LogicalPlan::Filter(Filter::try_new(
+            p,
+            Arc::clone(&a.input),
+        )?)),
+    };
+    let input = LogicalPlan::Projection(Projection::try_new(exprs, rows)?);
     let node = DpRelease::try_new(
         input,
         table,
@@ -177,6 +208,45 @@ pub fn boundary(a: &Aggregate, ctx: &PolicyContext) -> Result<Option<LogicalPlan
     Ok(Some(LogicalPlan::Extension(Extension {
         node: Arc::new(node),
     })))
+}
+
+/// The privacy unit (entity column) of a protected table.
+fn unit_of(ctx: &PolicyContext, table: &str) -> String {
+    ctx.tables
+        .iter()
+        .find(|(n, _)| n.to_string() == table)
+        .and_then(|(_, r)| r.policy.privacy_unit.clone())
+        .unwrap_or_default()
+}
+
+/// Whether `plan` holds an inner equi-join of a column named `left` with one named
+/// `right` (either side). Names only: the row filter [`boundary`] adds is what makes
+/// the release sound; this check is there to refuse other joins with a clear reason.
+fn joined_on(plan: &LogicalPlan, left: &str, right: &str) -> bool {
+    let named = |e: &Expr, n: &str| matches!(strip_casts(e), Expr::Column(c) if c.name == n);
+    let pair = |l: &Expr, r: &Expr| {
+        (named(l, left) && named(r, right)) || (named(l, right) && named(r, left))
+    };
+    let mut found = false;
+    let _ = plan.apply(|p| {
+        // Before the optimizer, `ON a = b` is still the join's filter.
+        let in_filter = |j: &datafusion::logical_expr::Join| {
+            j.filter.as_ref().is_some_and(|f| {
+                split_conjunction(f).into_iter().any(|c| {
+                    matches!(c, Expr::BinaryExpr(b) if b.op == Operator::Eq && pair(&b.left, &b.right))
+                })
+            })
+        };
+        if let LogicalPlan::Join(j) = p
+            && j.join_type == JoinType::Inner
+            && (j.on.iter().any(|(l, r)| pair(l, r)) || in_filter(j))
+        {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
 }
 
 fn strip_aliases(e: &Expr) -> &Expr {

@@ -249,3 +249,105 @@ fn budget_refusal_survives_sigkill_and_owners_grant_more() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+/// A DP table joined on its privacy unit with another protected table is answered (the
+/// release keeps only rows whose units agree); joined on anything else it is refused.
+#[tokio::test]
+async fn joins_on_the_privacy_unit_with_a_protected_table_are_answered() {
+    let server = start().await;
+    let mut c = analyst(&server).await;
+    let b = query(
+        &mut c,
+        "SELECT p.sex, count(*) AS n, sum(c.amount) AS s FROM hospital.claims c \
+         JOIN hospital.patients p ON c.patient_id = p.patient_id GROUP BY p.sex",
+    )
+    .await
+    .unwrap();
+    let b = concat_batches(&b[0].schema(), &b).unwrap();
+    let names: Vec<String> = b
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(names, ["sex", "n", "s", "n_ci95", "s_ci95"]);
+    assert!(b.num_rows() >= 2, "{}", pretty(std::slice::from_ref(&b)));
+    for sql in [
+        // Not on the unit: a claim joined with another patient's row.
+        "SELECT count(*) FROM hospital.claims c JOIN hospital.patients p \
+         ON c.claim_id = p.age",
+        // A self-join of the DP table.
+        "SELECT count(*) FROM hospital.claims a JOIN hospital.claims b \
+         ON a.patient_id = b.patient_id",
+    ] {
+        let r = query(&mut c, sql).await;
+        let s = r.expect_err(sql);
+        assert!(
+            s.message().contains("DP_NOT_SUPPORTED") || s.message().contains("JOIN_NOT_ALLOWED"),
+            "{sql}: {s:?}"
+        );
+    }
+}
+
+/// A repeat is free only on unchanged data: once the table's files change, the same
+/// query is charged again and gets fresh noise (reusing it would let the two answers
+/// difference out the change exactly).
+#[tokio::test]
+async fn a_repeat_on_changed_data_is_charged_again() {
+    use airlock::flight::budget as b;
+    let config = demo_config();
+    let claims = config
+        .datasets
+        .iter()
+        .find(|d| d.name.to_string() == "hospital.claims")
+        .expect("claims configured")
+        .path
+        .clone();
+    // A copy of the demo's claims in a directory of this test's own, so touching it
+    // changes nobody else's data.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config;
+    let copy = dir.path().join("claims.parquet");
+    std::fs::copy(&claims, &copy).unwrap();
+    for d in &mut config.datasets {
+        if d.name.to_string() == "hospital.claims" {
+            d.path = copy.clone();
+        }
+    }
+    let server = start_with(config).await;
+    let mut c = analyst(&server).await;
+    let mut owner = login(server.addr, "owner").await;
+    let charges = |listed: serde_json::Value| listed[0]["charges"].as_u64().unwrap();
+    let sql = "SELECT count(*) AS n FROM hospital.claims";
+    query(&mut c, sql).await.unwrap();
+    query(&mut c, sql).await.unwrap();
+    let listed = owner
+        .json_action(b::LIST, serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(charges(listed), 1, "the repeat is free");
+    // The same rows, a new modification time: the data is not known to be the same.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&copy)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    // Hot datasets are reloaded on their check interval; listed ones are read fresh.
+    let mut charged = 1;
+    for _ in 0..20 {
+        query(&mut c, sql).await.unwrap();
+        charged = charges(
+            owner
+                .json_action(b::LIST, serde_json::json!({}))
+                .await
+                .unwrap(),
+        );
+        if charged == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(charged, 2, "changed data is charged anew");
+}
