@@ -144,3 +144,47 @@ def test_syntax_error_is_invalid_argument(server):
         with pytest.raises(adbc_driver_manager.Error) as err:
             cur.execute("SELEC 1")
         assert "INVALID_ARGUMENT" in str(err.value) or "InvalidArgument" in str(err.value) or "SQL error" in str(err.value)
+
+
+EPSILON = "adbc.flight.sql.rpc.call_header.airlock-epsilon"
+
+
+def test_differential_privacy_through_the_adbc_driver(tmp_path):
+    """hospital.claims is in DP mode: the ε travels as the ``airlock-epsilon`` call header
+    (an ADBC option); answers carry ``_ci95`` columns; the identical query is answered
+    identically and for free; the budget (ε = 10) runs out with BUDGET_EXHAUSTED."""
+    from conftest import start_server
+
+    srv = start_server(tmp_path / "state", patients=2000, console=False)
+    try:
+        kwargs = {"username": "analyst", "password": "analyst", EPSILON: "0.5"}
+        with flightsql.connect(srv.uri, db_kwargs=kwargs) as conn, conn.cursor() as cur:
+            sql = "SELECT kind, count(*) AS n FROM hospital.claims GROUP BY kind ORDER BY kind"
+            cur.execute(sql)
+            first = cur.fetch_arrow_table()
+            assert first.column_names == ["kind", "n", "n_ci95"]
+            assert all(ci > 0 for ci in first.column("n_ci95").to_pylist())
+            cur.execute(sql)
+            assert cur.fetch_arrow_table().equals(first), "a repeat gets the same noise"
+            answered, refusal = 1, None
+            for i in range(40):
+                try:
+                    cur.execute(f"SELECT count(*) FROM hospital.claims WHERE amount > {i}")
+                    cur.fetch_arrow_table()
+                    answered += 1
+                except adbc_driver_manager.Error as e:
+                    refusal = str(e)
+                    break
+            assert answered == 20, "ε = 10 pays for twenty queries at ε = 0.5"
+            assert refusal is not None and "[BUDGET_EXHAUSTED]" in refusal
+            assert "remaining ε=0" in refusal
+        over = {"username": "analyst", "password": "analyst", EPSILON: "5"}
+        with flightsql.connect(srv.uri, db_kwargs=over) as conn, conn.cursor() as cur:
+            with pytest.raises(adbc_driver_manager.Error) as err:
+                # The charge (and this refusal) comes with the data, at the first fetch.
+                cur.execute("SELECT count(*) FROM hospital.claims")
+                cur.fetch_arrow_table()
+            assert "[DP_NOT_SUPPORTED]" in str(err.value)
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=10)
