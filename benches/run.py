@@ -36,6 +36,14 @@ TABLES = ["region", "nation", "supplier", "customer", "part", "partsupp", "order
 
 # Small aggregates over protected tables for the concurrency run: each is k-safe and
 # reads one table (customer: 150 000 rows at SF 1; orders: 1.5 M).
+# DP against threshold mode (issue 11): the same grouped aggregate over lineitem, once
+# under the bench policy (k = 5) and once with lineitem in DP mode (policies-dp).
+DP_QUERY = (
+    "SELECT l_returnflag, l_linestatus, count(*) AS n, sum(l_quantity) AS q, "
+    "avg(l_extendedprice) AS p FROM tpch.lineitem WHERE l_shipdate <= DATE '1998-09-02' "
+    "GROUP BY l_returnflag, l_linestatus"
+)
+
 SMALL_QUERIES = [
     "SELECT c_mktsegment, count(*) AS n, avg(c_acctbal) AS balance "
     "FROM tpch.customer GROUP BY c_mktsegment",
@@ -120,12 +128,13 @@ def running(*args, **kwargs):
         s.stop()
 
 
-def airlock(args, name: str, config: Path, logdir: Path):
+def airlock(args, name: str, config: Path, logdir: Path, policy_dir: Path | None = None):
     state = Path(tempfile.mkdtemp(prefix=f"airlock-{name}-"))
+    policy = ["--policy-dir", str(policy_dir)] if policy_dir else []
     return running(
         name,
         [str(args.airlock), "serve", "--config", str(config), "--listen", "127.0.0.1:0",
-         "--state-dir", str(state)],
+         "--state-dir", str(state), *policy],
         r"airlock listening on (\S+)",
         logdir,
     )
@@ -400,6 +409,7 @@ def report(r: dict) -> str:
         f"| Peak server RSS during the {tr['airlock']['rows']:,}-row download ≤ 512 MiB | {tr['airlock']['peak_rss'] / 2**20:,.0f} MiB | {mark(tr['airlock']['peak_rss'] <= 512 * 2**20)} |",
         f"| Rewrite median < 1 ms per query | {rewrite_max * 1e3:.2f} ms (slowest query, whole analyzer) | {mark(rewrite_max < 1e-3)} |",
         f"| Stretch: cached Airlock sum ≤ DuckDB in-process | {ratio(sums['airlock_hot'], sums['duckdb'])} of DuckDB | {mark(sums['airlock_hot'] <= sums['duckdb'])} |",
+        *([f"| DP query ≤ 1.3× the same query in threshold mode | {ratio(med(r['dp']['dp']['times']), med(r['dp']['threshold']['times']))} ({ms(med(r['dp']['dp']['times']))} vs {ms(med(r['dp']['threshold']['times']))} ms) | {mark(med(r['dp']['dp']['times']) <= 1.3 * med(r['dp']['threshold']['times']))} |"] if "dp" in r else []),
         f"| Concurrency: errors must be zero | {r['concurrency']['errors']} errors | {mark(r['concurrency']['errors'] == 0)} |",
         "",
         "## TPC-H through Flight SQL (`bench_analyst`, ADBC Python driver)",
@@ -600,6 +610,15 @@ def main() -> int:
             r["transfer"][s] = {"times": t["orders"], "bytes": nbytes, "rows": nrows}
             if peak_rss.get(s):  # the highest of every download, warm-up included
                 r["transfer"][s]["peak_rss"] = max(peak_rss[s])
+
+        log(f"DP vs threshold: {w} warm-up + {n} interleaved rounds")
+        dp_server = stack.enter_context(
+            airlock(args, "airlock_dp", config, logdir, TPCH / "policies-dp"))
+        dp_times, dp_rows = interleaved({
+            "threshold": flight_runner(server.uri, "bench_analyst", {"dp": DP_QUERY}, stack),
+            "dp": flight_runner(dp_server.uri, "bench_analyst", {"dp": DP_QUERY}, stack),
+        }, ["dp"], w, n)
+        r["dp"] = {s: {"times": dp_times[s]["dp"], "rows": dp_rows[s]["dp"]} for s in dp_times}
 
         log(f"concurrency: {args.clients} clients for {args.seconds:.0f} s (the other servers idle)")
         r["concurrency"] = concurrency(server.uri, "bench_analyst", args.clients, args.seconds)
