@@ -6,6 +6,9 @@
 #
 #   benches/run.sh                 # everything, ~15 min on 2 cores once built
 #   RUNS=3 SECONDS_=10 benches/run.sh   # quicker, for a look
+#   benches/run.sh --soak          # only the soak (issue 15): 64 ADBC clients for 10 min
+#                                  # against the demo with a SIGKILL + restart halfway;
+#                                  # SOAK_SECONDS, SOAK_CLIENTS, SOAK_SCALE to change it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -22,6 +25,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check -r benches/requirements.txt
+
+if [ "${1:-}" = "--soak" ]; then
+  echo "[bench] building (release)"
+  CARGO_TARGET_DIR="$TARGET" cargo build --locked --release --bin airlock
+  exec "$VENV/bin/python" benches/soak.py --airlock "$TARGET/release/airlock" \
+    --clients "${SOAK_CLIENTS:-64}" --seconds "${SOAK_SECONDS:-600}" \
+    --scale "${SOAK_SCALE:-1}" --json "$TARGET/soak-results.json"
+fi
 
 if [ ! -f benches/tpch/data/lineitem.parquet ]; then
   CARGO_TARGET_DIR="$TARGET" benches/tpch/generate.sh

@@ -40,6 +40,10 @@ enum Command {
         /// Number of patients to generate.
         #[arg(long, env = "AIRLOCK_DEMO_PATIENTS", default_value_t = 100_000)]
         patients: usize,
+        /// Multiplies the demo's size (patients, their visits and claims, staff): 10 is a
+        /// million patients, for soak and load runs.
+        #[arg(long, env = "AIRLOCK_DEMO_SCALE", default_value_t = 1.0, value_parser = positive_scale)]
+        scale: f64,
         /// Serve the owner console (web pages) at this address (port 0 picks a free port;
         /// `off` disables it).
         #[arg(
@@ -212,6 +216,13 @@ fn main() -> ExitCode {
     }
 }
 
+fn positive_scale(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1000.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a scale between 0 and 1000")),
+    }
+}
+
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => {
@@ -222,6 +233,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             state_dir,
             patients,
+            scale,
             limits,
             console_listen,
             telemetry,
@@ -230,7 +242,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let sizes = airlock::demo::Sizes {
                 patients,
                 ..Default::default()
-            };
+            }
+            .scaled(scale);
+            let patients = sizes.patients;
             let mut config = airlock::demo::prepare(&state_dir, listen, sizes)
                 .context("writing the demo's files")?;
             limits.apply(&mut config.limits);

@@ -20,6 +20,17 @@ pub struct Sizes {
     pub staff: usize,
 }
 
+impl Sizes {
+    /// Every size multiplied by `scale` (at least one patient and one staff member).
+    pub fn scaled(self, scale: f64) -> Self {
+        let by = |n: usize| ((n as f64 * scale).round() as usize).max(1);
+        Self {
+            patients: by(self.patients),
+            staff: by(self.staff),
+        }
+    }
+}
+
 impl Default for Sizes {
     fn default() -> Self {
         Self {

@@ -30,7 +30,8 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
-use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::runtime::SpawnedTask;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, DFSchemaRef, DataFusionError};
 use datafusion::error::Result;
@@ -40,7 +41,8 @@ use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, Partitioning, PlanProperties,
+    DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, ExecutionPlanProperties,
+    Partitioning, PlanProperties,
 };
 use futures::StreamExt;
 use rand::SeedableRng;
@@ -317,8 +319,14 @@ impl ExecutionPlan for DpReleaseExec {
     fn properties(&self) -> &Arc<PlanProperties> {
         &self.properties
     }
+    /// Rows hash-partitioned by unit: every unit's rows meet in one partition, so each
+    /// partition bounds its units on its own (in parallel) and only the per-group
+    /// totals are merged before the noise.
     fn required_input_distribution(&self) -> Vec<Distribution> {
-        vec![Distribution::SinglePartition]
+        let unit = self.input.schema().field(0).name().clone();
+        vec![Distribution::KeyPartitioned(vec![Arc::new(
+            datafusion::physical_expr::expressions::Column::new(&unit, 0),
+        )])]
     }
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
         vec![&self.input]
@@ -355,16 +363,34 @@ impl ExecutionPlan for DpReleaseExec {
                 "DP release: the query was not charged to a privacy budget".into(),
             )
         })?;
-        let input = self.input.execute(0, context)?;
+        let inputs = (0..self.input.output_partitioning().partition_count())
+            .map(|p| self.input.execute(p, Arc::clone(&context)))
+            .collect::<Result<Vec<_>>>()?;
         let node = self.node.clone();
         let schema = Arc::clone(&self.schema);
         let fut = async move {
-            let mut acc = Accumulator::new(&node, &grant)?;
-            let mut input = input;
-            while let Some(batch) = input.next().await {
-                acc.add(&batch?)?;
+            let tasks: Vec<_> = inputs
+                .into_iter()
+                .map(|mut input| {
+                    let (node, grant) = (node.clone(), grant.clone());
+                    SpawnedTask::spawn(async move {
+                        let mut acc = Accumulator::new(&node, &grant)?;
+                        while let Some(batch) = input.next().await {
+                            acc.add(&batch?)?;
+                        }
+                        acc.bounded(&node)
+                    })
+                })
+                .collect();
+            let mut totals = Totals::new();
+            for t in tasks {
+                let part = t
+                    .join_unwind()
+                    .await
+                    .map_err(|e| DataFusionError::Execution(format!("DP release: {e}")))??;
+                merge(&mut totals, part, node.values.len())?;
             }
-            acc.finish(&node, &grant, &schema)
+            Accumulator::new(&node, &grant)?.release(totals, &node, &grant, &schema)
         };
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             Arc::clone(&self.schema),
@@ -380,7 +406,27 @@ struct Contribution {
     rows: Vec<(u64, Vec<Option<i64>>)>,
 }
 
-/// Everything read so far, bounded per unit and group.
+/// Per group key (its row bytes): units, rows and sums after bounding.
+type Totals = HashMap<Box<[u8]>, (i128, i128, Vec<i128>)>;
+
+fn overflow() -> DataFusionError {
+    DataFusionError::Execution("DP release: a sum overflows".into())
+}
+
+/// Adds one partition's totals to `into` (partitions hold disjoint units).
+fn merge(into: &mut Totals, part: Totals, values: usize) -> Result<()> {
+    for (key, (units, rows, sums)) in part {
+        let g = into.entry(key).or_insert_with(|| (0, 0, vec![0; values]));
+        g.0 = g.0.checked_add(units).ok_or_else(overflow)?;
+        g.1 = g.1.checked_add(rows).ok_or_else(overflow)?;
+        for (t, v) in g.2.iter_mut().zip(sums) {
+            *t = t.checked_add(v).ok_or_else(overflow)?;
+        }
+    }
+    Ok(())
+}
+
+/// The rows of one partition read so far, per (unit, group).
 pub struct Accumulator {
     units: RowConverter,
     keys: RowConverter,
@@ -388,7 +434,16 @@ pub struct Accumulator {
     groups: usize,
     seed: [u8; 32],
     bounds: Vec<(i64, i64)>,
-    cells: HashMap<(OwnedRow, OwnedRow), Contribution>,
+    /// Keyed by the unit's row bytes' length (u32, big-endian), the unit's row bytes
+    /// and the group key's row bytes: one allocation per cell, none per row.
+    cells: HashMap<Box<[u8]>, Contribution>,
+    scratch: Vec<u8>,
+}
+
+/// The unit and group-key row bytes of a cell key.
+fn split_cell(cell: &[u8]) -> (&[u8], &[u8]) {
+    let n = u32::from_be_bytes(cell[..4].try_into().expect("four bytes")) as usize;
+    (&cell[4..4 + n], &cell[4 + n..])
 }
 
 impl Accumulator {
@@ -411,6 +466,7 @@ impl Accumulator {
             seed: grant.seed,
             bounds: node.values.iter().map(|(_, lo, hi)| (*lo, *hi)).collect(),
             cells: HashMap::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -451,16 +507,29 @@ impl Accumulator {
                     })
                 })
                 .collect();
+            let (unit, key) = (units.row(r), keys.row(r));
+            let (unit, key) = (unit.as_ref(), key.as_ref());
             let mut h = std::collections::hash_map::DefaultHasher::new();
             self.seed.hash(&mut h);
-            units.row(r).as_ref().hash(&mut h);
-            keys.row(r).as_ref().hash(&mut h);
+            unit.hash(&mut h);
+            key.hash(&mut h);
             vals.hash(&mut h);
             let hash = h.finish();
+            self.scratch.clear();
+            self.scratch
+                .extend_from_slice(&(unit.len() as u32).to_be_bytes());
+            self.scratch.extend_from_slice(unit);
+            self.scratch.extend_from_slice(key);
+            if !self.cells.contains_key(self.scratch.as_slice()) {
+                self.cells.insert(
+                    self.scratch.clone().into_boxed_slice(),
+                    Contribution::default(),
+                );
+            }
             let cell = self
                 .cells
-                .entry((units.row(r).owned(), keys.row(r).owned()))
-                .or_default();
+                .get_mut(self.scratch.as_slice())
+                .expect("inserted above");
             cell.rows.push((hash, vals));
             if cell.rows.len() > 2 * self.c.max(16) {
                 Self::trim(&mut cell.rows, self.c);
@@ -479,44 +548,48 @@ impl Accumulator {
         rows.truncate(c);
     }
 
-    /// Bounds, aggregates, adds noise and selects groups.
-    fn finish(
-        mut self,
-        node: &DpRelease,
-        grant: &Grant,
-        schema: &SchemaRef,
-    ) -> Result<RecordBatch> {
-        let overflow = || DataFusionError::Execution("DP release: a sum overflows".into());
-        // Per unit, its groups; keep the L0 with the smallest keyed SHA-256.
-        let mut by_unit: HashMap<OwnedRow, Vec<([u8; 32], OwnedRow, Contribution)>> =
-            HashMap::new();
-        for ((unit, key), mut cell) in self.cells.drain() {
-            Self::trim(&mut cell.rows, self.c);
+    /// Bounds this partition's units (C rows per group, L0 groups per unit) and totals
+    /// what they give each group.
+    fn bounded(mut self, node: &DpRelease) -> Result<Totals> {
+        let mut cells: Vec<(Box<[u8]>, Contribution)> = self.cells.drain().collect();
+        for (_, contribution) in cells.iter_mut() {
+            Self::trim(&mut contribution.rows, self.c);
+        }
+        // Per unit, its cells with their keyed SHA-256; keep the L0 smallest.
+        let mut by_unit: HashMap<&[u8], Vec<([u8; 32], usize)>> = HashMap::new();
+        for (i, (cell, _)) in cells.iter().enumerate() {
+            let (unit, key) = split_cell(cell);
             let mut h = Sha256::new();
             h.update(b"airlock-dp-l0");
             h.update(self.seed);
-            h.update((unit.row().as_ref().len() as u64).to_be_bytes());
-            h.update(unit.row().as_ref());
-            h.update(key.row().as_ref());
+            h.update((unit.len() as u64).to_be_bytes());
+            h.update(unit);
+            h.update(key);
             by_unit
                 .entry(unit)
                 .or_default()
-                .push((h.finalize().into(), key, cell));
+                .push((h.finalize().into(), i));
         }
         let l0 = usize::try_from(node.policy.max_groups_per_unit).unwrap_or(usize::MAX);
         let nv = self.bounds.len();
-        // key -> (units, rows, sums)
-        let mut groups: HashMap<OwnedRow, (i128, i128, Vec<i128>)> = HashMap::new();
-        for (_, mut cells) in by_unit {
-            cells.sort_unstable_by_key(|a| a.0);
-            cells.truncate(l0);
-            for (_, key, cell) in cells {
-                let g = groups.entry(key).or_insert_with(|| (0, 0, vec![0; nv]));
+        let mut groups = Totals::new();
+        for (_, mut kept) in by_unit {
+            kept.sort_unstable_by_key(|a| a.0);
+            kept.truncate(l0);
+            for (_, i) in kept {
+                let (cell, contribution) = &cells[i];
+                let (_, key) = split_cell(cell);
+                let g = match groups.get_mut(key) {
+                    Some(g) => g,
+                    None => groups
+                        .entry(key.into())
+                        .or_insert_with(|| (0, 0, vec![0; nv])),
+                };
                 g.0 = g.0.checked_add(1).ok_or_else(overflow)?;
                 g.1 =
-                    g.1.checked_add(cell.rows.len() as i128)
+                    g.1.checked_add(contribution.rows.len() as i128)
                         .ok_or_else(overflow)?;
-                for (_, vals) in &cell.rows {
+                for (_, vals) in &contribution.rows {
                     for (j, v) in vals.iter().enumerate() {
                         if let Some(v) = v {
                             g.2[j] = g.2[j].checked_add(*v as i128).ok_or_else(overflow)?;
@@ -525,19 +598,31 @@ impl Accumulator {
                 }
             }
         }
+        Ok(groups)
+    }
+
+    /// Adds noise to every group's totals, selects groups (τ) and builds the output.
+    fn release(
+        self,
+        mut groups: Totals,
+        node: &DpRelease,
+        grant: &Grant,
+        schema: &SchemaRef,
+    ) -> Result<RecordBatch> {
+        let nv = self.bounds.len();
         // A global aggregate releases one row even over no rows.
         if self.groups == 0 && groups.is_empty() {
             let key = self.keys.convert_columns(&[global_key(1)])?;
-            groups.insert(key.row(0).owned(), (0, 0, vec![0; nv]));
+            groups.insert(key.row(0).as_ref().into(), (0, 0, vec![0; nv]));
         }
-        let mut keys: Vec<OwnedRow> = groups.keys().cloned().collect();
+        let mut keys: Vec<Box<[u8]>> = groups.keys().cloned().collect();
         keys.sort();
         let acc = &grant.accounting;
         let mut released_keys = Vec::new();
         let mut figures: Vec<Vec<i128>> = Vec::new();
         for key in keys {
             let (units, rows, sums) = &groups[&key];
-            let mut rng = noise_rng(&self.seed, key.row().as_ref());
+            let mut rng = noise_rng(&self.seed, &key);
             let mut noisy = Vec::with_capacity(acc.noises.len());
             for n in &acc.noises {
                 let truth = match n.measure {
@@ -558,9 +643,10 @@ impl Accumulator {
         }
         let mut columns: Vec<ArrayRef> = Vec::new();
         if self.groups > 0 {
+            let parser = self.keys.parser();
             columns.extend(
                 self.keys
-                    .convert_rows(released_keys.iter().map(|k| k.row()))?,
+                    .convert_rows(released_keys.iter().map(|k| parser.parse(k)))?,
             );
         }
         let idx = |m: &Measure| {
@@ -678,7 +764,8 @@ pub fn release_batches(
         acc.add(b)?;
     }
     let schema: SchemaRef = Arc::new(node.schema.as_arrow().clone());
-    acc.finish(node, grant, &schema)
+    let totals = acc.bounded(node)?;
+    Accumulator::new(node, grant)?.release(totals, node, grant, &schema)
 }
 
 #[cfg(test)]
@@ -940,8 +1027,8 @@ mod tests {
         let heavy: usize = acc
             .cells
             .iter()
-            .filter(|((u, _), _)| {
-                u.row().as_ref()
+            .filter(|(cell, _)| {
+                split_cell(cell).0
                     == acc
                         .units
                         .convert_columns(&[Arc::new(Int64Array::from(vec![7]))])
