@@ -776,12 +776,14 @@ def _(ctx, t):
                  info=True)
 
 
-@attack("info_visit_id_laundering", "info differencing")
+@attack("visit_id_laundering", "differencing")
 def _(ctx, t):
     # The entity key equi-joined to a filterable catalog column, then filtered with a literal.
+    # Refused since the v2 rewriter (an entity key joins only non-filterable columns of a
+    # protected table): a leak here fails the suite.
     a = ctx.q(f"SELECT sum(p.cost) FROM {P} p JOIN {V} v ON p.patient_id = v.visit_id").scalar()
     b = ctx.q(f"SELECT sum(p.cost) FROM {P} p JOIN {V} v ON p.patient_id = v.visit_id WHERE v.visit_id <> 7").scalar()
-    ctx.guess("cost of patient 7 via visit_id = patient_id join (filterable literal)", minus(a, b), t.cost7, info=True)
+    ctx.guess("cost of patient 7 via visit_id = patient_id join (filterable literal)", minus(a, b), t.cost7)
 
 
 # ---- class 3: run-time error oracles below the threshold -----------------------------------
@@ -1421,14 +1423,14 @@ def _(ctx, t):
     ctx.guess("cost of the 7th patient by id", r.scalar(), float(t.pt.sort_values("patient_id").cost.iloc[6]), [r])
 
 
-@attack("info_visit_id_windows", "info differencing")
+@attack("visit_id_windows", "differencing")
 def _(ctx, t):
     # Entity-key windows laundered through a filterable catalog column (visits.visit_id).
     a = ctx.q(f"SELECT (v.visit_id + 4) / 11 AS g, sum(p.cost) FROM {P} p JOIN {V} v ON p.patient_id = v.visit_id "
               f"GROUP BY 1")
     b = ctx.q(f"SELECT (v.visit_id + 2) / 10 AS g, sum(p.cost) FROM {P} p JOIN {V} v ON p.patient_id = v.visit_id "
               f"GROUP BY 1")
-    ctx.guess("cost of patient 7 via visit_id windows", minus(a.keyed().get(1), b.keyed().get(1)), t.cost7, info=True)
+    ctx.guess("cost of patient 7 via visit_id windows", minus(a.keyed().get(1), b.keyed().get(1)), t.cost7)
 
 
 # ---- class 9: rank selection and order statistics -------------------------------------------
