@@ -6,6 +6,7 @@
 #
 #   benches/run.sh                 # everything, ~15 min on 2 cores once built
 #   RUNS=3 SECONDS_=10 benches/run.sh   # quicker, for a look
+#   benches/run.sh --no-criterion  # everything but the criterion benches (no second build)
 #   benches/run.sh --soak          # only the soak (issue 15): 64 ADBC clients for 10 min
 #                                  # against the demo with a SIGKILL + restart halfway;
 #                                  # SOAK_SECONDS, SOAK_CLIENTS, SOAK_SCALE to change it
@@ -43,13 +44,21 @@ CARGO_TARGET_DIR="$TARGET" cargo build --locked --release --bin airlock
 CARGO_TARGET_DIR="$HARNESS_TARGET" cargo build --locked --release --bins \
   --manifest-path benches/harness/Cargo.toml
 
-echo "[bench] criterion: rewrite and planning"
-CARGO_TARGET_DIR="$TARGET" cargo bench --locked --bench rewrite --bench planning -- \
-  --warm-up-time 1 --measurement-time 3 --noplot
+CRITERION=(--criterion "$TARGET/criterion")
+if [ "${1:-}" = "--no-criterion" ]; then
+  # The criterion benches build Airlock once more with its dev-dependencies' features
+  # (a second release build of DataFusion); skip them for a quicker run.
+  shift
+  CRITERION=()
+else
+  echo "[bench] criterion: rewrite and planning"
+  CARGO_TARGET_DIR="$TARGET" cargo bench --locked --bench rewrite --bench planning -- \
+    --warm-up-time 1 --measurement-time 3 --noplot
+fi
 
 "$VENV/bin/python" benches/run.py \
   --airlock "$TARGET/release/airlock" \
   --harness "$HARNESS_TARGET/release" \
-  --criterion "$TARGET/criterion" \
+  "${CRITERION[@]}" \
   --runs "${RUNS:-7}" --seconds "${SECONDS_:-30}" \
   --json "$TARGET/bench-results.json" "$@"
