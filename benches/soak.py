@@ -42,8 +42,9 @@ AGGREGATES = [
 ]
 REFUSED = [
     ("DROP TABLE hospital.patients", "STATEMENT_NOT_ALLOWED"),
-    ("SELECT sum(cost * CAST(age = 67 AS DOUBLE)) FROM hospital.patients", "EXPRESSION_NOT_ALLOWED"),
-    ("SELECT __airlock_x FROM hospital.patients", "RESERVED_NAME"),
+    # The analyst holds `request`, so an expression the allow-list refuses becomes a request.
+    ("SELECT sum(cost * CAST(age = 67 AS DOUBLE)) FROM hospital.patients", "APPROVAL_PENDING"),
+    ("SELECT count(*) AS __airlock_x FROM hospital.patients", "RESERVED_NAME"),
 ]
 REQUESTS = [
     "SELECT patient_id, cost FROM hospital.patients WHERE cost > 190000",
@@ -103,6 +104,11 @@ def code_of(e: Exception) -> str | None:
 
 class Stats:
     def __init__(self):
+        # When the server was killed: a connection opened before it holds a bearer token
+        # the new process does not know (tokens live in memory), so its first call after
+        # the restart is UNAUTHENTICATED; the client reconnects. Counted apart.
+        self.killed_at: float | None = None
+        self.stale = 0
         self.lock = threading.Lock()
         self.events: list[tuple[float, str, float, str | None]] = []  # (t, kind, seconds, error)
 
@@ -113,20 +119,26 @@ class Stats:
 
 def client(i: int, uri: str, deadline: float, stats: Stats, seed: int):
     rnd = random.Random(seed + i)
-    conns: dict[str, object] = {}
+    conns: dict[str, tuple[object, float]] = {}
 
     def conn(user: str):
         if user not in conns:
-            conns[user] = flightsql.connect(uri, db_kwargs={"username": user, "password": user})
-        return conns[user]
+            c = flightsql.connect(uri, db_kwargs={"username": user, "password": user})
+            conns[user] = (c, time.time())
+        return conns[user][0]
 
     def drop(user: str):
         c = conns.pop(user, None)
         if c is not None:
             try:
-                c.close()
+                c[0].close()
             except Exception:
                 pass
+
+    def stale(user: str, e: Exception) -> bool:
+        opened = conns.get(user, (None, time.time()))[1]
+        return ("UNAUTHENTICATED" in str(e) and stats.killed_at is not None
+                and opened < stats.killed_at)
 
     while time.time() < deadline:
         r = rnd.random()
@@ -140,10 +152,11 @@ def client(i: int, uri: str, deadline: float, stats: Stats, seed: int):
         else:
             kind, user, sql, expect = "download", "owner", DOWNLOAD, None
         started = time.perf_counter()
+        cur = None
         try:
-            with conn(user).cursor() as cur:
-                cur.execute(sql)
-                cur.fetch_arrow_table()
+            cur = conn(user).cursor()
+            cur.execute(sql)
+            cur.fetch_arrow_table()
             elapsed = time.perf_counter() - started
             if expect:
                 stats.add(kind, elapsed, f"expected a refusal ({expect}), got rows")
@@ -152,12 +165,28 @@ def client(i: int, uri: str, deadline: float, stats: Stats, seed: int):
         except Exception as e:  # noqa: BLE001 - every failure is classified below
             elapsed = time.perf_counter() - started
             code = code_of(e)
+            # A cursor is closed before its connection (ADBC refuses the other order).
+            try:
+                cur.close()
+            except Exception:
+                pass
+            cur = None
             if expect and code == expect:
                 stats.add(kind, elapsed)
+            elif stale(user, e):
+                with stats.lock:
+                    stats.stale += 1
+                drop(user)
             else:
                 stats.add(kind, elapsed, f"{type(e).__name__}: {str(e)[:200]}")
                 drop(user)
                 time.sleep(0.2)
+        finally:
+            if cur is not None:
+                try:
+                    cur.close()
+                except Exception:
+                    pass
     for u in list(conns):
         drop(u)
 
@@ -209,6 +238,7 @@ def main() -> int:
         if not killed and now - t0 >= args.seconds / 2:
             print("[soak] SIGKILL", file=sys.stderr)
             kill_at = time.time()
+            stats.killed_at = kill_at
             demo.kill()
             restart = demo.start()
             window = (kill_at, time.time() + args.grace)
@@ -240,6 +270,7 @@ def main() -> int:
         "throughput_per_s": len(ok) / args.seconds,
         "p50": percentile(lat, 50), "p99": percentile(lat, 99), "by_kind": by_kind,
         "errors_outside_restart": len(errors_out), "errors_in_restart": len(errors_in),
+        "stale_tokens": stats.stale,
         "error_examples": sorted({e[3] for e in errors_out})[:10],
         "rss_max": max((s[1] for s in samples), default=0),
         "rss_after_restart_first": after[0][1] if after else None,
@@ -263,6 +294,7 @@ def main() -> int:
 | SIGKILL → listening again, + {args.grace:.0f} s grace | {r['restart_window_seconds']:.1f} s window |
 | errors outside the restart window | **{len(errors_out)}** |
 | errors inside the restart window (reconnects) | {len(errors_in)} |
+| connections whose token died with the process (re-authenticated) | {stats.stale} |
 | server RSS: max; after restart, first → last sample | {mib(r['rss_max'])}; {mib(r['rss_after_restart_first'])} → {mib(r['rss_after_restart_last'])} |
 | open file descriptors: max, last | {r['fds_max']}, {r['fds_last']} |""")
     for e in r["error_examples"]:
