@@ -351,3 +351,35 @@ async fn a_repeat_on_changed_data_is_charged_again() {
     }
     assert_eq!(charged, 2, "changed data is charged anew");
 }
+
+/// Thirty distinct DP queries at ε = 1 fired at once against a budget of ε = 10, from
+/// thirty connections: exactly ten are answered, the others are BUDGET_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_queries_through_the_server_cannot_overspend() {
+    let server = start().await;
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        let mut c = analyst(&server).await;
+        c.set_header("airlock-epsilon", "1");
+        clients.push(c);
+    }
+    let runs = clients.into_iter().enumerate().map(|(i, mut c)| {
+        tokio::spawn(async move {
+            query(
+                &mut c,
+                &format!("SELECT count(*) FROM hospital.claims WHERE amount > {i}"),
+            )
+            .await
+        })
+    });
+    let mut answered = 0;
+    let mut exhausted = 0;
+    for r in futures::future::join_all(runs).await {
+        match r.unwrap() {
+            Ok(_) => answered += 1,
+            Err(s) if s.message().contains("BUDGET_EXHAUSTED") => exhausted += 1,
+            Err(s) => panic!("unexpected: {s:?}"),
+        }
+    }
+    assert_eq!((answered, exhausted), (10, 20));
+}
