@@ -108,7 +108,7 @@ pub async fn plan_with_approvals(
     let fingerprint = crate::rewrite::fingerprint::fingerprint(&unbound);
     let bound = bind(unbound, params)?;
     let bound = output::normalize(bound).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
-    let tables: Vec<String> = violated_tables(&session, &bound);
+    let tables: Vec<String> = approval_tables(&session, &bound)?;
     let released = crate::rewrite::plan(&session.approved_state, &session.approved_privacy, &bound)
         .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
     let now = crate::approval::now();
@@ -169,15 +169,32 @@ pub async fn plan_with_approvals(
     }
 }
 
-/// The protected tables whose automatic rules a query fails (what an approval is about).
-fn violated_tables(session: &PrincipalSession, plan: &LogicalPlan) -> Vec<String> {
-    crate::rewrite::check::analyze(plan, &session.privacy)
+/// The tables an approval of the query is about: every protected table whose automatic
+/// rules it fails, and every other protected table it reads (an approved result releases
+/// them all under masks and row filters only, so the approver must hold `approve` on
+/// each). Refused unless the principal holds `request` on every one of them: the rule
+/// rejects such queries first, this keeps a DP refusal's approval path to it as well.
+fn approval_tables(session: &PrincipalSession, plan: &LogicalPlan) -> Result<Vec<String>> {
+    let analysis = crate::rewrite::check::analyze(plan, &session.privacy);
+    let tables: std::collections::BTreeSet<_> = analysis
         .violations
         .iter()
-        .flat_map(|v| v.tables.iter().map(ToString::to_string))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect()
+        .flat_map(|v| v.tables.iter().cloned())
+        .chain(analysis.scanned)
+        .collect();
+    if let Some(t) = tables
+        .iter()
+        .find(|t| !session.privacy.tables.get(*t).is_some_and(|r| r.request))
+    {
+        return Err(Refusal::new(
+            ReasonCode::AccessDenied,
+            format!(
+                "an approval of this query would release {t}, on which you may not request one"
+            ),
+        )
+        .into());
+    }
+    Ok(tables.iter().map(ToString::to_string).collect())
 }
 
 /// Bound parameters as a stable JSON text (type and value of each).

@@ -18,7 +18,6 @@ use super::decision::{Decision, decide};
 /// Explains `plan` (the unanalyzed logical plan) and, if given, its analyzed form.
 pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&LogicalPlan>) -> String {
     let report = analyze(plan, ctx);
-    let violations = report.violations.clone();
     let mut out = String::new();
     let _ = writeln!(out, "Privacy explanation for {}", ctx.principal.name);
     if report.scanned.is_empty() {
@@ -75,7 +74,7 @@ pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&Logica
                 .join(", ")
         );
     }
-    match decide(violations, ctx) {
+    match decide(report, ctx) {
         Decision::Release => {
             let _ = writeln!(
                 out,

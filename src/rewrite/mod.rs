@@ -226,7 +226,7 @@ impl AnalyzerRule for PolicyRule {
         reserved::check(&plan)?;
         if !self.ctx.approved {
             let analysis = check::analyze(&plan, &self.ctx);
-            if let Some(r) = decision::refusal(decision::decide(analysis.violations, &self.ctx)) {
+            if let Some(r) = decision::refusal(decision::decide(analysis, &self.ctx)) {
                 return Err(r.into());
             }
         }
