@@ -63,8 +63,12 @@ pub enum ReasonCode {
     /// The audit trail cannot be written: nothing is released or decided until it can
     /// (PRIVACY.md §5). Retryable.
     AuditUnavailable,
-    /// Too many failed logins for a user name or from an address; retry later.
+    /// Too many failed logins for a user name or from an address, or a principal's
+    /// queries per minute or queries at once over its quota (`[limits]`); retry later.
     RateLimited,
+    /// A principal's rows or bytes released today are at their daily quota; retry after
+    /// midnight UTC.
+    QuotaExceeded,
 }
 
 impl ReasonCode {
@@ -96,6 +100,7 @@ impl ReasonCode {
             Self::ReservedName => "RESERVED_NAME",
             Self::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Self::RateLimited => "RATE_LIMITED",
+            Self::QuotaExceeded => "QUOTA_EXCEEDED",
         }
     }
 }
@@ -112,6 +117,8 @@ impl fmt::Display for ReasonCode {
 pub struct Refusal {
     pub code: ReasonCode,
     pub message: String,
+    /// When trying again may succeed (quotas, rate limits); sent as gRPC `RetryInfo`.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Refusal {
@@ -119,7 +126,14 @@ impl Refusal {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// A refusal that may succeed after `after`; the message should say so too.
+    pub fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
 }
 
