@@ -63,7 +63,9 @@ summary+=("python client: ${client_passed:-0} passed")
 
 step "Java tests (Flight SQL JDBC driver)"
 java_log=$(mktemp)
-(cd tests/java && mvn -B -ntp test -DairlockBin="$BIN") 2>&1 | tee "$java_log"
+PKI=$(mktemp -d)
+"$VENV/bin/python" tests/python/pki.py "$PKI" >/dev/null
+(cd tests/java && mvn -B -ntp test -DairlockBin="$BIN" -DairlockPki="$PKI") 2>&1 | tee "$java_log"
 java_passed=$(grep -E '^\[INFO\] Tests run: [0-9]+, Failures: 0, Errors: 0' "$java_log" | tail -1 | sed -E 's/.*Tests run: ([0-9]+).*/\1/')
 summary+=("java: ${java_passed:-0} passed")
 

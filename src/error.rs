@@ -92,21 +92,37 @@ impl Error {
 
     /// The single mapping from errors to gRPC statuses.
     pub fn into_status(self, request_id: &RequestId) -> Status {
+        let mut retry = None;
         let (code, message, reason) = match self {
-            Error::Auth(e @ auth::Error::RateLimited { .. }) => (
-                Code::ResourceExhausted,
-                format!("[{}] {e}", ReasonCode::RateLimited),
-                Some(ReasonCode::RateLimited.as_str()),
-            ),
+            Error::Auth(e @ auth::Error::RateLimited { retry_after_secs }) => {
+                retry = Some(std::time::Duration::from_secs(retry_after_secs));
+                (
+                    Code::ResourceExhausted,
+                    format!("[{}] {e}", ReasonCode::RateLimited),
+                    Some(ReasonCode::RateLimited.as_str()),
+                )
+            }
             Error::Auth(
                 e @ (auth::Error::MissingCredentials
                 | auth::Error::Malformed
                 | auth::Error::InvalidCredentials
-                | auth::Error::InvalidToken),
+                | auth::Error::InvalidToken
+                | auth::Error::CertificateRequired),
             ) => (Code::Unauthenticated, e.to_string(), None),
             // Retryable: the service refuses until its audit trail can be written again.
             Error::Refused(r) if r.code == ReasonCode::AuditUnavailable => {
                 (Code::Unavailable, r.to_string(), Some(r.code.as_str()))
+            }
+            // Quotas: the caller may try again later (gRPC RetryInfo says when).
+            Error::Refused(r)
+                if matches!(r.code, ReasonCode::RateLimited | ReasonCode::QuotaExceeded) =>
+            {
+                retry = r.retry_after;
+                (
+                    Code::ResourceExhausted,
+                    r.to_string(),
+                    Some(r.code.as_str()),
+                )
             }
             Error::Refused(r) => (Code::PermissionDenied, r.to_string(), Some(r.code.as_str())),
             Error::InvalidRequest(m) => (Code::InvalidArgument, m, None),
@@ -141,7 +157,17 @@ impl Error {
                 )
             }
         };
-        let mut status = Status::new(code, message);
+        let mut status = match retry {
+            Some(after) => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                Status::with_error_details(
+                    code,
+                    message,
+                    ErrorDetails::with_retry_info(Some(after)),
+                )
+            }
+            None => Status::new(code, message),
+        };
         if let Ok(v) = request_id.to_string().parse() {
             status.metadata_mut().insert(REQUEST_ID_HEADER, v);
         }

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! flight::request_id   a request id and a span for every RPC
-//! auth                 credentials → Principal (Basic → bearer token)
+//! auth                 credentials → Principal (Basic → bearer token, client certificates)
+//! quota                per-principal queries per minute, at once, rows and bytes per day
 //! session              Principal → locked-down SessionState over their catalog view
 //! query::parse         only SELECT / WITH / VALUES (EXPLAIN for admins) get through
 //! query (plan)         SQL → logical plan → rewrite (policy analyzer rules) → optimized plan
@@ -33,6 +34,7 @@ pub mod flight;
 pub mod ingest;
 pub mod policy;
 pub mod query;
+pub mod quota;
 pub mod rewrite;
 pub mod server;
 pub mod session;

@@ -54,6 +54,8 @@ enum Command {
         )]
         console_listen: airlock::config::ConsoleListen,
         #[command(flatten)]
+        tls: airlock::config::TlsArgs,
+        #[command(flatten)]
         limits: airlock::config::LimitArgs,
         #[command(flatten)]
         telemetry: airlock::config::TelemetryArgs,
@@ -234,6 +236,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             state_dir,
             patients,
             scale,
+            tls,
             limits,
             console_listen,
             telemetry,
@@ -248,6 +251,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let mut config = airlock::demo::prepare(&state_dir, listen, sizes)
                 .context("writing the demo's files")?;
             limits.apply(&mut config.limits);
+            tls.apply(&mut config.tls).map_err(anyhow::Error::msg)?;
             config.metrics_listen = telemetry.metrics_listen;
             config.otlp_endpoint = telemetry.otlp_endpoint;
             config.console_listen = console_listen.0;

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::approval::{ApprovalStore, SqliteStore};
 use crate::audit::AuditLog;
@@ -67,6 +67,7 @@ pub struct Airlock {
     /// The privacy-budget ledger, in the approvals database.
     pub ledger: Arc<crate::approval::budget::Ledger>,
     pub audit: Arc<AuditLog>,
+    pub quotas: Arc<crate::quota::Quotas>,
 }
 
 /// Stack size of the server's threads: planning and evaluation recurse through
@@ -123,6 +124,7 @@ impl Airlock {
     /// Opens users, catalog and policy. Every problem is reported with file and line.
     pub async fn build(config: ServiceConfig) -> Result<Self> {
         let users = Users::load(&config.users_file)?;
+        check_users_against_config(&config, &users)?;
         let bootstrap = Sessions::bootstrap_state();
         let catalog = Catalog::open(&config.datasets, &bootstrap, config.limits.cache_memory)
             .await?
@@ -148,6 +150,10 @@ impl Airlock {
             &config.state_dir.join("approvals"),
         )?);
         let audit = Arc::new(AuditLog::open(&config.state_dir)?);
+        let quotas = Arc::new(crate::quota::Quotas::new(
+            &config.limits,
+            audit.released_today_at_open(),
+        ));
         Ok(Self {
             config,
             users,
@@ -156,6 +162,7 @@ impl Airlock {
             approvals,
             ledger,
             audit,
+            quotas,
         })
     }
 
@@ -191,7 +198,15 @@ impl Airlock {
                     .map_err(|e| Error::Tls(format!("{}: {e}", tls.cert.display())))?;
                 let key = std::fs::read(&tls.key)
                     .map_err(|e| Error::Tls(format!("{}: {e}", tls.key.display())))?;
-                Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+                let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+                if let Some(ca) = &tls.client_ca {
+                    // Mutual TLS: a connection without a certificate this CA issued (and
+                    // within its validity) fails in the TLS handshake.
+                    let ca = std::fs::read(ca)
+                        .map_err(|e| Error::Tls(format!("{}: {e}", ca.display())))?;
+                    config = config.client_ca_root(Certificate::from_pem(ca));
+                }
+                Some(config)
             }
         };
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(SocketAddr, Option<SocketAddr>)>>();
@@ -237,6 +252,7 @@ impl Airlock {
                 Arc::clone(&server.audit),
                 server.config.state_dir.clone(),
                 Arc::clone(&server.ledger),
+                Arc::clone(&server.quotas),
             );
             let router = builder
                 .layer(RequestIdLayer)
@@ -308,6 +324,39 @@ impl Airlock {
             runtime: Some(runtime),
         })
     }
+}
+
+/// What the users file and the configuration must agree on: users who log in with a
+/// certificate need mutual TLS, and `[limits.users.<name>]` must name a user.
+fn check_users_against_config(config: &ServiceConfig, users: &Users) -> Result<(), Diagnostics> {
+    use crate::config::{Collector, Diagnostic};
+    let mut out = Collector::default();
+    let mutual = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    if !mutual && let Some(user) = users.any_needs_certificate() {
+        out.push(Diagnostic::new(
+            &config.users_file,
+            None,
+            format!(
+                "user {user} logs in with a client certificate, but mutual TLS is off (set [tls] client_ca, --tls-client-ca)"
+            ),
+        ));
+    }
+    for (name, (_, origin)) in &config.limits.user_quotas {
+        if users.get(name).is_none() {
+            let (file, line) = origin
+                .clone()
+                .map_or((config.users_file.clone(), None), |(f, l)| (f, Some(l)));
+            out.push(Diagnostic::new(
+                file,
+                line,
+                format!(
+                    "limits.users.{name}: no such user in {}",
+                    config.users_file.display()
+                ),
+            ));
+        }
+    }
+    out.finish(())
 }
 
 /// Ready when the policy is loaded, the audit trail takes a synced write and the state

@@ -77,6 +77,10 @@ pub struct Event {
     pub reason_code: Option<String>,
     pub groups_suppressed: Option<u64>,
     pub rows_released: Option<u64>,
+    /// Bytes of Arrow data released (`quota::batch_bytes`), on the end record of a
+    /// release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_released: Option<u64>,
     /// The client's address (logins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
@@ -277,6 +281,8 @@ pub struct AuditLog {
     store: Mutex<Connection>,
     /// Whether the last append reached the disk.
     healthy: AtomicBool,
+    /// What the log held at open: rows and bytes released today, per principal.
+    released_at_open: (String, BTreeMap<String, (u64, u64)>),
 }
 
 /// What a walk over the log found.
@@ -290,6 +296,14 @@ struct Walk {
     decided: BTreeSet<String>,
     /// Whether the anchored record was seen with its hash.
     anchored: bool,
+    /// Rows and bytes released per principal on the UTC day `today` (the end records
+    /// of releases), for the daily quotas.
+    released_today: BTreeMap<String, (u64, u64)>,
+}
+
+/// Today's date (UTC) as the first ten characters of a record's `time`.
+fn today() -> String {
+    humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..10].to_string()
 }
 
 /// Walks `text` (whole lines), checking the chain. `anchor` is checked when given.
@@ -299,6 +313,7 @@ fn walk(text: &str, key: &Key, anchor: Option<&(u64, String)>) -> Result<Walk> {
         anchored: anchor.is_none_or(|(seq, _)| *seq == 0),
         ..Default::default()
     };
+    let today = today();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         let r: Record = serde_json::from_str(line).map_err(|e| Error::Broken {
@@ -347,6 +362,16 @@ fn walk(text: &str, key: &Key, anchor: Option<&(u64, String)>) -> Result<Walk> {
             }
             ("query", _) => {
                 w.open_releases.remove(&r.event.request_id);
+                if r.time.starts_with(&today)
+                    && (r.event.rows_released.is_some() || r.event.bytes_released.is_some())
+                {
+                    let used = w
+                        .released_today
+                        .entry(r.event.principal.clone())
+                        .or_default();
+                    used.0 += r.event.rows_released.unwrap_or(0);
+                    used.1 += r.event.bytes_released.unwrap_or(0);
+                }
             }
             ("decision", _) => {
                 if let Some(a) = &r.event.approval {
@@ -453,6 +478,7 @@ impl AuditLog {
             }),
             store: Mutex::new(store),
             healthy: AtomicBool::new(true),
+            released_at_open: (today(), w.released_today.clone()),
         };
         if let Some(n) = cut {
             tracing::warn!(
@@ -516,6 +542,17 @@ impl AuditLog {
             tracing::warn!(error = %e, "audit outbox: cannot clear a written record");
         }
         Ok(record)
+    }
+
+    /// Rows and bytes released per principal today (UTC), as the log held them when it
+    /// was opened (end records of releases; the daily quotas start from these).
+    pub fn released_today_at_open(&self) -> BTreeMap<String, (u64, u64)> {
+        let (day, released) = &self.released_at_open;
+        if *day == today() {
+            released.clone()
+        } else {
+            BTreeMap::new()
+        }
     }
 
     /// Appends one record and syncs it to disk. On error nothing of the record stays in

@@ -6,7 +6,14 @@
 //! verified Basic pair is remembered under a keyed hash for a short while, so argon2 does
 //! not run on every call). Anything else is `Unauthenticated`. Passwords are never logged
 //! and never kept in clear.
+//!
+//! With mutual TLS (`[tls] client_ca`) every connection carries a client certificate the
+//! TLS layer verified. A user with `login = "certificate"` is known by that certificate
+//! alone (a call with no `authorization` header); one with
+//! `login = "password_and_certificate"` needs both. A token issued on a connection with a
+//! certificate is good only on connections presenting the same certificate.
 
+pub mod certificate;
 pub mod users;
 
 use std::sync::Arc;
@@ -20,7 +27,8 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 
-pub use users::{UserEntry, Users, hash_password};
+pub use certificate::ClientCertificate;
+pub use users::{LoginMode, UserEntry, Users, hash_password};
 
 /// An authenticated user and their roles. Every request has exactly one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -41,6 +49,8 @@ pub enum Error {
     InvalidToken,
     #[error("too many failed logins for this user or address; retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    #[error("this user must present their client certificate (mutual TLS)")]
+    CertificateRequired,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -90,6 +100,8 @@ struct Failures {
 struct Grant {
     principal: Arc<Principal>,
     expires: Instant,
+    /// The certificate of the connection the token was issued on, if it had one.
+    certificate: Option<[u8; 32]>,
 }
 
 /// Verifies credentials and issues tokens.
@@ -136,8 +148,54 @@ impl Authenticator {
     }
 
     /// Checks a username and password (argon2id, off the async threads, at most
-    /// `max_concurrent` at once); throttles failures per user name and per `peer`.
+    /// `max_concurrent` at once); throttles failures per user name and per `peer`. A user
+    /// with `login = "password_and_certificate"` also needs `cert` to name them (the
+    /// console, which has no client certificates, passes `None`: such users cannot sign
+    /// in there).
     pub async fn verify_password(
+        &self,
+        user: &str,
+        password: &str,
+        peer: Option<std::net::IpAddr>,
+        cert: Option<&ClientCertificate>,
+    ) -> Result<Arc<Principal>> {
+        let principal = self.check_password(user, password, peer).await?;
+        self.check_certificate(user, cert)?;
+        Ok(principal)
+    }
+
+    /// A password user's certificate requirement, once the password is right.
+    fn check_certificate(&self, user: &str, cert: Option<&ClientCertificate>) -> Result<()> {
+        let Some(entry) = self.users.get(user) else {
+            return Err(Error::InvalidCredentials);
+        };
+        match entry.login {
+            LoginMode::Password => Ok(()),
+            // verify_in never accepts a password for these; fail closed anyway.
+            LoginMode::Certificate => Err(Error::InvalidCredentials),
+            LoginMode::PasswordAndCertificate => {
+                let wanted = entry.certificate.as_deref().unwrap_or_default();
+                match cert {
+                    Some(c) if !wanted.is_empty() && c.names(wanted) => Ok(()),
+                    _ => Err(Error::CertificateRequired),
+                }
+            }
+        }
+    }
+
+    /// The user a client certificate logs in by itself (`login = "certificate"`).
+    pub fn principal_for_certificate(&self, cert: &ClientCertificate) -> Result<Arc<Principal>> {
+        let (name, entry) = self
+            .users
+            .by_certificate(cert)
+            .ok_or(Error::MissingCredentials)?;
+        Ok(Arc::new(Principal {
+            name: name.to_string(),
+            roles: entry.roles.clone(),
+        }))
+    }
+
+    async fn check_password(
         &self,
         user: &str,
         password: &str,
@@ -185,6 +243,7 @@ impl Authenticator {
             Grant {
                 principal: Arc::clone(&principal),
                 expires: Instant::now() + BASIC_CACHE_TTL,
+                certificate: None,
             },
         );
         Ok(principal)
@@ -235,8 +294,13 @@ impl Authenticator {
         }
     }
 
-    /// Issues a new bearer token for a principal.
-    pub fn issue_token(&self, principal: Arc<Principal>) -> String {
+    /// Issues a new bearer token for a principal, good only on connections presenting
+    /// `cert` when there is one.
+    pub fn issue_token(
+        &self,
+        principal: Arc<Principal>,
+        cert: Option<&ClientCertificate>,
+    ) -> String {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         let token = URL_SAFE_NO_PAD.encode(bytes);
@@ -250,30 +314,47 @@ impl Authenticator {
             Grant {
                 principal,
                 expires: now + self.token_ttl,
+                certificate: cert.map(|c| c.fingerprint),
             },
         );
         token
     }
 
-    /// The principal behind a call's `authorization` header: Bearer or Basic.
+    /// The principal behind a call's `authorization` header (Bearer or Basic), or, with
+    /// no header, behind its client certificate (`login = "certificate"` users).
     pub async fn authenticate(
         &self,
         metadata: &MetadataMap,
         peer: Option<std::net::IpAddr>,
+        cert: Option<&ClientCertificate>,
     ) -> Result<Arc<Principal>> {
-        match Credentials::from_metadata(metadata)? {
-            Credentials::Bearer(token) => self.principal_for_token(&token),
-            Credentials::Basic { user, password } => {
-                self.verify_password(&user, &password, peer).await
+        match Credentials::from_metadata(metadata) {
+            Ok(Credentials::Bearer(token)) => self.principal_for_token(&token, cert),
+            Ok(Credentials::Basic { user, password }) => {
+                self.verify_password(&user, &password, peer, cert).await
             }
+            Err(Error::MissingCredentials) if cert.is_some() => {
+                self.principal_for_certificate(cert.expect("checked"))
+            }
+            Err(e) => Err(e),
         }
     }
 
-    fn principal_for_token(&self, token: &str) -> Result<Arc<Principal>> {
+    fn principal_for_token(
+        &self,
+        token: &str,
+        cert: Option<&ClientCertificate>,
+    ) -> Result<Arc<Principal>> {
         let now = Instant::now();
         if let Some(g) = self.tokens.get(token) {
-            if g.expires > now {
+            let same_certificate = g
+                .certificate
+                .is_none_or(|fp| cert.is_some_and(|c| c.fingerprint == fp));
+            if g.expires > now && same_certificate {
                 return Ok(Arc::clone(&g.principal));
+            }
+            if !same_certificate {
+                return Err(Error::InvalidToken);
             }
         } else {
             return Err(Error::InvalidToken);
@@ -341,6 +422,7 @@ mod tests {
             UserEntry {
                 password_hash: hash_password("secret").unwrap(),
                 roles: vec!["analyst".into()],
+                ..Default::default()
             },
         )]);
         Authenticator::new(users, Duration::from_secs(60))
@@ -349,23 +431,30 @@ mod tests {
     #[tokio::test]
     async fn basic_then_bearer() {
         let a = auth();
-        let p = a.verify_password("ann", "secret", None).await.unwrap();
+        let p = a
+            .verify_password("ann", "secret", None, None)
+            .await
+            .unwrap();
         assert_eq!(p.roles, vec!["analyst".to_string()]);
         assert_eq!(
-            a.verify_password("ann", "nope", None).await.unwrap_err(),
+            a.verify_password("ann", "nope", None, None)
+                .await
+                .unwrap_err(),
             Error::InvalidCredentials
         );
         assert_eq!(
-            a.verify_password("bob", "secret", None).await.unwrap_err(),
+            a.verify_password("bob", "secret", None, None)
+                .await
+                .unwrap_err(),
             Error::InvalidCredentials
         );
-        let token = a.issue_token(p.clone());
+        let token = a.issue_token(p.clone(), None);
         let mut md = MetadataMap::new();
         md.insert("authorization", format!("Bearer {token}").parse().unwrap());
-        assert_eq!(a.authenticate(&md, None).await.unwrap(), p);
+        assert_eq!(a.authenticate(&md, None, None).await.unwrap(), p);
         md.insert("authorization", "Bearer forged".parse().unwrap());
         assert_eq!(
-            a.authenticate(&md, None).await.unwrap_err(),
+            a.authenticate(&md, None, None).await.unwrap_err(),
             Error::InvalidToken
         );
     }
@@ -380,7 +469,7 @@ mod tests {
         let there: std::net::IpAddr = "10.0.0.2".parse().unwrap();
         for _ in 0..2 {
             assert_eq!(
-                a.verify_password("ann", "nope", Some(here))
+                a.verify_password("ann", "nope", Some(here), None)
                     .await
                     .unwrap_err(),
                 Error::InvalidCredentials
@@ -388,17 +477,17 @@ mod tests {
         }
         // The user name is throttled, from any address, even with the right password.
         assert!(matches!(
-            a.verify_password("ann", "secret", Some(there)).await,
+            a.verify_password("ann", "secret", Some(there), None).await,
             Err(Error::RateLimited { retry_after_secs }) if retry_after_secs <= 61
         ));
         // The address is throttled for any user name.
         assert!(matches!(
-            a.verify_password("bob", "x", Some(here)).await,
+            a.verify_password("bob", "x", Some(here), None).await,
             Err(Error::RateLimited { .. })
         ));
         // Others are not.
         assert_eq!(
-            a.verify_password("bob", "x", Some(there))
+            a.verify_password("bob", "x", Some(there), None)
                 .await
                 .unwrap_err(),
             Error::InvalidCredentials
@@ -409,11 +498,17 @@ mod tests {
     async fn expired_tokens_are_refused() {
         let users = Users::from_entries([]);
         let a = Authenticator::new(users, Duration::from_millis(0));
-        let t = a.issue_token(Arc::new(Principal {
-            name: "x".into(),
-            roles: vec![],
-        }));
-        assert_eq!(a.principal_for_token(&t).unwrap_err(), Error::InvalidToken);
+        let t = a.issue_token(
+            Arc::new(Principal {
+                name: "x".into(),
+                roles: vec![],
+            }),
+            None,
+        );
+        assert_eq!(
+            a.principal_for_token(&t, None).unwrap_err(),
+            Error::InvalidToken
+        );
     }
 
     #[test]

@@ -1,10 +1,24 @@
-//! The users file: names, argon2id password hashes and roles.
+//! The users file: names, argon2id password hashes, client certificates and roles.
 //!
 //! ```toml
 //! [users.analyst]
 //! password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."   # from `airlock user hash`
 //! roles = ["analyst"]
+//!
+//! [users.etl]                      # logs in with its client certificate alone
+//! login = "certificate"
+//! certificate = "CN=etl.example"   # or DNS:..., EMAIL:..., URI:... (a subject alt name)
+//! roles = ["analyst"]
+//!
+//! [users.owner]                    # needs its password and its certificate
+//! password_hash = "$argon2id$..."
+//! login = "password_and_certificate"
+//! certificate = "CN=owner"
+//! roles = ["owner"]
 //! ```
+//!
+//! `login = "certificate"` and `"password_and_certificate"` need mutual TLS
+//! (`[tls] client_ca`); two users may not name the same certificate identity.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,12 +30,40 @@ use toml::Spanned;
 
 use crate::config::{Collector, Diagnostic, Diagnostics};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
+    /// Empty for `login = "certificate"`.
+    #[serde(default)]
     pub password_hash: String,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// How the user proves who they are.
+    #[serde(default)]
+    pub login: LoginMode,
+    /// The client certificate identity (`CN=...`, `DNS:...`, `EMAIL:...`, `URI:...`) of
+    /// a user whose login involves a certificate.
+    pub certificate: Option<String>,
+}
+
+/// What a user must present to log in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginMode {
+    /// A password (Basic credentials). With mutual TLS on, the connection still needs a
+    /// certificate from the client CA, but any such certificate will do.
+    #[default]
+    Password,
+    /// The client certificate naming `certificate`, and nothing else; no password.
+    Certificate,
+    /// The password and a client certificate naming `certificate`.
+    PasswordAndCertificate,
+}
+
+impl LoginMode {
+    pub fn needs_certificate(self) -> bool {
+        !matches!(self, Self::Password)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,9 +95,45 @@ impl Users {
             .map_err(|e| Diagnostics::one(Diagnostic::from_toml(path, text, &e)))?;
         let mut out = Collector::default();
         let mut users = HashMap::new();
-        for (name, entry) in raw.users {
+        let mut certificates: HashMap<String, String> = HashMap::new();
+        let mut entries: Vec<_> = raw.users.into_iter().collect();
+        entries.sort_by_key(|(_, e)| e.span().start);
+        for (name, entry) in entries {
             let span = entry.span();
             let entry = entry.into_inner();
+            let mut problem = |message: String| {
+                out.push(Diagnostic::at_span(
+                    path,
+                    text,
+                    Some(span.clone()),
+                    format!("user {name}: {message}"),
+                ))
+            };
+            match (&entry.certificate, entry.login.needs_certificate()) {
+                (None, true) => problem(format!(
+                    "login = {:?} needs certificate = \"CN=...\" (or DNS:, EMAIL:, URI:)",
+                    entry.login
+                )),
+                (Some(_), false) => problem(
+                    "certificate is set but login = \"password\"; set login = \"certificate\" or \"password_and_certificate\"".into(),
+                ),
+                (Some(c), true) if !super::certificate::valid_identity(c) => problem(format!(
+                    "certificate {c:?} must start with CN=, DNS:, EMAIL: or URI:"
+                )),
+                (Some(c), true) => {
+                    if let Some(other) = certificates.insert(c.clone(), name.clone()) {
+                        problem(format!("certificate {c:?} is already user {other}'s"));
+                    }
+                }
+                (None, false) => {}
+            }
+            if entry.login == LoginMode::Certificate {
+                if !entry.password_hash.is_empty() {
+                    problem("login = \"certificate\" takes no password_hash".into());
+                }
+                users.insert(name, entry);
+                continue;
+            }
             match PasswordHash::new(&entry.password_hash) {
                 Ok(h) if h.algorithm == Algorithm::Argon2id.ident() => {}
                 Ok(_) => out.push(Diagnostic::at_span(
@@ -86,6 +164,29 @@ impl Users {
 
     pub fn get(&self, name: &str) -> Option<&UserEntry> {
         self.0.get(name)
+    }
+
+    /// The user who logs in with a certificate naming one of `cert`'s identities
+    /// (`login = "certificate"` only).
+    pub fn by_certificate(
+        &self,
+        cert: &super::certificate::ClientCertificate,
+    ) -> Option<(&str, &UserEntry)> {
+        self.0
+            .iter()
+            .find(|(_, e)| {
+                e.login == LoginMode::Certificate
+                    && e.certificate.as_deref().is_some_and(|c| cert.names(c))
+            })
+            .map(|(n, e)| (n.as_str(), e))
+    }
+
+    /// Whether any user needs a client certificate (then `[tls] client_ca` must be set).
+    pub fn any_needs_certificate(&self) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(_, e)| e.login.needs_certificate())
+            .map(|(n, _)| n.as_str())
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -127,6 +228,8 @@ pub(crate) fn verify_in(
     memory: &mut Vec<argon2::Block>,
 ) -> bool {
     use argon2::{Algorithm, Params, Version};
+    // A user without a password (`login = "certificate"`) costs the same as a stranger.
+    let entry = entry.filter(|e| e.login != LoginMode::Certificate);
     let hash = entry.map_or(DECOY_HASH, |e| e.password_hash.as_str());
     let Ok(parsed) = PasswordHash::new(hash) else {
         return false;
@@ -176,11 +279,38 @@ mod tests {
     }
 
     #[test]
+    fn certificate_logins_are_validated() {
+        let ok = "[users.a]\nlogin = \"certificate\"\ncertificate = \"CN=a\"\n";
+        let users = Users::parse(Path::new("u.toml"), ok).unwrap();
+        assert_eq!(users.get("a").unwrap().login, LoginMode::Certificate);
+        for (text, why) in [
+            ("[users.a]\nlogin = \"certificate\"\n", "needs certificate"),
+            (
+                "[users.a]\nlogin = \"certificate\"\ncertificate = \"a\"\n",
+                "must start with",
+            ),
+            (
+                "[users.a]\nlogin = \"certificate\"\ncertificate = \"CN=a\"\n[users.b]\nlogin = \"certificate\"\ncertificate = \"CN=a\"\n",
+                "already user a's",
+            ),
+            (
+                "[users.a]\nlogin = \"certificate\"\ncertificate = \"CN=a\"\npassword_hash = \"x\"\n",
+                "takes no password_hash",
+            ),
+        ] {
+            let err = Users::parse(Path::new("u.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn hash_roundtrip() {
         let h = hash_password("pw").unwrap();
         let e = UserEntry {
             password_hash: h,
-            roles: vec![],
+            ..Default::default()
         };
         assert!(verify(Some(&e), "pw"));
         assert!(!verify(Some(&e), "px"));

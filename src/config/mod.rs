@@ -40,22 +40,8 @@ pub struct ConfigArgs {
     /// Users file (TOML) with argon2id password hashes and roles.
     #[arg(long, env = "AIRLOCK_USERS_FILE", value_name = "FILE")]
     pub users_file: Option<PathBuf>,
-    /// PEM certificate chain for TLS; needs --tls-key.
-    #[arg(
-        long,
-        env = "AIRLOCK_TLS_CERT",
-        value_name = "FILE",
-        requires = "tls_key"
-    )]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS; needs --tls-cert.
-    #[arg(
-        long,
-        env = "AIRLOCK_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Longest a query may run, planning and streaming included (e.g. 60s, 5m).
     #[arg(long, env = "AIRLOCK_QUERY_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub query_timeout: Option<Duration>,
@@ -73,6 +59,31 @@ pub struct ConfigArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+}
+
+/// TLS files (shared by `serve` and `demo`); each overrides the `[tls]` key.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct TlsArgs {
+    /// PEM certificate chain for TLS; needs --tls-key.
+    #[arg(
+        long,
+        env = "AIRLOCK_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS; needs --tls-cert.
+    #[arg(
+        long,
+        env = "AIRLOCK_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// PEM certificate(s) of the CA that issues client certificates: every Flight SQL
+    /// client must then present one (mutual TLS). Needs TLS (--tls-cert, --tls-key).
+    #[arg(long, env = "AIRLOCK_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// Limits that keep hostile clients from holding the service (shared by `serve` and
@@ -100,6 +111,21 @@ pub struct LimitArgs {
     /// Most expression nodes a query may hold, checked on the SQL before planning.
     #[arg(long, env = "AIRLOCK_MAX_EXPRESSION_NODES", value_name = "N")]
     pub max_expression_nodes: Option<usize>,
+    /// Queries (GetFlightInfo of SQL) one principal may start within a minute; more are
+    /// refused with RATE_LIMITED. 0: no limit.
+    #[arg(long, env = "AIRLOCK_QUERIES_PER_MINUTE", value_name = "N")]
+    pub queries_per_minute: Option<u64>,
+    /// Result streams one principal may have open at once; more are refused with
+    /// RATE_LIMITED. 0: no limit.
+    #[arg(long, env = "AIRLOCK_CONCURRENT_QUERIES_PER_USER", value_name = "N")]
+    pub concurrent_queries_per_user: Option<u64>,
+    /// Rows one principal may be sent per day (UTC); over it, QUOTA_EXCEEDED. 0: no limit.
+    #[arg(long, env = "AIRLOCK_ROWS_PER_DAY", value_name = "N")]
+    pub rows_per_day: Option<u64>,
+    /// Bytes of Arrow data one principal may be sent per day (UTC), e.g. 10GiB; over it,
+    /// QUOTA_EXCEEDED. 0: no limit.
+    #[arg(long, env = "AIRLOCK_BYTES_PER_DAY", value_name = "BYTES")]
+    pub bytes_per_day: Option<ByteSize>,
 }
 
 impl LimitArgs {
@@ -123,6 +149,46 @@ impl LimitArgs {
         if let Some(n) = self.max_expression_nodes {
             limits.max_expression_nodes = n.max(1);
         }
+        if let Some(n) = self.queries_per_minute {
+            limits.quota.queries_per_minute = n;
+        }
+        if let Some(n) = self.concurrent_queries_per_user {
+            limits.quota.concurrent_queries = n;
+        }
+        if let Some(n) = self.rows_per_day {
+            limits.quota.rows_per_day = n;
+        }
+        if let Some(b) = self.bytes_per_day {
+            limits.quota.bytes_per_day = b.as_u64();
+        }
+    }
+}
+
+impl TlsArgs {
+    /// The TLS files given as flags, if any (a client CA alone is checked at load).
+    fn files(&self) -> Option<TlsFiles> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Applies the flags over `tls` (for `demo`, which has no file): an error when a
+    /// client CA is given without a certificate and key.
+    pub fn apply(&self, tls: &mut Option<TlsFiles>) -> Result<(), String> {
+        if let Some(files) = self.files() {
+            *tls = Some(files);
+        } else if let Some(ca) = &self.tls_client_ca {
+            match tls {
+                Some(t) => t.client_ca = Some(ca.clone()),
+                None => return Err("--tls-client-ca needs --tls-cert and --tls-key".into()),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -177,6 +243,42 @@ pub struct ServiceConfig {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// CA certificates for client certificates: when set, every Flight SQL connection
+    /// must present a certificate this CA issued (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Per-principal quotas; 0 means no limit. See `crate::quota`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    /// Queries (GetFlightInfo of SQL) started within a sliding minute.
+    pub queries_per_minute: u64,
+    /// Result streams open at once.
+    pub concurrent_queries: u64,
+    /// Rows sent per UTC day.
+    pub rows_per_day: u64,
+    /// Bytes of Arrow data sent per UTC day.
+    pub bytes_per_day: u64,
+}
+
+/// A `[limits.users.<name>]` table: each key given replaces the default's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaOverride {
+    pub queries_per_minute: Option<u64>,
+    pub concurrent_queries: Option<u64>,
+    pub rows_per_day: Option<u64>,
+    pub bytes_per_day: Option<u64>,
+}
+
+impl QuotaOverride {
+    pub fn over(&self, base: Quota) -> Quota {
+        Quota {
+            queries_per_minute: self.queries_per_minute.unwrap_or(base.queries_per_minute),
+            concurrent_queries: self.concurrent_queries.unwrap_or(base.concurrent_queries),
+            rows_per_day: self.rows_per_day.unwrap_or(base.rows_per_day),
+            bytes_per_day: self.bytes_per_day.unwrap_or(base.bytes_per_day),
+        }
+    }
 }
 
 /// Resource limits applied to every query.
@@ -202,6 +304,21 @@ pub struct Limits {
     pub max_expression_depth: usize,
     /// Most expression nodes a query may have.
     pub max_expression_nodes: usize,
+    /// Every principal's quotas, unless `user_quotas` says otherwise.
+    pub quota: Quota,
+    /// `[limits.users.<name>]`: per-principal overrides (names checked against the users
+    /// file at start), with the line each was declared on.
+    pub user_quotas: std::collections::BTreeMap<String, (QuotaOverride, Option<(PathBuf, usize)>)>,
+}
+
+impl Limits {
+    /// The quotas of one principal.
+    pub fn quota_for(&self, principal: &str) -> Quota {
+        match self.user_quotas.get(principal) {
+            Some((o, _)) => o.over(self.quota),
+            None => self.quota,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -219,6 +336,8 @@ impl Default for Limits {
             failed_logins_per_minute: 10,
             max_expression_depth: 256,
             max_expression_nodes: 10_000,
+            quota: Quota::default(),
+            user_quotas: Default::default(),
         }
     }
 }
@@ -330,6 +449,16 @@ struct RawFile {
 struct RawTls {
     cert: String,
     key: String,
+    client_ca: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    queries_per_minute: Option<u64>,
+    concurrent_queries_per_user: Option<u64>,
+    rows_per_day: Option<u64>,
+    bytes_per_day: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -347,6 +476,12 @@ struct RawLimits {
     failed_logins_per_minute: Option<Spanned<u32>>,
     max_expression_depth: Option<Spanned<usize>>,
     max_expression_nodes: Option<Spanned<usize>>,
+    queries_per_minute: Option<u64>,
+    concurrent_queries_per_user: Option<u64>,
+    rows_per_day: Option<u64>,
+    bytes_per_day: Option<Spanned<String>>,
+    #[serde(default)]
+    users: std::collections::BTreeMap<String, Spanned<RawQuota>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -450,17 +585,14 @@ impl ServiceConfig {
             .clone()
             .or_else(|| raw.state_dir.as_deref().map(rel))
             .unwrap_or_else(|| PathBuf::from("state"));
-        let tls = match (&args.tls_cert, &args.tls_key, &raw.tls) {
-            (Some(cert), Some(key), _) => Some(TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-            }),
-            (_, _, Some(t)) => Some(TlsFiles {
-                cert: rel(&t.cert),
-                key: rel(&t.key),
-            }),
-            _ => None,
-        };
+        let mut tls = raw.tls.as_ref().map(|t| TlsFiles {
+            cert: rel(&t.cert),
+            key: rel(&t.key),
+            client_ca: t.client_ca.as_deref().map(rel),
+        });
+        if let Err(e) = args.tls.apply(&mut tls) {
+            out.push(Diagnostic::new(&file, None, e));
+        }
 
         let mut limits = Limits::default();
         if let Some(l) = &raw.limits {
@@ -550,6 +682,30 @@ impl ServiceConfig {
             let mut failures = limits.failed_logins_per_minute as usize;
             count("failed_logins_per_minute", &per_minute, &mut failures);
             limits.failed_logins_per_minute = failures.min(u32::MAX as usize) as u32;
+            let quota = |q: &RawQuota, out: &mut Collector, key: &str| QuotaOverride {
+                queries_per_minute: q.queries_per_minute,
+                concurrent_queries: q.concurrent_queries_per_user,
+                rows_per_day: q.rows_per_day,
+                bytes_per_day: limit(out, at, key, &q.bytes_per_day, bytes).map(|b| b as u64),
+            };
+            let defaults = RawQuota {
+                queries_per_minute: l.queries_per_minute,
+                concurrent_queries_per_user: l.concurrent_queries_per_user,
+                rows_per_day: l.rows_per_day,
+                bytes_per_day: l.bytes_per_day.clone(),
+            };
+            limits.quota = quota(&defaults, &mut out, "bytes_per_day").over(limits.quota);
+            for (name, q) in &l.users {
+                let o = quota(
+                    q.get_ref(),
+                    &mut out,
+                    &format!("users.{name}.bytes_per_day"),
+                );
+                let line = diagnostic::line_of(&text, q.span().start);
+                limits
+                    .user_quotas
+                    .insert(name.clone(), (o, Some((file.clone(), line))));
+            }
         }
         if let Some(d) = args.query_timeout {
             limits.query_timeout = d;
@@ -627,7 +783,10 @@ impl ServiceConfig {
         }
 
         if let Some(t) = &tls {
-            for p in [&t.cert, &t.key] {
+            for p in [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()]
+                .into_iter()
+                .flatten()
+            {
                 if !p.exists() {
                     out.push(Diagnostic::new(
                         &file,
@@ -744,6 +903,47 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.listen.port(), 2);
         assert_eq!(cfg.limits.query_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn quotas_default_and_per_user() {
+        let cfg = load_text(
+            "[limits]\nqueries_per_minute = 60\nbytes_per_day = \"1MiB\"\n\n[limits.users.ann]\nrows_per_day = 5\nqueries_per_minute = 0\n",
+        )
+        .unwrap();
+        let ann = cfg.limits.quota_for("ann");
+        assert_eq!(
+            (ann.queries_per_minute, ann.rows_per_day, ann.bytes_per_day),
+            (0, 5, 1024 * 1024)
+        );
+        assert_eq!(cfg.limits.quota_for("bob").queries_per_minute, 60);
+        let err =
+            load_text("[limits]\n\n[limits.users.ann]\nbytes_per_day = \"lots\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(":4: limits.users.ann.bytes_per_day"),
+            "{err}"
+        );
+        let err = load_text("[limits.users.ann]\nrows = 1\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `rows`"), "{err}");
+    }
+
+    #[test]
+    fn a_client_ca_needs_a_certificate_and_key() {
+        let cfg = load_text(
+            "[tls]\ncert = \"t.parquet\"\nkey = \"t.parquet\"\nclient_ca = \"t.parquet\"\n",
+        )
+        .unwrap();
+        assert!(cfg.tls.unwrap().client_ca.is_some());
+        let err = ServiceConfig::load(&ConfigArgs {
+            tls: TlsArgs {
+                tls_client_ca: Some("ca.pem".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--tls-client-ca needs"), "{err}");
     }
 
     #[test]

@@ -242,7 +242,7 @@ pub async fn login(State(console): State<Arc<Console>>, req: Request) -> Result<
     match console
         .airlock
         .auth
-        .verify_password(&form.user, &password, peer)
+        .verify_password(&form.user, &password, peer, None)
         .await
     {
         Ok(principal) => {

@@ -65,8 +65,9 @@ pub mod actions {
     pub const PRIVACY_EXPLAIN: &str = "PrivacyExplain";
     /// Body: empty. Result: the new policy version as UTF-8 text. Needs `admin` on `*`.
     pub const RELOAD_POLICY: &str = "ReloadPolicy";
-    /// Body: empty. Result: JSON `[{"table": "s.t", "actions": ["aggregate", ...]}]` for
-    /// every table the caller can see.
+    /// Body: empty. Result: JSON `{"principal": ..., "tables": [{"table": "s.t",
+    /// "actions": ["aggregate", ...]}], "quota": {...}}`: every table the caller can
+    /// see, and what is left of their quotas (`crate::quota::Quotas::remaining`).
     pub const MY_ACCESS: &str = "MyAccess";
 }
 
@@ -84,6 +85,7 @@ pub struct AirlockService {
     planners: Arc<tokio::sync::Semaphore>,
     /// The privacy-budget ledger (in the approvals database).
     ledger: Arc<crate::approval::budget::Ledger>,
+    quotas: Arc<crate::quota::Quotas>,
 }
 
 impl AirlockService {
@@ -95,9 +97,11 @@ impl AirlockService {
         audit: Arc<AuditLog>,
         state_dir: std::path::PathBuf,
         ledger: Arc<crate::approval::budget::Ledger>,
+        quotas: Arc<crate::quota::Quotas>,
     ) -> Self {
         Self {
             ledger,
+            quotas,
             auth,
             users,
             approvals,
@@ -183,7 +187,12 @@ impl AirlockService {
     /// The caller's principal. Wrong passwords and throttled logins are audited.
     async fn principal<T>(&self, request: &Request<T>) -> Result<Arc<Principal>> {
         let peer = request.remote_addr().map(|a| a.ip());
-        match self.auth.authenticate(request.metadata(), peer).await {
+        let cert = client_certificate(request);
+        match self
+            .auth
+            .authenticate(request.metadata(), peer, cert.as_ref())
+            .await
+        {
             Ok(principal) => {
                 tracing::Span::current().record("principal", principal.name.as_str());
                 Ok(principal)
@@ -210,6 +219,7 @@ impl AirlockService {
         let decision = match e {
             crate::auth::Error::InvalidCredentials => "failed",
             crate::auth::Error::RateLimited { .. } => "rate_limited",
+            crate::auth::Error::CertificateRequired => "certificate_required",
             _ => return e.into(),
         };
         let written = self.audit.append(AuditEvent {
@@ -321,6 +331,7 @@ impl AirlockService {
         sql: &str,
         params: Option<&[ScalarValue]>,
     ) -> Result<query::PlannedQuery> {
+        self.quotas.start_query(&principal.name)?;
         let session = self.sessions.session_for(principal);
         let approvals = Arc::clone(&self.approvals);
         let owned_sql = sql.to_string();
@@ -401,7 +412,10 @@ impl AirlockService {
                 .map_err(Error::AuditUnavailable)?;
         }
         let started = std::time::Instant::now();
-        let stream = query::execute(planned, &self.sessions).await?;
+        let quota = self.quotas.open_release(&planned.principal().name)?;
+        let stream = query::execute(planned, &self.sessions)
+            .await?
+            .with_quota(quota);
         // Nothing leaves before this record is on disk. Dropping the stream on error
         // releases nothing (no end record: it never started).
         self.audit
@@ -425,8 +439,12 @@ impl AirlockService {
                 } else {
                     format!("{}_incomplete", event.decision)
                 },
+                reason_code: o
+                    .quota_exceeded
+                    .then(|| ReasonCode::QuotaExceeded.as_str().to_string()),
                 groups_suppressed: Some(o.groups_suppressed),
                 rows_released: Some(o.rows),
+                bytes_released: Some(o.bytes),
                 ..event
             });
         });
@@ -495,9 +513,18 @@ impl FlightSqlService for AirlockService {
         request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<HandshakeStream>, Status> {
         let rid = RequestId::of(&request);
+        let cert = client_certificate(&request);
         let token = respond(&rid, async {
             let principal = match Credentials::from_metadata(request.metadata()) {
                 Ok(_) => self.principal(&request).await?,
+                // A certificate login: no password, no handshake payload to read.
+                Err(crate::auth::Error::MissingCredentials)
+                    if cert
+                        .as_ref()
+                        .is_some_and(|c| self.auth.principal_for_certificate(c).is_ok()) =>
+                {
+                    self.principal(&request).await?
+                }
                 Err(crate::auth::Error::MissingCredentials) => {
                     // Older clients send BasicAuth in the first handshake message.
                     let peer = request.remote_addr().map(|a| a.ip());
@@ -514,7 +541,7 @@ impl FlightSqlService for AirlockService {
                     }
                     let p = match self
                         .auth
-                        .verify_password(&basic.username, &basic.password, peer)
+                        .verify_password(&basic.username, &basic.password, peer, cert.as_ref())
                         .await
                     {
                         Ok(p) => p,
@@ -526,7 +553,7 @@ impl FlightSqlService for AirlockService {
                 Err(e) => return Err(e.into()),
             };
             tracing::info!("handshake: token issued");
-            Ok(self.auth.issue_token(principal))
+            Ok(self.auth.issue_token(principal, cert.as_ref()))
         })
         .await?;
         let response = HandshakeResponse {
@@ -1250,7 +1277,12 @@ impl FlightSqlService for AirlockService {
                             entry
                         })
                         .collect();
-                    Ok(serde_json::Value::Array(access).to_string())
+                    Ok(serde_json::json!({
+                        "principal": principal.name,
+                        "tables": access,
+                        "quota": self.quotas.remaining(&principal.name),
+                    })
+                    .to_string())
                 }
                 actions::RELOAD_POLICY => {
                     if !self
@@ -1335,7 +1367,7 @@ impl FlightSqlService for AirlockService {
             ),
             (
                 actions::MY_ACCESS,
-                "The tables you can see and the actions you hold on each; JSON",
+                "The tables you can see, the actions you hold on each, and what is left of your quotas; JSON",
             ),
             (
                 approvals::LIST,
@@ -1433,6 +1465,13 @@ fn first_row(batches: &[RecordBatch]) -> Result<Vec<ScalarValue>> {
                 .map_err(|e| Error::InvalidRequest(format!("bad parameter: {e}")))
         })
         .collect()
+}
+
+/// The client certificate of the call's connection (mutual TLS), already verified
+/// against `[tls] client_ca` by the TLS layer.
+fn client_certificate<T>(request: &Request<T>) -> Option<crate::auth::ClientCertificate> {
+    let certs = request.peer_certs()?;
+    crate::auth::ClientCertificate::from_der(certs.first()?.as_ref())
 }
 
 /// The SQL fingerprint recorded in the audit log: a hash of the text as sent.

@@ -215,8 +215,8 @@ mod tests {
         Users::from_entries([(
             "ann".to_string(),
             UserEntry {
-                password_hash: String::new(),
                 roles: vec!["analyst".into()],
+                ..Default::default()
             },
         )])
     }

@@ -63,7 +63,8 @@ pub enum ReasonCode {
     /// The audit trail cannot be written: nothing is released or decided until it can
     /// (PRIVACY.md §5). Retryable.
     AuditUnavailable,
-    /// Too many failed logins for a user name or from an address; retry later.
+    /// Too many failed logins for a user name or from an address, or a principal's
+    /// queries per minute or queries at once over its quota (`[limits]`); retry later.
     RateLimited,
     /// A query on a table in differential-privacy mode (§5b) that DP mode cannot answer:
     /// an aggregate other than COUNT(*), COUNT(DISTINCT unit), SUM/AVG of a bounded
@@ -71,6 +72,9 @@ pub enum ReasonCode {
     DpNotSupported,
     /// The principal's privacy budget on the dataset cannot pay for the query (§5b).
     BudgetExhausted,
+    /// A principal's rows or bytes released today are at their daily quota; retry after
+    /// midnight UTC.
+    QuotaExceeded,
 }
 
 impl ReasonCode {
@@ -104,6 +108,7 @@ impl ReasonCode {
             Self::RateLimited => "RATE_LIMITED",
             Self::DpNotSupported => "DP_NOT_SUPPORTED",
             Self::BudgetExhausted => "BUDGET_EXHAUSTED",
+            Self::QuotaExceeded => "QUOTA_EXCEEDED",
         }
     }
 }
@@ -120,6 +125,8 @@ impl fmt::Display for ReasonCode {
 pub struct Refusal {
     pub code: ReasonCode,
     pub message: String,
+    /// When trying again may succeed (quotas, rate limits); sent as gRPC `RetryInfo`.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Refusal {
@@ -127,7 +134,14 @@ impl Refusal {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// A refusal that may succeed after `after`; the message should say so too.
+    pub fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
 }
 

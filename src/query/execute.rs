@@ -28,6 +28,10 @@ use crate::session::Sessions;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
     pub rows: u64,
+    /// Bytes of Arrow data passed on (`quota::batch_bytes`).
+    pub bytes: u64,
+    /// The stream was stopped by the principal's daily quota (`QUOTA_EXCEEDED`).
+    pub quota_exceeded: bool,
     /// Groups the threshold suppressed.
     pub groups_suppressed: u64,
     /// Every batch was produced (not cancelled, failed or timed out).
@@ -45,14 +49,26 @@ pub struct QueryStream {
     finished: bool,
     failed: bool,
     rows: u64,
+    bytes: u64,
+    quota_exceeded: bool,
     suppressed: Vec<Arc<std::sync::atomic::AtomicU64>>,
     finish: Option<Finish>,
+    /// The principal's open release: counts batches against the daily quota and holds
+    /// one of their concurrent-query slots.
+    quota: Option<crate::quota::Release>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl QueryStream {
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
+    }
+
+    /// Counts every batch against the principal's daily quota before it is passed on;
+    /// the stream stops with `QUOTA_EXCEEDED` before a batch that would cross it.
+    pub fn with_quota(mut self, release: crate::quota::Release) -> Self {
+        self.quota = Some(release);
+        self
     }
 
     /// Calls `f` once when the stream is done with (ended, failed or dropped).
@@ -67,6 +83,8 @@ impl Drop for QueryStream {
         if let Some(f) = self.finish.take() {
             f(Outcome {
                 rows: self.rows,
+                bytes: self.bytes,
+                quota_exceeded: self.quota_exceeded,
                 groups_suppressed: self
                     .suppressed
                     .iter()
@@ -163,8 +181,11 @@ async fn start(query: &PlannedQuery, sessions: &Sessions) -> Result<QueryStream>
         finished: false,
         failed: false,
         rows: 0,
+        bytes: 0,
+        quota_exceeded: false,
         suppressed,
         finish: None,
+        quota: None,
         _slot: slot,
     })
 }
@@ -200,9 +221,20 @@ impl Stream for QueryStream {
                 Poll::Ready(Some(Err(Error::from_datafusion(e, Phase::Execution))))
             }
             Poll::Ready(Some(Ok(batch))) => {
-                let adapted = conform(batch, &self.schema);
+                let adapted = conform(batch, &self.schema).and_then(|b| {
+                    match self.quota.as_ref().map(|q| q.admit(&b)) {
+                        Some(Err(refusal)) => {
+                            self.quota_exceeded = true;
+                            Err(Error::Refused(refusal))
+                        }
+                        _ => Ok(b),
+                    }
+                });
                 match &adapted {
-                    Ok(b) => self.rows += b.num_rows() as u64,
+                    Ok(b) => {
+                        self.rows += b.num_rows() as u64;
+                        self.bytes += crate::quota::batch_bytes(b);
+                    }
                     Err(_) => {
                         self.finished = true;
                         self.failed = true;

@@ -145,6 +145,7 @@ async fn tls_with_rustls() {
     config.tls = Some(airlock::config::TlsFiles {
         cert: dir.path().join("server.crt"),
         key: dir.path().join("server.key"),
+        client_ca: None,
     });
     let server = start_with(config).await;
     let url = format!("grpc+tls://localhost:{}", server.addr.port());

@@ -399,6 +399,7 @@ async fn under_tls_the_console_serves_https_with_a_secure_cookie() {
     config.tls = Some(airlock::config::TlsFiles {
         cert: dir.path().join("server.crt"),
         key: dir.path().join("server.key"),
+        client_ca: None,
     });
     let server = start_with(config).await;
     let web = server.console_addr.unwrap();

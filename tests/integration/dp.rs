@@ -228,7 +228,7 @@ fn budget_refusal_survives_sigkill_and_owners_grant_more() {
             .json_action(airlock::flight::actions::MY_ACCESS, json!({}))
             .await
             .unwrap();
-        let claims = access
+        let claims = access["tables"]
             .as_array()
             .unwrap()
             .iter()

@@ -23,8 +23,11 @@ def airlock_binary() -> str:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, addr: str, console: str | None = None):
+    def __init__(self, proc: subprocess.Popen, addr: str, console: str | None = None,
+                 state_dir: Path | None = None):
         self.proc = proc
+        # The demo's state directory (its data, policies and users under demo/).
+        self.state_dir = state_dir
         self.addr = addr
         # The owner console's base URL (http://host:port), when it is served.
         self.console = console
@@ -34,11 +37,18 @@ class Server:
         self.port = int(port)
 
 
-def start_server(state_dir: Path, patients: int = 5000, console: bool = True) -> Server:
+def start_server(state_dir: Path, patients: int = 5000, console: bool = True,
+                 extra: list[str] | None = None) -> Server:
+    """`airlock demo` (or, when `extra` starts with "serve", those arguments) on 127.0.0.1:0."""
+    if extra and extra[0] == "serve":
+        args = [airlock_binary(), *extra]
+        console = False
+    else:
+        args = [airlock_binary(), "demo", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir),
+                "--patients", str(patients),
+                "--console-listen", "127.0.0.1:0" if console else "off", *(extra or [])]
     proc = subprocess.Popen(
-        [airlock_binary(), "demo", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir),
-         "--patients", str(patients),
-         "--console-listen", "127.0.0.1:0" if console else "off"],
+        args,
         stdout=subprocess.PIPE,
         stderr=sys.stderr,
         text=True,
@@ -61,7 +71,15 @@ def start_server(state_dir: Path, patients: int = 5000, console: bool = True) ->
         raise RuntimeError(f"airlock demo did not start (exit {proc.wait()})")
     # Keep draining stdout so the server never blocks on a full pipe.
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return Server(proc, addr, console_url)
+    return Server(proc, addr, console_url, state_dir)
+
+
+def stop_server(srv: Server) -> None:
+    srv.proc.terminate()
+    try:
+        srv.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
 
 
 @pytest.fixture(scope="session")

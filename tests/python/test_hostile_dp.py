@@ -101,7 +101,7 @@ class Env:
         return r
 
     def budget(self):
-        for t in json.loads(self.action("MyAccess", b"", "analyst")[0]):
+        for t in json.loads(self.action("MyAccess", b"", "analyst")[0])["tables"]:
             if t.get("budget"):
                 return t["budget"]["epsilon_remaining"]
         return None

@@ -52,12 +52,20 @@ class Client:
     # -- catalog -------------------------------------------------------------------
     def tables(self) -> list[TableInfo]:
         """Every table this principal can see, with its schema and allowed actions."""
-        access = {a["table"]: a["actions"] for a in self._json_action("MyAccess", b"")}
+        answer = self._json_action("MyAccess", b"")
+        # Servers before quotas answered with the list of tables alone.
+        listed = answer["tables"] if isinstance(answer, dict) else answer
+        access = {a["table"]: a["actions"] for a in listed}
         out = []
         for name, actions in sorted(access.items()):
             schema_name, table = name.split(".", 1)
             out.append(TableInfo(name, self._conn.adbc_get_table_schema(table, db_schema_filter=schema_name), actions))
         return out
+
+    def quota(self) -> dict:
+        """What is left of this principal's quotas (``None`` where there is no limit)."""
+        answer = self._json_action("MyAccess", b"")
+        return answer.get("quota", {}) if isinstance(answer, dict) else {}
 
     def table(self, name: str) -> RemoteLazyFrame:
         """A lazy frame over a table (``schema.table``)."""
