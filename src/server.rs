@@ -251,8 +251,10 @@ impl Airlock {
                 Arc::clone(&server.approvals),
                 Arc::clone(&server.audit),
                 server.config.state_dir.clone(),
-                Arc::clone(&server.ledger),
-                Arc::clone(&server.quotas),
+                crate::flight::Allowances {
+                    ledger: Arc::clone(&server.ledger),
+                    quotas: Arc::clone(&server.quotas),
+                },
             );
             let router = builder
                 .layer(RequestIdLayer)

@@ -88,6 +88,12 @@ pub struct AirlockService {
     quotas: Arc<crate::quota::Quotas>,
 }
 
+/// What each principal may still spend: privacy budget on DP tables, and quotas.
+pub struct Allowances {
+    pub ledger: Arc<crate::approval::budget::Ledger>,
+    pub quotas: Arc<crate::quota::Quotas>,
+}
+
 impl AirlockService {
     pub fn new(
         auth: Arc<Authenticator>,
@@ -96,9 +102,9 @@ impl AirlockService {
         approvals: Arc<dyn ApprovalStore>,
         audit: Arc<AuditLog>,
         state_dir: std::path::PathBuf,
-        ledger: Arc<crate::approval::budget::Ledger>,
-        quotas: Arc<crate::quota::Quotas>,
+        allowances: Allowances,
     ) -> Self {
+        let Allowances { ledger, quotas } = allowances;
         Self {
             ledger,
             quotas,
