@@ -66,8 +66,8 @@ def test_get_objects_lists_only_visible_tables(server):
                     names.add(f"{schema['db_schema_name']}.{t['table_name']}")
         return names
 
-    assert tables("analyst") == {"hospital.patients", "hospital.visits"}
-    assert tables("owner") == {"hospital.patients", "hospital.visits", "hospital.staff"}
+    assert tables("analyst") == {"hospital.claims", "hospital.patients", "hospital.visits"}
+    assert tables("owner") == {"hospital.claims", "hospital.patients", "hospital.visits", "hospital.staff"}
 
 
 def test_get_objects_with_columns(server):
