@@ -41,7 +41,7 @@ def rows(table: pa.Table, key: str):
 
 def test_tables_list_schemas_and_actions(analyst):
     tables = {t.name: t for t in analyst.tables()}
-    assert set(tables) == {"hospital.patients", "hospital.visits"}
+    assert set(tables) == {"hospital.claims", "hospital.patients", "hospital.visits"}
     assert tables["hospital.patients"].actions == ["aggregate", "request"]
     assert "diagnosis" in tables["hospital.patients"].schema.names
 
