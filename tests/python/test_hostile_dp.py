@@ -17,16 +17,15 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import adbc_driver_flightsql.dbapi as flightsql
 import pyarrow.flight as fl
 import pytest
 
-from conftest import airlock_binary
+from pathlib import Path
 
-BIN = airlock_binary()
+from conftest import start_server
 PATIENTS = int(os.environ.get("HOSTILE_DP_PATIENTS", "3000"))
 EPS_HDR = "adbc.flight.sql.rpc.call_header.airlock-epsilon"
 L0, C, HI = 4, 3, 5000.0
@@ -40,24 +39,6 @@ def report(line: str):
 # ------------------------------------------------------------------------------------------
 # server + clients
 # ------------------------------------------------------------------------------------------
-
-
-def start_server(state_dir: str, patients: int):
-    proc = subprocess.Popen(
-        [BIN, "demo", "--listen", "127.0.0.1:0", "--state-dir", state_dir,
-         "--patients", str(patients), "--console-listen", "off"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    addr = None
-    for line in proc.stdout:
-        m = re.match(r"airlock listening on (\S+)", line)
-        if m:
-            addr = m.group(1)
-            break
-    if addr is None:
-        proc.kill()
-        raise RuntimeError(f"airlock demo did not start (exit {proc.wait()})")
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc, addr
 
 
 class Env:
@@ -121,7 +102,8 @@ def is_err(r):
 @pytest.fixture(scope="module")
 def env():
     state = tempfile.mkdtemp(prefix="hostile-dp-")
-    proc, addr = start_server(state, PATIENTS)
+    srv = start_server(Path(state), patients=PATIENTS, console=False)
+    proc, addr = srv.proc, srv.addr
     e = Env(f"grpc://{addr}", state)
     yield e
     proc.terminate()
