@@ -5,8 +5,11 @@
 //! another) are serialised and cannot both pass on the same remaining budget. A charge
 //! is never refunded. The identity of a query (principal, normalized plan fingerprint,
 //! ε, policy version) owns one noise seed, created with its one charge; asking again
-//! finds the seed, pays nothing and (the DP node drawing its noise from that seed, per
-//! group) gets the identical answer, so repetition cannot average the noise away.
+//! finds the seed and pays nothing. The first answer released for an identity is kept
+//! here before it leaves ([`Ledger::keep_answer`]) and every repeat is served that kept
+//! answer, not a recomputation: a query whose result is not a function of its text
+//! (`random()`, `now()`, a LIMIT over an unordered union) would otherwise get the same
+//! noise over different rows, and two such answers difference the noise away.
 //! ε is kept in millionths and δ in 1e-12 units, as integers, so sums are exact.
 
 use std::path::Path;
@@ -32,7 +35,8 @@ pub struct QueryIdentity {
 }
 
 impl QueryIdentity {
-    fn key(&self) -> String {
+    /// The ledger's key of this identity (a SHA-256 of every part, length-prefixed).
+    pub fn key(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         for part in [
@@ -63,8 +67,12 @@ pub struct Allowance {
 pub enum Charge {
     /// Charged now; the answer's seed, and what is left afterwards.
     Charged { seed: [u8; 32], remaining: Spent },
-    /// The identical query was charged before: its seed, nothing charged.
-    Repeat { seed: [u8; 32] },
+    /// The identical query was charged before: its seed and, once one was released, its
+    /// kept answer (Arrow IPC stream bytes); nothing charged.
+    Repeat {
+        seed: [u8; 32],
+        answer: Option<Vec<u8>>,
+    },
     /// Not enough budget: nothing charged; what is left.
     Exhausted { remaining: Spent },
 }
@@ -109,6 +117,11 @@ CREATE TABLE IF NOT EXISTS budget_charges (
     charged_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS budget_charges_by_holder ON budget_charges (principal, dataset, charged_at);
+CREATE TABLE IF NOT EXISTS budget_answers (
+    identity TEXT PRIMARY KEY REFERENCES budget_charges (identity),
+    answer BLOB NOT NULL,
+    kept_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS budget_grants (
     principal TEXT NOT NULL,
     dataset TEXT NOT NULL,
@@ -211,9 +224,17 @@ impl Ledger {
             )
             .optional()?;
         if let Some(seed) = seed {
+            let answer = tx
+                .query_row(
+                    "SELECT answer FROM budget_answers WHERE identity = ?1",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .optional()?;
             tx.commit()?;
             return Ok(Charge::Repeat {
                 seed: seed.try_into().unwrap_or([0; 32]),
+                answer,
             });
         }
         let at = now();
@@ -251,6 +272,26 @@ impl Ledger {
                 delta_units: left.delta_units - cost.delta_units,
             },
         })
+    }
+
+    /// Keeps the answer about to be released for a charged identity and returns the one
+    /// to release: `answer`, or the answer kept first when another execution of the same
+    /// identity got there before (only one answer per identity ever leaves). Durable when
+    /// this returns; on error nothing may be released.
+    pub fn keep_answer(&self, identity: &str, answer: Vec<u8>) -> Result<Vec<u8>> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO budget_answers (identity, answer, kept_at) VALUES (?1, ?2, ?3)",
+            params![identity, answer, now()],
+        )?;
+        let kept: Vec<u8> = tx.query_row(
+            "SELECT answer FROM budget_answers WHERE identity = ?1",
+            params![identity],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(kept)
     }
 
     /// What is left of a principal's budget on a dataset.
@@ -350,11 +391,23 @@ mod tests {
             panic!("first charge")
         };
         assert_eq!(remaining.epsilon_micros, 9_000_000);
-        // The identical query: the same seed, no charge.
+        // The identical query: the same seed, no charge; once an answer is kept, that
+        // answer, and the first one kept stays (a second execution gets it back).
         assert_eq!(
             l.charge(&query("a", 1_000_000), cost(1_000_000), &TEN)
                 .unwrap(),
-            Charge::Repeat { seed }
+            Charge::Repeat { seed, answer: None }
+        );
+        let key = query("a", 1_000_000).key();
+        assert_eq!(l.keep_answer(&key, b"first".to_vec()).unwrap(), b"first");
+        assert_eq!(l.keep_answer(&key, b"second".to_vec()).unwrap(), b"first");
+        assert_eq!(
+            l.charge(&query("a", 1_000_000), cost(1_000_000), &TEN)
+                .unwrap(),
+            Charge::Repeat {
+                seed,
+                answer: Some(b"first".to_vec())
+            }
         );
         for i in 0..9 {
             assert!(matches!(

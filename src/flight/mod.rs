@@ -419,9 +419,14 @@ impl AirlockService {
         }
         let started = std::time::Instant::now();
         let quota = self.quotas.open_release(&planned.principal().name)?;
-        let stream = query::execute(planned, &self.sessions)
+        let mut stream = query::execute(planned, &self.sessions)
             .await?
             .with_quota(quota);
+        if let Some(c) = &charged {
+            // One answer per charged identity: kept before it leaves, served to repeats.
+            let ledger = Arc::clone(&self.ledger);
+            stream = stream.map_batches(|s| query::dp::answer_once(s, ledger, c));
+        }
         // Nothing leaves before this record is on disk. Dropping the stream on error
         // releases nothing (no end record: it never started).
         self.audit

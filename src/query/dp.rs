@@ -5,11 +5,26 @@
 //! be in one dataset. The charge is durable when this returns; an exhausted budget is a
 //! `BUDGET_EXHAUSTED` refusal that says what is left. A repeat of the identical query
 //! (principal, plan fingerprint, ε, policy version, and the files every scanned table
-//! answers from) is free and gets the same seed, so the same noise; a repeat on changed
-//! data is charged anew, or the two answers would difference out the change exactly.
+//! answers from) is free and is served the answer released the first time, kept in the
+//! ledger before it left ([`answer_once`]); a repeat on changed data is charged anew, or
+//! the two answers would difference out the change exactly.
+//!
+//! Why kept, not recomputed with the same seed: the same noise over a different result
+//! gives the exact difference away, and a query's result need not be a function of its
+//! text (`random()` or `now()` in a subquery, a LIMIT over an unordered union). PRIVACY.md
+//! §5b promises the identical *answer*; keeping it is the reading that needs no proof of
+//! determinism.
 
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::DataFusionError;
 use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::approval::budget::{Allowance, Charge, DELTA_UNITS, Ledger, QueryIdentity, Spent};
 use crate::catalog::Catalog;
@@ -31,6 +46,10 @@ pub struct Charged {
     pub delta: f64,
     pub repeat: bool,
     pub remaining: Option<Spent>,
+    /// The ledger's key of the query's identity.
+    pub identity: String,
+    /// The answer released the first time (Arrow IPC stream), for a repeat.
+    pub kept: Option<Vec<u8>>,
 }
 
 impl Charged {
@@ -145,12 +164,13 @@ pub fn charge(query: &PlannedQuery, ledger: &Ledger, catalog: &Catalog) -> Resul
         policy: policy.digest.clone(),
         data: data_version(&query.plan, catalog),
     };
-    let (seed, repeat, remaining) = match ledger
+    let key = identity.key();
+    let (seed, repeat, remaining, kept) = match ledger
         .charge(&identity, cost, &allowance)
         .map_err(|e| Error::Internal(e.to_string()))?
     {
-        Charge::Charged { seed, remaining } => (seed, false, Some(remaining)),
-        Charge::Repeat { seed } => (seed, true, None),
+        Charge::Charged { seed, remaining } => (seed, false, Some(remaining), None),
+        Charge::Repeat { seed, answer } => (seed, true, None, answer),
         Charge::Exhausted { remaining } => {
             return Err(Refusal::new(
                 ReasonCode::BudgetExhausted,
@@ -185,5 +205,75 @@ pub fn charge(query: &PlannedQuery, ledger: &Ledger, catalog: &Catalog) -> Resul
         delta: cost.delta(),
         repeat,
         remaining,
+        identity: key,
+        kept,
     }))
+}
+
+/// The most a DP answer may weigh to be kept (DP answers are groups that cleared τ, so
+/// few; this bounds the ledger's rows).
+pub const MAX_KEPT_ANSWER: usize = 64 * 1024 * 1024;
+
+/// The stream a charged DP query releases: its kept answer on a repeat; otherwise the
+/// whole result of `executed`, kept in the ledger first and then released (or the answer
+/// another execution of the same identity kept before it). Nothing leaves unkept.
+pub fn answer_once(
+    executed: SendableRecordBatchStream,
+    ledger: Arc<Ledger>,
+    charged: &Charged,
+) -> SendableRecordBatchStream {
+    let schema = executed.schema();
+    let identity = charged.identity.clone();
+    let kept = charged.kept.clone();
+    let out = Arc::clone(&schema);
+    let answer = futures::stream::once(async move {
+        let bytes = match kept {
+            Some(bytes) => bytes,
+            None => {
+                let batches = collect_bounded(executed).await?;
+                let bytes = encode(&schema, &batches)?;
+                tokio::task::spawn_blocking(move || ledger.keep_answer(&identity, bytes))
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?
+            }
+        };
+        decode(&bytes)
+    })
+    .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
+    .try_flatten();
+    Box::pin(RecordBatchStreamAdapter::new(out, answer))
+}
+
+async fn collect_bounded(
+    mut stream: SendableRecordBatchStream,
+) -> datafusion::common::Result<Vec<RecordBatch>> {
+    let mut batches = Vec::new();
+    let mut size = 0;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        size += batch.get_array_memory_size();
+        if size > MAX_KEPT_ANSWER {
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "a DP answer larger than {} MiB cannot be kept for its repeats; group more coarsely",
+                MAX_KEPT_ANSWER >> 20
+            )));
+        }
+        batches.push(batch);
+    }
+    Ok(batches)
+}
+
+fn encode(schema: &SchemaRef, batches: &[RecordBatch]) -> datafusion::common::Result<Vec<u8>> {
+    let mut writer =
+        datafusion::arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema.as_ref())?;
+    for b in batches {
+        writer.write(b)?;
+    }
+    Ok(writer.into_inner()?)
+}
+
+fn decode(bytes: &[u8]) -> datafusion::common::Result<Vec<RecordBatch>> {
+    let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(bytes, None)?;
+    Ok(reader.collect::<Result<Vec<_>, _>>()?)
 }

@@ -66,6 +66,22 @@ impl QueryStream {
 
     /// Counts every batch against the principal's daily quota before it is passed on;
     /// the stream stops with `QUOTA_EXCEEDED` before a batch that would cross it.
+    /// Replaces the stream of batches (same schema) by what `f` makes of it: timeout,
+    /// quota, conformance and the outcome still apply to what it yields.
+    pub fn map_batches(
+        mut self,
+        f: impl FnOnce(SendableRecordBatchStream) -> SendableRecordBatchStream,
+    ) -> Self {
+        let inner = std::mem::replace(
+            &mut self.inner,
+            Box::pin(datafusion::physical_plan::EmptyRecordBatchStream::new(
+                Arc::clone(&self.schema),
+            )),
+        );
+        self.inner = f(inner);
+        self
+    }
+
     pub fn with_quota(mut self, release: crate::quota::Release) -> Self {
         self.quota = Some(release);
         self

@@ -352,6 +352,48 @@ async fn a_repeat_on_changed_data_is_charged_again() {
     assert_eq!(charged, 2, "changed data is charged anew");
 }
 
+/// A query whose rows are not a function of its text (here `random()` in a scalar
+/// subquery picks one of two zips) must not get the same noise over different rows on a
+/// free repeat: two such answers difference the noise away (a hostile analyst read one
+/// patient's exact claims total this way). Every repeat gets the first answer, exactly.
+#[tokio::test]
+async fn a_repeat_of_a_nondeterministic_query_gets_the_first_answer() {
+    let server = start().await;
+    let mut owner = owner(&server).await;
+    // Two zips with patients who have claims: the random branch changes the rows.
+    let zips = query(
+        &mut owner,
+        "SELECT p.zip FROM hospital.claims c JOIN hospital.patients p \
+         ON c.patient_id = p.patient_id GROUP BY p.zip ORDER BY p.zip LIMIT 2",
+    )
+    .await
+    .unwrap();
+    let zips = zips[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap();
+    let sql = format!(
+        "SELECT count(*) AS n, sum(c.amount) AS s \
+         FROM hospital.claims c JOIN hospital.patients p ON c.patient_id = p.patient_id \
+         WHERE p.zip = (SELECT CASE WHEN random() < 0.5 THEN '{}' ELSE '{}' END)",
+        zips.value(0),
+        zips.value(1)
+    );
+    let mut c = analyst(&server).await;
+    c.set_header("airlock-epsilon", "0.1");
+    let first = pretty(&query(&mut c, &sql).await.unwrap());
+    for _ in 0..12 {
+        assert_eq!(pretty(&query(&mut c, &sql).await.unwrap()), first);
+    }
+    let listed = login(server.addr, "owner")
+        .await
+        .json_action(airlock::flight::budget::LIST, serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["charges"].as_u64(), Some(1), "{listed}");
+}
+
 /// Thirty distinct DP queries at ε = 1 fired at once against a budget of ε = 10, from
 /// thirty connections: exactly ten are answered, the others are BUDGET_EXHAUSTED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

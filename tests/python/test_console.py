@@ -117,9 +117,13 @@ def post_from_page(driver, path, body) -> int:
 
 
 def cell_texts(driver, selector) -> list[str]:
-    """The texts of a table row's cells, read at once (htmx may swap the row any time)."""
+    """The texts of a table row's cells, read at once (htmx may swap the row any time).
+
+    `textContent`, not `innerText`: the latter depends on layout, and a row htmx is still
+    settling can lay out without its text."""
     return driver.execute_script(
-        "return Array.from(document.querySelectorAll(arguments[0] + ' td')).map(td => td.innerText.trim());",
+        "return Array.from(document.querySelectorAll(arguments[0] + ' td'))"
+        ".map(td => td.textContent.replace(/\\s+/g, ' ').trim());",
         selector,
     )
 

@@ -465,6 +465,33 @@ def test_isolate_one_patient_by_join(env):
     assert exact_hits == 0, f"exact clamped sum of patient {t.patient_id} released {exact_hits} times"
 
 
+def test_free_repeat_of_a_random_subquery(env):
+    """A free repeat must not rerun the noise over different rows: random() in a scalar
+    subquery chooses whether the target's zip is selected; if repeats were recomputed
+    with the same seed, two distinct answers would differ by the target's exact values."""
+    t = target_patient(env)
+    mine = env.claims[env.claims.patient_id == t.patient_id]
+    sql = ("SELECT count(*) AS n, sum(c.amount) AS s FROM hospital.claims c "
+           "JOIN hospital.patients p ON c.patient_id = p.patient_id "
+           f"WHERE p.zip = '10001' OR p.zip = (SELECT CASE WHEN random() < 0.5 THEN '{t.zip}' ELSE 'nowhere' END)")
+    answers, spent = set(), 0.0
+    for _ in range(12):
+        r, ch = charged(env, lambda: env.q(sql, eps=0.05))
+        spent += ch
+        if is_err(r):
+            report(f"[random repeat] refused {r.code}")
+            return
+        answers.add((r[0]["n"], round(r[0]["s"], 3)))
+    report(f"[random repeat] {len(answers)} distinct answer(s) in 12 runs, charged {spent:.2f} "
+           f"(target {t.patient_id}: {len(mine)} claims)")
+    if len(answers) > 1:
+        (n1, s1), (n2, s2) = sorted(answers)[:2]
+        exact = float(mine.amount.clip(0, HI).sum())
+        assert abs(abs(s2 - s1) - exact) > 0.01, \
+            f"two free answers difference to patient {t.patient_id}'s exact clamped claims total {exact}"
+    assert len(answers) == 1, f"a free repeat returned {len(answers)} different answers: {answers}"
+
+
 def test_noise_scale_sanity(env):
     """count(DISTINCT) grouped by a patients column: residuals must look like discrete Laplace(b = L0/ε)."""
     r = env.q("SELECT p.age % 20 AS age, count(DISTINCT c.patient_id) u FROM hospital.claims c JOIN hospital.patients p "
