@@ -58,11 +58,24 @@ pub fn explain(ctx: &PolicyContext, plan: &LogicalPlan, analyzed: Option<&Logica
             );
         }
         let unit = r.policy.privacy_unit.as_deref().unwrap_or("each row");
-        let _ = writeln!(
-            out,
-            "    every released row must stand for at least {} distinct entities ({unit}); smaller groups are dropped",
-            r.policy.min_group_size
-        );
+        match &r.policy.release {
+            crate::policy::dp::ReleaseMode::Threshold => {
+                let _ = writeln!(
+                    out,
+                    "    every released row must stand for at least {} distinct entities ({unit}); smaller groups are dropped",
+                    r.policy.min_group_size
+                );
+            }
+            crate::policy::dp::ReleaseMode::Dp(dp) => {
+                let _ = writeln!(
+                    out,
+                    "    differential privacy: each {unit} counts in at most {} groups with at most {} rows each; \
+                     figures are noisy, groups are released only when a noisy count of entities clears a threshold, \
+                     and each query is charged to your privacy budget",
+                    dp.max_groups_per_unit, dp.max_rows_per_group_per_unit
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "    allowed aggregates: {}",

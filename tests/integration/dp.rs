@@ -130,6 +130,14 @@ async fn what_dp_mode_cannot_answer_is_refused_with_its_reason() {
         "{r:?}"
     );
     assert_refused(r, "DP_NOT_SUPPORTED");
+    // The explanation describes DP release, not a k-threshold the table does not have.
+    let text = login(server.addr, "analyst")
+        .await
+        .explain(GROUPED)
+        .await
+        .unwrap();
+    assert!(text.contains("differential privacy"), "{text}");
+    assert!(!text.contains("distinct entities"), "{text}");
 }
 
 #[tokio::test]
