@@ -97,6 +97,28 @@ pub fn analyze(plan: &LogicalPlan, ctx: &PolicyContext) -> Analysis {
     }
 }
 
+/// The columns of a relation the query makes itself (VALUES, generate_series, the
+/// results of a subquery), joined to protected rows: their values follow the join key,
+/// row by row, as the analyst wrote them, so inside an aggregate they are conditional
+/// logic (`JOIN (VALUES ('90001', 1000000), ('10000', 0)) v(z, w) ON p.zip = v.z` and
+/// `sum(v.w)` is `sum(CASE WHEN zip = '90001' ...)`: one person weighted out of a group
+/// of thousands). They stay usable as filters and group keys (the k rule applies); as an
+/// aggregate argument they are refused, at any opt-in (PRIVACY.md §3.2: joins may not
+/// mark protected rows at the analyst's choice). A catalog table's columns are the
+/// owner's data, and a one-row relation's columns are the same on every row: neither
+/// marks anything.
+fn mark_joined(cols: &mut [Col], raw: &BTreeSet<TableName>) {
+    for c in cols {
+        let made = !matches!(c.provenance, Provenance::Catalog | Provenance::Single);
+        if made && c.kind == Kind::Public && !matches!(c.shape, Shape::Other(_)) {
+            c.shape = Shape::Other(format!(
+                "a column of a relation the query makes (VALUES, generate_series or a subquery's results) joined to rows of {}, which marks them at the analyst's choice",
+                names(raw)
+            ));
+        }
+    }
+}
+
 /// Where a value comes from.
 #[derive(Debug, Clone, PartialEq)]
 enum Kind {
@@ -1017,6 +1039,16 @@ impl Checker<'_> {
         let mut cols = left.cols.clone();
         cols.extend(right.cols.iter().cloned());
         let split = left.cols.len();
+        if !raw.is_empty() {
+            for (range, side_raw) in [
+                (0..split, !left.raw.is_empty()),
+                (split..cols.len(), !right.raw.is_empty()),
+            ] {
+                if !side_raw {
+                    mark_joined(&mut cols[range], &raw);
+                }
+            }
+        }
         // Equality conjuncts between the two sides are join keys; the rest are predicates.
         let mut keys: Vec<(usize, usize)> = Vec::new();
         for (l, r) in &j.on {

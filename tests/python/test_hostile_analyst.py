@@ -552,6 +552,31 @@ def _(ctx, t):
     ctx.guess("cost of U (integer-division indicator)", r.scalar(), float(pt[mask].cost.sum()), [r])
 
 
+@attack("c1_values_weight_join", "1 indicator")
+def _(ctx, t):
+    # A relation the query makes, joined on a filterable column, weights one person's
+    # rows (found by a hostile analyst: the diagnosis of the only patient of a zip in one
+    # query, padded past k by a big zip of weight 0).
+    zips = t.pt.zip.value_counts()
+    alone = sorted(z for z, n in zips.items() if n == 1)
+    if not alone:
+        ctx.note("no zip with exactly one patient in this data")
+        return
+    z = alone[0]
+    secret = t.pt[t.pt.zip == z].iloc[0].diagnosis
+    vs = [
+        ctx.q(f"SELECT p.diagnosis, sum(v.w) FROM {P} p JOIN (VALUES ({lit(z)}, 1000000), ({lit(t.big_zip)}, 0)) "
+              f"v(z, w) ON p.zip = v.z GROUP BY p.diagnosis"),
+        ctx.q(f"SELECT p.diagnosis, count(v.w) FROM {P} p JOIN (VALUES ({lit(z)}, 1), ({lit(t.big_zip)}, NULL)) "
+              f"v(z, w) ON p.zip = v.z GROUP BY p.diagnosis"),
+        ctx.q(f"WITH v(z, w) AS (VALUES ({lit(z)}, 1000000.0), ({lit(t.big_zip)}, 0.0)) "
+              f"SELECT p.diagnosis, avg(w) FROM {P} p, v WHERE p.zip = v.z GROUP BY p.diagnosis"),
+    ]
+    for r in vs:
+        hits = [d for d, w in r.keyed().items() if w]
+        ctx.guess(f"diagnosis of the only patient of zip {z}", hits[0] if len(hits) == 1 else None, secret, [r])
+
+
 @attack("c1_power_zero", "1 indicator")
 def _(ctx, t):
     r = ctx.q(f"SELECT sum(cost * power(0.0, CAST(abs(patient_id - 7) AS DOUBLE))) FROM {P}")
