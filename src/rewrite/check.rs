@@ -1143,6 +1143,20 @@ impl Checker<'_> {
             _ => &[],
         };
         for side in nullable {
+            // Its columns are NULL except where the join's conditions hold: a self-join
+            // `LEFT JOIN patients t ON p.patient_id = t.patient_id AND p.zip <> '90000'`
+            // makes `sum(p.cost) - sum(t.cost)` one patient's cost, in one k-safe row.
+            for c in &mut cols[sides[*side].0.clone()] {
+                if !matches!(c.shape, Shape::Other(_)) {
+                    c.shape = Shape::Marked {
+                        inner: Box::new(c.shape.clone()),
+                        why: format!(
+                            "a column of the nullable side of an outer join over rows of {} (NULL except where the join's conditions hold)",
+                            names(&raw)
+                        ),
+                    };
+                }
+            }
             if !sides[*side].1 && !self.opt_ins(&raw).conditional {
                 self.violation(
                     ReasonCode::ConditionalAggregate,

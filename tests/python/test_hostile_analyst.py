@@ -577,6 +577,28 @@ def _(ctx, t):
         ctx.guess(f"diagnosis of the only patient of zip {z}", hits[0] if len(hits) == 1 else None, secret, [r])
 
 
+@attack("c1_outer_self_join_marks", "1 indicator")
+def _(ctx, t):
+    # An outer self-join whose ON clause drops one person from the nullable side: two
+    # sums in one k-safe row differ by exactly that person (found by a hostile analyst).
+    zips = t.pt.zip.value_counts()
+    alone = sorted(z for z, n in zips.items() if n == 1)
+    if not alone:
+        ctx.note("no zip with exactly one patient in this data")
+        return
+    z = alone[0]
+    who = t.pt[t.pt.zip == z].iloc[0]
+    r = ctx.q(f"SELECT count(*) AS n, sum(p.cost) - sum(o.cost) AS d FROM {P} p LEFT JOIN {P} o "
+              f"ON p.patient_id = o.patient_id AND p.zip <> {lit(z)}")
+    ctx.guess(f"cost of the only patient of zip {z}", r.rows[0][1] if r.released and r.rows else None,
+              float(who.cost), [r])
+    r2 = ctx.q(f"SELECT p.diagnosis, count(DISTINCT p.patient_id) - count(DISTINCT o.patient_id) FROM {P} p "
+               f"LEFT JOIN (SELECT * FROM {P} WHERE zip <> {lit(z)}) o ON p.patient_id = o.patient_id "
+               f"GROUP BY p.diagnosis")
+    hits = [d for d, n in r2.keyed().items() if n]
+    ctx.guess(f"diagnosis of the only patient of zip {z}", hits[0] if len(hits) == 1 else None, who.diagnosis, [r2])
+
+
 @attack("c1_power_zero", "1 indicator")
 def _(ctx, t):
     r = ctx.q(f"SELECT sum(cost * power(0.0, CAST(abs(patient_id - 7) AS DOUBLE))) FROM {P}")

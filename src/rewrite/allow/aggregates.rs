@@ -71,6 +71,10 @@ pub enum Shape {
     Arithmetic(Vec<Shape>),
     /// A choice among the branches (CASE, COALESCE, ...).
     Conditional(Vec<Shape>),
+    /// A value the query's own conditions decide to keep or blank out: a column of the
+    /// nullable side of an outer join is NULL except where the join's conditions (and
+    /// any filter of that side) hold. Conditional logic, like CASE.
+    Marked { inner: Box<Shape>, why: String },
     /// Anything else, as a refusal names it ("a cast of a comparison").
     Other(String),
 }
@@ -165,8 +169,13 @@ fn value(
                     Shape::Column { .. } | Shape::Constant | Shape::Arithmetic(_) => {
                         value(function, false, p, opt_ins, seen, false)?
                     }
-                    Shape::Conditional(_) if opt_ins.conditional => {
+                    Shape::Conditional(_) | Shape::Marked { .. } if opt_ins.conditional => {
                         value(function, false, p, opt_ins, seen, false)?
+                    }
+                    Shape::Marked { why, .. } => {
+                        return Err(ArgumentError::Conditional(format!(
+                            "{why} inside {function}(...)"
+                        )));
                     }
                     Shape::Conditional(_) => {
                         return Err(ArgumentError::Conditional(format!(
@@ -195,6 +204,14 @@ fn value(
             }
             Ok(())
         }
+        Shape::Marked { inner, why } => {
+            if !opt_ins.conditional {
+                return Err(ArgumentError::Conditional(format!(
+                    "{why} inside {function}(...)"
+                )));
+            }
+            value(function, counting, inner, opt_ins, seen, top)
+        }
         Shape::Other(what) => Err(ArgumentError::NotAllowed(format!(
             "{what} inside {function}(...)"
         ))),
@@ -206,6 +223,7 @@ fn first_other(parts: &[Shape]) -> Option<&str> {
     parts.iter().find_map(|p| match p {
         Shape::Other(what) => Some(what.as_str()),
         Shape::Arithmetic(inner) | Shape::Conditional(inner) => first_other(inner),
+        Shape::Marked { inner, .. } => first_other(std::slice::from_ref(inner)),
         Shape::Column { .. } | Shape::Constant => None,
     })
 }
@@ -286,5 +304,38 @@ mod tests {
             Err(ArgumentError::Conditional(_))
         ));
         assert!(check_argument("sum", false, &case, BOTH).is_ok());
+    }
+
+    #[test]
+    fn nullable_side_of_an_outer_join_is_conditional() {
+        let marked = |inner| Shape::Marked {
+            inner: Box::new(inner),
+            why: "a column of the nullable side of an outer join".into(),
+        };
+        let salary = marked(col("salary", ColumnClass::Filterable));
+        assert_eq!(
+            check_argument("sum", false, &salary, NONE),
+            Err(ArgumentError::Conditional(
+                "a column of the nullable side of an outer join inside sum(...)".into()
+            ))
+        );
+        assert!(check_argument("sum", false, &salary, BOTH).is_ok());
+        // Counted entities of the nullable side: a FILTER by another name.
+        let pid = marked(col("pid", ColumnClass::Unit));
+        assert!(check_argument("count", true, &pid, NONE).is_err());
+        // Inside arithmetic, too.
+        let diff = Shape::Arithmetic(vec![col("age", ColumnClass::Filterable), salary]);
+        assert!(matches!(
+            check_argument(
+                "sum",
+                false,
+                &diff,
+                OptIns {
+                    arithmetic: true,
+                    conditional: false
+                }
+            ),
+            Err(ArgumentError::Conditional(_))
+        ));
     }
 }
