@@ -1121,6 +1121,14 @@ impl Checker<'_> {
             );
         }
         self.key_pairs(&keys, &cols, &raw);
+        if !left.raw.is_empty() && !right.raw.is_empty() && !keys.is_empty() {
+            let by_unit = keys
+                .iter()
+                .any(|(a, b)| is_unit(&cols[*a]) || is_unit(&cols[*b]));
+            if !by_unit {
+                self.repeating_join(&keys, schema, &raw);
+            }
+        }
         let sides = [
             (0..split, !left.raw.is_empty()),
             (split..cols.len(), !right.raw.is_empty()),
@@ -1233,6 +1241,24 @@ impl Checker<'_> {
             self.unjoined(raw);
         }
         self.key_pairs(&keys, &input.cols, raw);
+        // Leaves of protected rows must be joined to each other on a privacy unit.
+        let raw_leaf = |i: usize| leaf_of(i).filter(|l| leaves[*l].raw);
+        let mut by_unit: Vec<usize> = (0..leaves.len()).collect();
+        for (a, b) in &keys {
+            if let (Some(la), Some(lb)) = (raw_leaf(*a), raw_leaf(*b))
+                && (is_unit(&input.cols[*a]) || is_unit(&input.cols[*b]))
+            {
+                let (ra, rb) = (find(&mut by_unit, la), find(&mut by_unit, lb));
+                by_unit[ra] = rb;
+            }
+        }
+        let raw_roots: BTreeSet<usize> = (0..leaves.len())
+            .filter(|l| leaves[*l].raw)
+            .map(|l| find(&mut by_unit, l))
+            .collect();
+        if raw_roots.len() > 1 {
+            self.repeating_join(&keys, schema, raw);
+        }
         for leaf in leaves.iter().filter(|l| !l.raw) {
             let side_keys: Vec<usize> = keys
                 .iter()
@@ -1271,6 +1297,32 @@ impl Checker<'_> {
                 }
             }
         }
+    }
+
+    /// Protected rows joined with protected rows on anything but a privacy unit: each row
+    /// is repeated once per partner row with the same key value, and the analyst chooses
+    /// those counts (a self-join on `zip` weights a big zip's rows by its size and a lone
+    /// patient's by 1; sums then give that patient away by their remainder).
+    fn repeating_join(
+        &mut self,
+        keys: &[(usize, usize)],
+        schema: &DFSchema,
+        raw: &BTreeSet<TableName>,
+    ) {
+        let on: Vec<String> = keys
+            .iter()
+            .flat_map(|(a, b)| [*a, *b])
+            .filter_map(|i| schema.fields().get(i).map(|f| f.name().clone()))
+            .collect();
+        self.violation(
+            ReasonCode::JoinNotAllowed,
+            raw,
+            format!(
+                "a join of protected rows of {} with protected rows on {} repeats each row once per partner with the same value, a weight the analyst chooses: protected rows may be joined with protected rows only on a privacy unit",
+                names(raw),
+                on.join(", ")
+            ),
+        );
     }
 
     /// A relation that is not a catalog table may join protected rows only on keys whose
@@ -1375,6 +1427,11 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// The privacy unit of a protected table, bare.
+fn is_unit(c: &Col) -> bool {
+    matches!(c.kind, Kind::Restricted(_, ColumnClass::Unit))
 }
 
 fn is_keyless_inner(j: &Join) -> bool {

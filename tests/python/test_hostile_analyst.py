@@ -599,6 +599,28 @@ def _(ctx, t):
     ctx.guess(f"diagnosis of the only patient of zip {z}", hits[0] if len(hits) == 1 else None, who.diagnosis, [r2])
 
 
+@attack("c1_self_join_multiplicity", "1 indicator")
+def _(ctx, t):
+    # A self-join on zip repeats each row by its zip's size: a lone patient's rows once,
+    # a big zip's 1 000 times; the remainder of one count gives the lone patient's
+    # diagnosis away (found by a hostile analyst).
+    zips = t.pt.zip.value_counts()
+    alone = sorted(z for z, n in zips.items() if n == 1)
+    if not alone:
+        ctx.note("no zip with exactly one patient in this data")
+        return
+    z, big = alone[0], t.big_zip
+    who = t.pt[t.pt.zip == z].iloc[0]
+    m = int(zips[big])
+    found = None
+    for d in t.common_dx[:3] + [who.diagnosis]:
+        r = ctx.q(f"SELECT count(*) FROM {P} p JOIN {P} q ON p.zip = q.zip "
+                  f"WHERE p.diagnosis = {lit(d)} AND p.zip IN ({lit(z)}, {lit(big)})")
+        if r.released and r.rows and r.rows[0][0] is not None and r.rows[0][0] % m == 1:
+            found = d
+    ctx.guess(f"diagnosis of the only patient of zip {z}", found, who.diagnosis)
+
+
 @attack("c1_power_zero", "1 indicator")
 def _(ctx, t):
     r = ctx.q(f"SELECT sum(cost * power(0.0, CAST(abs(patient_id - 7) AS DOUBLE))) FROM {P}")
