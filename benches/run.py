@@ -38,10 +38,12 @@ TABLES = ["region", "nation", "supplier", "customer", "part", "partsupp", "order
 # reads one table (customer: 150 000 rows at SF 1; orders: 1.5 M).
 # DP against threshold mode (issue 11): the same grouped aggregate over lineitem, once
 # under the bench policy (k = 5) and once with lineitem in DP mode (policies-dp).
+# Each run adds a different no-op bound (`l_quantity < 1000000 + i`), so each is a new
+# query: a DP repeat would be served its kept answer without executing (PRIVACY.md §5b).
 DP_QUERY = (
     "SELECT l_returnflag, l_linestatus, count(*) AS n, sum(l_quantity) AS q, "
     "avg(l_extendedprice) AS p FROM tpch.lineitem WHERE l_shipdate <= DATE '1998-09-02' "
-    "GROUP BY l_returnflag, l_linestatus"
+    "AND l_quantity < {bound} GROUP BY l_returnflag, l_linestatus"
 )
 
 SMALL_QUERIES = [
@@ -198,6 +200,21 @@ def flight_runner(uri: str, user: str | None, sqls: dict, stack: ExitStack):
     def run(query: str) -> tuple[float, int]:
         started = time.perf_counter()
         table = adbc_query(conn, sqls[query])
+        return time.perf_counter() - started, table.num_rows
+
+    return run
+
+
+def varying_runner(uri: str, user: str | None, template: str, stack: ExitStack):
+    """Runs `template` with a new `{bound}` each time (a new query for the DP ledger)."""
+    conn = connect(uri, user)
+    stack.callback(conn.close)
+    count = iter(range(1_000_000, 2_000_000))
+
+    def run(query: str) -> tuple[float, int]:
+        sql = template.format(bound=next(count))
+        started = time.perf_counter()
+        table = adbc_query(conn, sql)
         return time.perf_counter() - started, table.num_rows
 
     return run
@@ -619,8 +636,8 @@ def main() -> int:
         dp_server = stack.enter_context(
             airlock(args, "airlock_dp", config, logdir, TPCH / "policies-dp"))
         dp_times, dp_rows = interleaved({
-            "threshold": flight_runner(server.uri, "bench_analyst", {"dp": DP_QUERY}, stack),
-            "dp": flight_runner(dp_server.uri, "bench_analyst", {"dp": DP_QUERY}, stack),
+            "threshold": varying_runner(server.uri, "bench_analyst", DP_QUERY, stack),
+            "dp": varying_runner(dp_server.uri, "bench_analyst", DP_QUERY, stack),
         }, ["dp"], w, n)
         r["dp"] = {s: {"times": dp_times[s]["dp"], "rows": dp_rows[s]["dp"]} for s in dp_times}
 
