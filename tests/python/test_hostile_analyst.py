@@ -406,6 +406,10 @@ class Targets:
         self.g10 = self._group_of(10)
         # A big zip, for padding.
         self.big_zip = pt.zip.value_counts().index[0]
+        # The only patient of some zip (the target of the join attacks), if there is one.
+        zips = pt.zip.value_counts()
+        alone = sorted(z for z, n in zips.items() if n == 1)
+        self.lone = pt[pt.zip == alone[0]].iloc[0] if alone else None
         # A ward with an odd number of patients (median is then one patient's value).
         wards = pt.ward.value_counts()
         self.odd_ward = sorted(w for w, n in wards.items() if n % 2 == 1 and n >= K)[0] if any(
@@ -557,13 +561,10 @@ def _(ctx, t):
     # A relation the query makes, joined on a filterable column, weights one person's
     # rows (found by a hostile analyst: the diagnosis of the only patient of a zip in one
     # query, padded past k by a big zip of weight 0).
-    zips = t.pt.zip.value_counts()
-    alone = sorted(z for z, n in zips.items() if n == 1)
-    if not alone:
+    if t.lone is None:
         ctx.note("no zip with exactly one patient in this data")
         return
-    z = alone[0]
-    secret = t.pt[t.pt.zip == z].iloc[0].diagnosis
+    z, secret = t.lone.zip, t.lone.diagnosis
     vs = [
         ctx.q(f"SELECT p.diagnosis, sum(v.w) FROM {P} p JOIN (VALUES ({lit(z)}, 1000000), ({lit(t.big_zip)}, 0)) "
               f"v(z, w) ON p.zip = v.z GROUP BY p.diagnosis"),
@@ -581,13 +582,10 @@ def _(ctx, t):
 def _(ctx, t):
     # An outer self-join whose ON clause drops one person from the nullable side: two
     # sums in one k-safe row differ by exactly that person (found by a hostile analyst).
-    zips = t.pt.zip.value_counts()
-    alone = sorted(z for z, n in zips.items() if n == 1)
-    if not alone:
+    if t.lone is None:
         ctx.note("no zip with exactly one patient in this data")
         return
-    z = alone[0]
-    who = t.pt[t.pt.zip == z].iloc[0]
+    z, who = t.lone.zip, t.lone
     r = ctx.q(f"SELECT count(*) AS n, sum(p.cost) - sum(o.cost) AS d FROM {P} p LEFT JOIN {P} o "
               f"ON p.patient_id = o.patient_id AND p.zip <> {lit(z)}")
     ctx.guess(f"cost of the only patient of zip {z}", r.rows[0][1] if r.released and r.rows else None,
@@ -604,14 +602,11 @@ def _(ctx, t):
     # A self-join on zip repeats each row by its zip's size: a lone patient's rows once,
     # a big zip's 1 000 times; the remainder of one count gives the lone patient's
     # diagnosis away (found by a hostile analyst).
-    zips = t.pt.zip.value_counts()
-    alone = sorted(z for z, n in zips.items() if n == 1)
-    if not alone:
+    if t.lone is None:
         ctx.note("no zip with exactly one patient in this data")
         return
-    z, big = alone[0], t.big_zip
-    who = t.pt[t.pt.zip == z].iloc[0]
-    m = int(zips[big])
+    z, big, who = t.lone.zip, t.big_zip, t.lone
+    m = int((t.pt.zip == big).sum())
     found = None
     for d in t.common_dx[:3] + [who.diagnosis]:
         r = ctx.q(f"SELECT count(*) FROM {P} p JOIN {P} q ON p.zip = q.zip "
