@@ -9,6 +9,7 @@ pub mod access;
 pub mod dp;
 pub mod refusal;
 pub mod tables;
+pub mod unique;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -111,6 +112,17 @@ impl PolicySnapshot {
                 return Err(Diagnostics(errors));
             }
         };
+        let repeated = unique::violations(&tables, catalog).await;
+        if !repeated.is_empty() {
+            return Err(Diagnostics(
+                repeated
+                    .into_iter()
+                    .map(|(_, key, m)| {
+                        Diagnostic::at_span(&tables_path, &tables_text, Some(key.span), m)
+                    })
+                    .collect(),
+            ));
+        }
         let mut h = Sha256::new();
         for text in [&model, &policy, &tables_text] {
             h.update((text.len() as u64).to_le_bytes());

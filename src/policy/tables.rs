@@ -141,6 +141,18 @@ pub struct TablesPolicy {
     pub tables: BTreeMap<TableName, TablePolicy>,
     /// Privacy budgets of analysts on datasets with DP tables (§5b).
     pub budgets: Budgets,
+    /// Keys the owner declares unique, per table (`unique = [[...]]` in a table's
+    /// section or in `[public."schema.table"]`); checked against the data when the policy
+    /// loads. Protected rows may join a relation that is not protected only on one of
+    /// these (or on keys unique by construction): duplicates would weight a person.
+    pub unique: BTreeMap<TableName, Vec<UniqueKey>>,
+}
+
+/// One declared unique key: its columns, and where it stands in `tables.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UniqueKey {
+    pub columns: Vec<String>,
+    pub span: std::ops::Range<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +162,16 @@ struct RawFile {
     tables: BTreeMap<String, Spanned<RawTable>>,
     #[serde(default)]
     budgets: Vec<Spanned<RawBudget>>,
+    /// Tables that are not protected, for their unique keys.
+    #[serde(default)]
+    public: BTreeMap<String, Spanned<RawPublic>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPublic {
+    #[serde(default)]
+    unique: Vec<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +219,8 @@ struct RawTable {
     bounds: BTreeMap<String, Spanned<Vec<f64>>>,
     max_epsilon: Option<Spanned<f64>>,
     delta: Option<Spanned<f64>>,
+    #[serde(default)]
+    unique: Vec<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,6 +242,7 @@ impl TablesPolicy {
             .map_err(|e| Diagnostics::one(Diagnostic::from_toml(path, text, &e)))?;
         let mut out = Collector::default();
         let mut tables = BTreeMap::new();
+        let mut unique = BTreeMap::new();
         for (name, entry) in raw.tables {
             let table_span = entry.span();
             let err = |span: std::ops::Range<usize>, msg: String| {
@@ -366,6 +391,12 @@ impl TablesPolicy {
                     )),
                 }
             }
+            let keys = unique_keys(&table, &schema, &raw.unique, &mut |sp, m| {
+                out.push(err(sp, m))
+            });
+            if !keys.is_empty() {
+                unique.insert(table.clone(), keys);
+            }
             let release = dp_settings(
                 &table,
                 &raw_dp,
@@ -389,6 +420,38 @@ impl TablesPolicy {
                     release,
                 },
             );
+        }
+        for (name, entry) in raw.public {
+            let span = entry.span();
+            let err = |sp: std::ops::Range<usize>, m: String| {
+                Diagnostic::at_span(path, text, Some(sp), m)
+            };
+            let table = match TableName::parse(&name) {
+                Ok(t) => t,
+                Err(e) => {
+                    out.push(err(span, e));
+                    continue;
+                }
+            };
+            if tables.contains_key(&table) {
+                out.push(err(
+                    span,
+                    format!(
+                        "{table} is protected ([tables.\"{table}\"]): declare its unique keys there"
+                    ),
+                ));
+                continue;
+            }
+            let Some(schema) = schema_of(&table) else {
+                out.push(err(span, format!("table {table} is not in the catalog")));
+                continue;
+            };
+            let keys = unique_keys(&table, &schema, &entry.get_ref().unique, &mut |sp, m| {
+                out.push(err(sp, m))
+            });
+            if !keys.is_empty() {
+                unique.insert(table, keys);
+            }
         }
         let mut budgets = Vec::new();
         for b in raw.budgets {
@@ -465,12 +528,66 @@ impl TablesPolicy {
         out.finish(Self {
             tables,
             budgets: Budgets { budgets },
+            unique,
         })
     }
 
     pub fn get(&self, table: &TableName) -> Option<&TablePolicy> {
         self.tables.get(table)
     }
+
+    /// The declared unique keys of a table (none if it declares none).
+    pub fn unique_keys(&self, table: &TableName) -> &[UniqueKey] {
+        self.unique.get(table).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Validates `unique = [["a"], ["b", "c"]]`: each key a non-empty list of existing,
+/// distinct columns.
+fn unique_keys(
+    table: &TableName,
+    schema: &Schema,
+    raw: &[Spanned<Vec<Spanned<String>>>],
+    report: &mut dyn FnMut(std::ops::Range<usize>, String),
+) -> Vec<UniqueKey> {
+    let mut keys = Vec::new();
+    for key in raw {
+        let mut columns: Vec<String> = Vec::new();
+        let mut ok = !key.get_ref().is_empty();
+        if !ok {
+            report(
+                key.span(),
+                format!("{table}: a unique key needs at least one column"),
+            );
+        }
+        for c in key.get_ref() {
+            if schema.field_with_name(c.get_ref()).is_err() {
+                report(
+                    c.span(),
+                    format!(
+                        "{table}: unique key column {:?} does not exist",
+                        c.get_ref()
+                    ),
+                );
+                ok = false;
+            } else if columns.contains(c.get_ref()) {
+                report(
+                    c.span(),
+                    format!("{table}: {:?} is twice in one unique key", c.get_ref()),
+                );
+                ok = false;
+            } else {
+                columns.push(c.get_ref().clone());
+            }
+        }
+        if ok {
+            keys.push(UniqueKey {
+                columns,
+                span: key.span(),
+            });
+        }
+    }
+    keys
 }
 
 /// The DP keys of one table section, kept apart from the threshold keys.
@@ -685,6 +802,54 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("row filter for role r"), "{err}");
+    }
+
+    #[test]
+    fn unique_keys_parse_and_name_lines() {
+        let schema_of = |t: &TableName| match t.to_string().as_str() {
+            "h.p" | "h.pub" => schema_of(&TableName::parse("h.p").unwrap()),
+            _ => None,
+        };
+        let p = TablesPolicy::parse(
+            Path::new("tables.toml"),
+            "[tables.\"h.p\"]\nunique = [[\"pid\"]]\n\n[public.\"h.pub\"]\nunique = [[\"name\", \"age\"], [\"pid\"]]\n",
+            &schema_of,
+        )
+        .unwrap();
+        let pub_keys: Vec<Vec<String>> = p
+            .unique_keys(&TableName::parse("h.pub").unwrap())
+            .iter()
+            .map(|k| k.columns.clone())
+            .collect();
+        assert_eq!(
+            pub_keys,
+            vec![vec!["name".to_string(), "age".into()], vec!["pid".into()]]
+        );
+        assert_eq!(p.unique_keys(&TableName::parse("h.p").unwrap()).len(), 1);
+        assert!(
+            p.tables.get(&TableName::parse("h.pub").unwrap()).is_none(),
+            "public stays public"
+        );
+        let err = TablesPolicy::parse(
+            Path::new("t.toml"),
+            "[tables.\"h.p\"]\n\n[public.\"h.p\"]\nunique = [[\"pid\"]]\n\n[public.\"h.pub\"]\nunique = [[\"nope\"], []]\n\n[public.\"h.q\"]\n",
+            &schema_of,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("t.toml:3: h.p is protected"), "{err}");
+        assert!(
+            err.contains("t.toml:7: h.pub: unique key column \"nope\" does not exist"),
+            "{err}"
+        );
+        assert!(
+            err.contains("h.pub: a unique key needs at least one column"),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:9: table h.q is not in the catalog"),
+            "{err}"
+        );
     }
 
     const DP: &str = "[tables.\"h.p\"]\nprivacy_unit = \"pid\"\nrelease = \"dp\"\nmax_groups_per_unit = 2\nmax_rows_per_group_per_unit = 3\nbounds = { age = [0, 120] }\nmax_epsilon = 1.0\ndelta = 1e-6\n";

@@ -23,6 +23,7 @@ use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
     BinaryExpr, Distinct, Expr, ExprSchemable, Join, JoinType, LogicalPlan, Operator, Subquery,
+    TableScan,
 };
 
 use super::PolicyContext;
@@ -109,7 +110,10 @@ pub fn analyze(plan: &LogicalPlan, ctx: &PolicyContext) -> Analysis {
 /// marks anything.
 fn mark_joined(cols: &mut [Col], raw: &BTreeSet<TableName>) {
     for c in cols {
-        let made = !matches!(c.provenance, Provenance::Catalog | Provenance::Single);
+        let made = !matches!(
+            c.provenance,
+            Provenance::Catalog | Provenance::Column { .. } | Provenance::Single
+        );
         if made && c.kind == Kind::Public && !matches!(c.shape, Shape::Other(_)) {
             c.shape = Shape::Other(format!(
                 "a column of a relation the query makes (VALUES, generate_series or a subquery's results) joined to rows of {}, which marks them at the analyst's choice",
@@ -142,8 +146,15 @@ impl Kind {
 /// What a relation's column is, for the uniqueness of join keys (§3.2).
 #[derive(Debug, Clone, PartialEq)]
 enum Provenance {
-    /// A column of a catalog table.
+    /// A column of a protected catalog table, scanned as raw rows.
     Catalog,
+    /// Column `column` of scan `scan` of a catalog table whose rows are public to the
+    /// principal: unique only through the table's declared keys.
+    Column {
+        scan: usize,
+        table: TableName,
+        column: String,
+    },
     /// Column `index` of VALUES list `id`.
     Values {
         id: usize,
@@ -239,6 +250,24 @@ impl Checker<'_> {
     fn id(&mut self) -> usize {
         self.next_id += 1;
         self.next_id
+    }
+
+    /// The columns of a scan of a table whose rows are not protected from this
+    /// principal: public values, each known as which column of which scan it is (for
+    /// the table's declared unique keys).
+    fn catalog_columns(&mut self, table: TableName, scan: &TableScan) -> Vec<Col> {
+        let id = self.id();
+        scan.projected_schema
+            .fields()
+            .iter()
+            .map(|f| {
+                Col::public(Provenance::Column {
+                    scan: id,
+                    table: table.clone(),
+                    column: f.name().clone(),
+                })
+            })
+            .collect()
     }
 
     fn unjoined(&mut self, tables: &BTreeSet<TableName>) {
@@ -343,15 +372,18 @@ impl Checker<'_> {
                         };
                     }
                     return Info {
-                        cols: vec![Col::public(Provenance::Catalog); width],
+                        cols: self.catalog_columns(name.clone(), scan),
                         ..Info::default()
                     };
                 }
-                let catalog = super::table_name(&scan.table_name).is_some();
+                if let Some(name) = super::table_name(&scan.table_name) {
+                    return Info {
+                        cols: self.catalog_columns(name, scan),
+                        ..Info::default()
+                    };
+                }
                 let table_function = scan.table_name.table();
-                let provenance = if catalog {
-                    Provenance::Catalog
-                } else if table_function.starts_with("generate_series")
+                let provenance = if table_function.starts_with("generate_series")
                     || table_function.starts_with("range")
                 {
                     Provenance::Series
@@ -1259,13 +1291,38 @@ impl Checker<'_> {
         if raw_roots.len() > 1 {
             self.repeating_join(&keys, schema, raw);
         }
-        for leaf in leaves.iter().filter(|l| !l.raw) {
-            let side_keys: Vec<usize> = keys
-                .iter()
-                .flat_map(|(a, b)| [*a, *b])
-                .filter(|i| leaf.columns.contains(i))
-                .collect();
-            self.unique(&side_keys, &input.cols, raw);
+        // Every other leaf must be determined by the protected rows: one of its unique
+        // keys equated, column by column, to columns of protected leaves or of leaves
+        // already determined. Then each protected row meets at most one row of it. (A
+        // leaf unique on a key that joins only another public leaf is not enough:
+        // `c.x = s.x AND s.u = n.u` repeats c's rows once per s row with that x.)
+        let mut determined: Vec<bool> = leaves.iter().map(|l| l.raw).collect();
+        loop {
+            let mut grew = false;
+            for (i, leaf) in leaves.iter().enumerate() {
+                if determined[i] {
+                    continue;
+                }
+                let side_keys: Vec<usize> = keys
+                    .iter()
+                    .flat_map(|(a, b)| [(*a, *b), (*b, *a)])
+                    .filter(|(this, other)| {
+                        leaf.columns.contains(this)
+                            && leaf_of(*other).is_some_and(|l| determined[l])
+                    })
+                    .map(|(this, _)| this)
+                    .collect();
+                if self.is_unique(&side_keys, &input.cols) {
+                    determined[i] = true;
+                    grew = true;
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+        if determined.iter().any(|d| !d) {
+            self.not_unique(raw);
         }
     }
 
@@ -1325,17 +1382,54 @@ impl Checker<'_> {
         );
     }
 
-    /// A relation that is not a catalog table may join protected rows only on keys whose
+    /// A relation that is not protected may join protected rows only on keys whose
     /// values are unique in it: duplicates would weight one person many times.
     fn unique(&mut self, keys: &[usize], cols: &[Col], raw: &BTreeSet<TableName>) {
+        if !self.is_unique(keys, cols) {
+            self.not_unique(raw);
+        }
+    }
+
+    fn not_unique(&mut self, raw: &BTreeSet<TableName>) {
+        self.violation(
+            ReasonCode::JoinNotAllowed,
+            raw,
+            format!(
+                "a join of rows of {} with a relation whose join keys may repeat (it would count one person several times); join on a key the owner declared unique (`unique` in tables.toml) or on keys unique by construction",
+                names(raw)
+            ),
+        );
+    }
+
+    /// Whether the columns `keys` (of one side of a join) hold each value at most once:
+    /// they include a declared unique key of one scan of a catalog table, all the group
+    /// keys of one aggregate, distinct literal tuples of one VALUES list, the values of
+    /// generate_series, or columns of a relation of at most one row.
+    fn is_unique(&self, keys: &[usize], cols: &[Col]) -> bool {
         let provenances: Vec<&Provenance> = keys
             .iter()
             .filter_map(|i| cols.get(*i))
             .map(|c| &c.provenance)
             .collect();
-        let unique = provenances.iter().any(|p| {
-            matches!(p, Provenance::Catalog | Provenance::Series | Provenance::Single)
-        }) || provenances.iter().any(|p| match p {
+        provenances.iter().any(|p| match p {
+            Provenance::Series | Provenance::Single => true,
+            Provenance::Column { scan, table, .. } => {
+                let joined: BTreeSet<&str> = provenances
+                    .iter()
+                    .filter_map(|q| match q {
+                        Provenance::Column { scan: s, column, .. } if s == scan => {
+                            Some(column.as_str())
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                self.ctx
+                    .policy
+                    .tables
+                    .unique_keys(table)
+                    .iter()
+                    .any(|k| k.columns.iter().all(|c| joined.contains(c.as_str())))
+            }
             Provenance::GroupKey { id, keys, .. } => (0..*keys).all(|k| {
                 provenances
                     .iter()
@@ -1363,18 +1457,9 @@ impl Checker<'_> {
                     })
                 })
             }
-            _ => false,
-        });
-        if !unique {
-            self.violation(
-                ReasonCode::JoinNotAllowed,
-                raw,
-                format!(
-                    "a join of rows of {} with a relation whose join keys may repeat (it would count one person several times); join with a catalog table, or on keys that are unique",
-                    names(raw)
-                ),
-            );
-        }
+            // Raw protected rows are never "the other side" here; anything else may repeat.
+            Provenance::Catalog | Provenance::Other => false,
+        })
     }
 
     /// Checks every subquery in the node's expressions as a query of its own.

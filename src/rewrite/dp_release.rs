@@ -399,11 +399,14 @@ impl ExecutionPlan for DpReleaseExec {
     }
 }
 
-/// The rows one unit gives one group: at most C, those with the smallest keyed hashes.
-#[derive(Debug, Default)]
-struct Contribution {
-    /// (hash, values in fixed point; None for NULL)
-    rows: Vec<(u64, Vec<Option<i64>>)>,
+/// The rows one unit gives one group in one partition, before bounding.
+#[derive(Debug)]
+struct Cell {
+    /// The group key's id (its index in [`Accumulator::key_bytes`]).
+    key: u32,
+    rows: usize,
+    /// `rows × values` fixed-point values, row after row (None for NULL).
+    vals: Vec<Option<i64>>,
 }
 
 /// Per group key (its row bytes): units, rows and sums after bounding.
@@ -426,7 +429,13 @@ fn merge(into: &mut Totals, part: Totals, values: usize) -> Result<()> {
     Ok(())
 }
 
-/// The rows of one partition read so far, per (unit, group).
+/// The rows of one partition read so far, per unit and group.
+///
+/// Laid out for the common case, where a unit has a handful of rows in a handful of
+/// groups: one map probe per row (by the unit's row bytes), a short scan of the unit's
+/// cells, the values appended to the cell. Nothing is hashed for the bounds until a
+/// cell holds more than C rows or a unit more than L0 groups; the rows kept are then
+/// the same as if every row had been hashed on arrival.
 pub struct Accumulator {
     units: RowConverter,
     keys: RowConverter,
@@ -434,16 +443,51 @@ pub struct Accumulator {
     groups: usize,
     seed: [u8; 32],
     bounds: Vec<(i64, i64)>,
-    /// Keyed by the unit's row bytes' length (u32, big-endian), the unit's row bytes
-    /// and the group key's row bytes: one allocation per cell, none per row.
-    cells: HashMap<Box<[u8]>, Contribution>,
-    scratch: Vec<u8>,
+    /// Group keys seen (row bytes) and their ids: few in any query that can release.
+    key_ids: HashMap<Box<[u8]>, u32>,
+    key_bytes: Vec<Box<[u8]>>,
+    /// Per unit (its row bytes), its cells, one per group it gives rows to.
+    cells: hashbrown::HashMap<Box<[u8]>, Vec<Cell>>,
 }
 
-/// The unit and group-key row bytes of a cell key.
-fn split_cell(cell: &[u8]) -> (&[u8], &[u8]) {
-    let n = u32::from_be_bytes(cell[..4].try_into().expect("four bytes")) as usize;
-    (&cell[4..4 + n], &cell[4 + n..])
+/// The keyed hash that orders a cell's rows for the C bound: a function of the query's
+/// seed and the row's content (unit, group, values), never of its position.
+fn row_hash(seed: &[u8; 32], unit: &[u8], key: &[u8], vals: &[Option<i64>]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    seed.hash(&mut h);
+    unit.hash(&mut h);
+    key.hash(&mut h);
+    vals.hash(&mut h);
+    h.finish()
+}
+
+/// The keyed SHA-256 that orders a unit's groups for the L0 bound.
+fn group_hash(seed: &[u8; 32], unit: &[u8], key: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"airlock-dp-l0");
+    h.update(seed);
+    h.update((unit.len() as u64).to_be_bytes());
+    h.update(unit);
+    h.update(key);
+    h.finalize().into()
+}
+
+/// Keeps the C rows of a cell with the smallest keyed hashes (ties broken by value).
+fn trim(cell: &mut Cell, c: usize, nv: usize, seed: &[u8; 32], unit: &[u8], key: &[u8]) {
+    if cell.rows <= c {
+        return;
+    }
+    let mut rows: Vec<(u64, &[Option<i64>])> = (0..cell.rows)
+        .map(|r| {
+            let v = &cell.vals[r * nv..(r + 1) * nv];
+            (row_hash(seed, unit, key, v), v)
+        })
+        .collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    rows.truncate(c);
+    let vals = rows.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+    cell.rows = rows.len();
+    cell.vals = vals;
 }
 
 impl Accumulator {
@@ -465,13 +509,14 @@ impl Accumulator {
             groups: node.groups,
             seed: grant.seed,
             bounds: node.values.iter().map(|(_, lo, hi)| (*lo, *hi)).collect(),
-            cells: HashMap::new(),
-            scratch: Vec::new(),
+            key_ids: HashMap::new(),
+            key_bytes: Vec::new(),
+            cells: hashbrown::HashMap::new(),
         })
     }
 
     fn add(&mut self, batch: &RecordBatch) -> Result<()> {
-        let g = self.keys_len();
+        let g = self.groups;
         let units = self.units.convert_columns(&[Arc::clone(batch.column(0))])?;
         let keys = if g == 0 {
             self.keys.convert_columns(&[global_key(batch.num_rows())])?
@@ -488,15 +533,48 @@ impl Accumulator {
                     .ok_or_else(|| DataFusionError::Internal("DP value column".into()))
             })
             .collect::<Result<_>>()?;
+        let nv = values.len();
+        let unit_column = batch.column(0);
+        // The previous row's group id: rows of one group often arrive together.
+        let mut last: Option<(usize, u32)> = None;
         for r in 0..batch.num_rows() {
             // A row without a unit belongs to no one we can bound: it is dropped.
-            if batch.column(0).is_null(r) {
+            if unit_column.is_null(r) {
                 continue;
             }
-            let vals: Vec<Option<i64>> = values
-                .iter()
-                .zip(&self.bounds)
-                .map(|(a, (lo, hi))| {
+            let key = keys.row(r);
+            let id = match last {
+                Some((p, id)) if keys.row(p) == key => id,
+                _ => match self.key_ids.get(key.as_ref()) {
+                    Some(id) => *id,
+                    None => {
+                        let id = u32::try_from(self.key_bytes.len()).map_err(|_| {
+                            DataFusionError::Execution("DP release: too many groups".into())
+                        })?;
+                        self.key_ids.insert(key.as_ref().into(), id);
+                        self.key_bytes.push(key.as_ref().into());
+                        id
+                    }
+                },
+            };
+            last = Some((r, id));
+            let unit = units.row(r);
+            let cells = self.cells.entry_ref(unit.as_ref()).or_default();
+            let i = match cells.iter().position(|c| c.key == id) {
+                Some(i) => i,
+                None => {
+                    cells.push(Cell {
+                        key: id,
+                        rows: 0,
+                        vals: Vec::new(),
+                    });
+                    cells.len() - 1
+                }
+            };
+            let cell = &mut cells[i];
+            cell.rows += 1;
+            cell.vals
+                .extend(values.iter().zip(&self.bounds).map(|(a, (lo, hi))| {
                     (!a.is_null(r)).then(|| {
                         let v = a.value(r);
                         if v.is_nan() {
@@ -505,100 +583,63 @@ impl Accumulator {
                             to_fixed(v).clamp(*lo, *hi)
                         }
                     })
-                })
-                .collect();
-            let (unit, key) = (units.row(r), keys.row(r));
-            let (unit, key) = (unit.as_ref(), key.as_ref());
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            self.seed.hash(&mut h);
-            unit.hash(&mut h);
-            key.hash(&mut h);
-            vals.hash(&mut h);
-            let hash = h.finish();
-            self.scratch.clear();
-            self.scratch
-                .extend_from_slice(&(unit.len() as u32).to_be_bytes());
-            self.scratch.extend_from_slice(unit);
-            self.scratch.extend_from_slice(key);
-            if !self.cells.contains_key(self.scratch.as_slice()) {
-                self.cells.insert(
-                    self.scratch.clone().into_boxed_slice(),
-                    Contribution::default(),
-                );
-            }
-            let cell = self
-                .cells
-                .get_mut(self.scratch.as_slice())
-                .expect("inserted above");
-            cell.rows.push((hash, vals));
-            if cell.rows.len() > 2 * self.c.max(16) {
-                Self::trim(&mut cell.rows, self.c);
+                }));
+            // Memory stays bounded by C per cell, whatever one unit holds.
+            if cell.rows > 2 * self.c.max(16) {
+                let key = &self.key_bytes[id as usize];
+                trim(cell, self.c, nv, &self.seed, unit.as_ref(), key);
             }
         }
         Ok(())
     }
 
-    fn keys_len(&self) -> usize {
-        self.groups
-    }
-
-    /// Keeps the C rows with the smallest hashes.
-    fn trim(rows: &mut Vec<(u64, Vec<Option<i64>>)>, c: usize) {
-        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
-        rows.truncate(c);
-    }
-
     /// Bounds this partition's units (C rows per group, L0 groups per unit) and totals
     /// what they give each group.
-    fn bounded(mut self, node: &DpRelease) -> Result<Totals> {
-        let mut cells: Vec<(Box<[u8]>, Contribution)> = self.cells.drain().collect();
-        for (_, contribution) in cells.iter_mut() {
-            Self::trim(&mut contribution.rows, self.c);
-        }
-        // Per unit, its cells with their keyed SHA-256; keep the L0 smallest.
-        let mut by_unit: HashMap<&[u8], Vec<([u8; 32], usize)>> = HashMap::new();
-        for (i, (cell, _)) in cells.iter().enumerate() {
-            let (unit, key) = split_cell(cell);
-            let mut h = Sha256::new();
-            h.update(b"airlock-dp-l0");
-            h.update(self.seed);
-            h.update((unit.len() as u64).to_be_bytes());
-            h.update(unit);
-            h.update(key);
-            by_unit
-                .entry(unit)
-                .or_default()
-                .push((h.finalize().into(), i));
-        }
+    fn bounded(self, node: &DpRelease) -> Result<Totals> {
         let l0 = usize::try_from(node.policy.max_groups_per_unit).unwrap_or(usize::MAX);
         let nv = self.bounds.len();
-        let mut groups = Totals::new();
-        for (_, mut kept) in by_unit {
-            kept.sort_unstable_by_key(|a| a.0);
-            kept.truncate(l0);
-            for (_, i) in kept {
-                let (cell, contribution) = &cells[i];
-                let (_, key) = split_cell(cell);
-                let g = match groups.get_mut(key) {
-                    Some(g) => g,
-                    None => groups
-                        .entry(key.into())
-                        .or_insert_with(|| (0, 0, vec![0; nv])),
-                };
+        let mut totals: Vec<(i128, i128, Vec<i128>)> =
+            vec![(0, 0, vec![0; nv]); self.key_bytes.len()];
+        for (unit, mut cells) in self.cells {
+            for cell in cells.iter_mut() {
+                let key = &self.key_bytes[cell.key as usize];
+                trim(cell, self.c, nv, &self.seed, &unit, key);
+            }
+            if cells.len() > l0 {
+                // The L0 groups with the smallest keyed SHA-256 of (unit, group).
+                let mut ranked: Vec<([u8; 32], Cell)> = cells
+                    .into_iter()
+                    .map(|c| {
+                        let key = &self.key_bytes[c.key as usize];
+                        (group_hash(&self.seed, &unit, key), c)
+                    })
+                    .collect();
+                ranked.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                ranked.truncate(l0);
+                cells = ranked.into_iter().map(|(_, c)| c).collect();
+            }
+            for cell in &cells {
+                let g = &mut totals[cell.key as usize];
                 g.0 = g.0.checked_add(1).ok_or_else(overflow)?;
-                g.1 =
-                    g.1.checked_add(contribution.rows.len() as i128)
-                        .ok_or_else(overflow)?;
-                for (_, vals) in &contribution.rows {
-                    for (j, v) in vals.iter().enumerate() {
-                        if let Some(v) = v {
-                            g.2[j] = g.2[j].checked_add(*v as i128).ok_or_else(overflow)?;
+                g.1 = g.1.checked_add(cell.rows as i128).ok_or_else(overflow)?;
+                if nv > 0 {
+                    for row in cell.vals.chunks_exact(nv) {
+                        for (s, v) in g.2.iter_mut().zip(row) {
+                            if let Some(v) = v {
+                                *s = s.checked_add(*v as i128).ok_or_else(overflow)?;
+                            }
                         }
                     }
                 }
             }
         }
-        Ok(groups)
+        // A group every one of whose units spent their L0 elsewhere is not there at all.
+        Ok(self
+            .key_bytes
+            .into_iter()
+            .zip(totals)
+            .filter(|(_, t)| t.0 > 0)
+            .collect())
     }
 
     /// Adds noise to every group's totals, selects groups (τ) and builds the output.
@@ -1024,19 +1065,96 @@ mod tests {
         // Bounding itself, without noise: feed only the heavy unit with "base" rows.
         let mut acc = Accumulator::new(&n, &grant).unwrap();
         acc.add(&batch(&n, &rows)).unwrap();
-        let heavy: usize = acc
-            .cells
-            .iter()
-            .filter(|(cell, _)| {
-                split_cell(cell).0
-                    == acc
-                        .units
-                        .convert_columns(&[Arc::new(Int64Array::from(vec![7]))])
-                        .unwrap()
-                        .row(0)
-                        .as_ref()
-            })
-            .count();
+        let seven = acc
+            .units
+            .convert_columns(&[Arc::new(Int64Array::from(vec![7]))])
+            .unwrap();
+        let heavy = acc.cells[seven.row(0).as_ref()].len();
         assert_eq!(heavy, 6, "six cells (base and g0..g4) before the L0 cut");
+    }
+
+    /// The bounds are applied lazily (a cell is hashed only past C rows, a unit only
+    /// past L0 groups, some cells trimmed mid-stream): the totals must be those of the
+    /// rule itself, every row hashed on arrival, whatever the batch boundaries.
+    #[test]
+    fn lazy_bounds_keep_what_the_rule_keeps() {
+        use rand::Rng;
+        let (l0, c) = (3usize, 5usize);
+        let n = node(
+            1,
+            vec![DpAggregate::Rows, DpAggregate::Sum(0)],
+            policy(l0 as u64, c as u64, 1e-6),
+        );
+        let groups = ["a", "b", "c", "d", "e", "f"];
+        let mut rng = rand::rng();
+        for _ in 0..20 {
+            // Up to 80 rows per cell: past 2·max(C, 16), so trims happen while adding.
+            let rows: Vec<(i64, &str, f64)> = (0..3_000)
+                .map(|_| {
+                    (
+                        rng.random_range(0..40),
+                        groups[rng.random_range(0..groups.len())],
+                        f64::from(rng.random_range(0..150)),
+                    )
+                })
+                .collect();
+            let grant = Grant {
+                accounting: n.accounting(1.0).unwrap(),
+                seed: fresh_seed(),
+            };
+            let mut acc = Accumulator::new(&n, &grant).unwrap();
+            for chunk in rows.chunks(rng.random_range(1..500)) {
+                acc.add(&batch(&n, chunk)).unwrap();
+            }
+            let lazy = acc.bounded(&n).unwrap();
+
+            // The rule, eagerly: per (unit, group) the C smallest (hash, value) rows, per
+            // unit the L0 groups with the smallest SHA-256.
+            let conv = Accumulator::new(&n, &grant).unwrap();
+            let b = batch(&n, &rows);
+            let units = conv
+                .units
+                .convert_columns(&[Arc::clone(b.column(0))])
+                .unwrap();
+            let keys = conv
+                .keys
+                .convert_columns(&[Arc::clone(b.column(1))])
+                .unwrap();
+            let mut cells: HashMap<(Vec<u8>, Vec<u8>), Vec<(u64, Vec<Option<i64>>)>> =
+                HashMap::new();
+            for (r, row) in rows.iter().enumerate() {
+                let v = vec![Some(to_fixed(row.2).clamp(0, 100 * FIXED_SCALE))];
+                let (u, k) = (
+                    units.row(r).as_ref().to_vec(),
+                    keys.row(r).as_ref().to_vec(),
+                );
+                let h = row_hash(&grant.seed, &u, &k, &v);
+                cells.entry((u, k)).or_default().push((h, v));
+            }
+            let mut by_unit: HashMap<Vec<u8>, Vec<([u8; 32], Vec<u8>, i128, i128)>> =
+                HashMap::new();
+            for ((u, k), mut rs) in cells {
+                rs.sort();
+                rs.truncate(c);
+                let sum = rs.iter().map(|(_, v)| v[0].unwrap() as i128).sum();
+                let g = group_hash(&grant.seed, &u, &k);
+                by_unit
+                    .entry(u)
+                    .or_default()
+                    .push((g, k, rs.len() as i128, sum));
+            }
+            let mut eager = Totals::new();
+            for (_, mut gs) in by_unit {
+                gs.sort();
+                gs.truncate(l0);
+                for (_, k, rows, sum) in gs {
+                    let t = eager.entry(k.into()).or_insert((0, 0, vec![0]));
+                    t.0 += 1;
+                    t.1 += rows;
+                    t.2[0] += sum;
+                }
+            }
+            assert_eq!(lazy, eager);
+        }
     }
 }

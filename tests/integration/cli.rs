@@ -179,4 +179,33 @@ fn check_accepts_the_shipped_config_and_names_file_and_line_of_errors() {
         err.contains("tables.toml:3: hospital.patients: wiped column \"nam\" does not exist"),
         "{err}"
     );
+
+    // A declared unique key is checked against the data: zip repeats, patient_id does not.
+    let check = |tables: &str| {
+        std::fs::write(policies.join("tables.toml"), tables).unwrap();
+        airlock()
+            .current_dir(root)
+            .args(["check", "--config", "conf/airlock.toml", "--policy-dir"])
+            .arg(&policies)
+            .output()
+            .unwrap()
+    };
+    let out = check(
+        "[tables.\"hospital.patients\"]\nprivacy_unit = \"patient_id\"\nunique = [[\"patient_id\"], [\"zip\"]]\n",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("tables.toml:3: hospital.patients: the unique key (zip) repeats in the data"),
+        "{err}"
+    );
+    assert!(!err.contains("(patient_id)"), "{err}");
+    let out = check(
+        "[tables.\"hospital.patients\"]\nprivacy_unit = \"patient_id\"\nunique = [[\"patient_id\"]]\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
