@@ -877,11 +877,16 @@ impl Checker<'_> {
                 });
                 Shape::Conditional(branches)
             }
+            // A choice decided by NULLs and comparisons of values: the boundary cannot
+            // count its branches' rows, as it counts CASE's (write CASE instead).
             Expr::ScalarFunction(f)
                 if functions::rule(f.func.name())
                     .is_some_and(|r| r.shape == FunctionShape::Conditional) =>
             {
-                Shape::Conditional(f.args.iter().map(|a| self.shape(a, place)).collect())
+                Shape::Other(format!(
+                    "{}(...), a choice whose branches cannot each be held to k (write it as CASE)",
+                    f.func.name()
+                ))
             }
             other => Shape::Other(describe(other)),
         }
@@ -1040,6 +1045,14 @@ impl Checker<'_> {
                     tables,
                     format!(
                         "{what} can single one person out of a group of {} (the owner has not set conditional_aggregates)",
+                        names(tables)
+                    ),
+                ),
+                Err(ArgumentError::Unbounded(what)) => self.violation(
+                    ReasonCode::ConditionalAggregate,
+                    tables,
+                    format!(
+                        "{what} can single one person out of a group of {}: no count holds the rows it keeps to k (aggregate the protected side, or write the condition as CASE, whose branches are each held to k)",
                         names(tables)
                     ),
                 ),

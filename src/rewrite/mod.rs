@@ -18,6 +18,7 @@
 
 pub mod allow;
 pub mod boundary;
+pub mod branches;
 pub mod check;
 pub mod decision;
 pub mod dp;

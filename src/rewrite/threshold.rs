@@ -9,7 +9,8 @@
 //! rows, means join fan-out and one person's many rows do not make a small group look
 //! large. A global aggregate over fewer than k entities keeps no row. Each scan
 //! occurrence is checked on its own (a self-join needs k entities on each side), which
-//! is never weaker than counting their union.
+//! is never weaker than counting their union. Each branch of a conditional aggregate
+//! (CASE, FILTER) is counted too, over its own rows (`super::branches`).
 //!
 //! With `small_groups = "remainder"` (§3.4) the groups below k are merged into one row
 //! with NULL keys, itself released only if it reaches k, and marked by the boolean
@@ -137,22 +138,33 @@ fn boundary(a: Aggregate) -> Result<LogicalPlan> {
     if remainder && !a.group_expr.is_empty() {
         return boundary_with_remainder(a);
     }
-    let (counts, ks) = entity_counts(&entities);
+    let (counts, ks) = entity_counts(&entities, &super::branches::regions(&a.aggr_expr));
     let mut aggr = a.aggr_expr.clone();
     aggr.extend(counts);
     let grouped = LogicalPlan::Aggregate(Aggregate::try_new(a.input, a.group_expr, aggr)?);
     release(grouped, ks, false)
 }
 
-/// The entity counts, and each count column's name with its k.
-fn entity_counts(entities: &[Column]) -> (Vec<Expr>, Vec<(String, u64)>) {
-    let mut aggr = Vec::with_capacity(entities.len());
-    let mut ks = Vec::with_capacity(entities.len());
-    for (i, c) in entities.iter().enumerate() {
-        let k = EntityColumn::parse(&c.name).map_or(u64::MAX, |e| e.k);
-        let name = format!("{COUNT_PREFIX}{i}");
-        aggr.push(reaches_k(Expr::Column(c.clone()), k).alias(&name));
-        ks.push((name, k));
+/// The entity counts, and each count column's name with its k: one per entity column
+/// over the whole group, and one per entity column and region of a conditional
+/// aggregate (`super::branches`) over the rows of that region.
+fn entity_counts(entities: &[Column], regions: &[Expr]) -> (Vec<Expr>, Vec<(String, u64)>) {
+    let mut aggr = Vec::with_capacity(entities.len() * (1 + regions.len()));
+    let mut ks = Vec::with_capacity(aggr.capacity());
+    for region in std::iter::once(None).chain(regions.iter().map(Some)) {
+        for c in entities {
+            let k = EntityColumn::parse(&c.name).map_or(u64::MAX, |e| e.k);
+            let name = format!("{COUNT_PREFIX}{}", ks.len());
+            let count = match (reaches_k(Expr::Column(c.clone()), k), region) {
+                (Expr::AggregateFunction(mut f), Some(r)) => {
+                    f.params.filter = Some(Box::new(r.clone()));
+                    Expr::AggregateFunction(f)
+                }
+                (count, _) => count,
+            };
+            aggr.push(count.alias(&name));
+            ks.push((name, k));
+        }
     }
     (aggr, ks)
 }
@@ -177,7 +189,7 @@ fn passes(ks: &[(String, u64)]) -> Expr {
 /// boundary goes over the union of both, so the k rule is applied in one place.
 fn boundary_with_remainder(a: Aggregate) -> Result<LogicalPlan> {
     let entities = hidden(a.input.schema());
-    let (counts, ks) = entity_counts(&entities);
+    let (counts, ks) = entity_counts(&entities, &super::branches::regions(&a.aggr_expr));
     let mut aggr = a.aggr_expr.clone();
     aggr.extend(counts.iter().cloned());
     let key_names: Vec<Column> = a

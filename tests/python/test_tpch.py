@@ -93,3 +93,40 @@ def test_tpch_query_runs_under_the_bench_policy(tpch, name):
         # Q3 and Q10 group by an entity key (an order, a customer): one entity per
         # group, so the k rule withholds every row. They run, and release nothing.
         assert analyst.num_rows == 0, name
+
+
+def _richest(tpch):
+    """The one customer a hostile analyst picked: the richest HOUSEHOLD customer of a
+    nation (the owner's view finds them; the analyst knew them from outside)."""
+    rows = run(tpch, "bench_reader",
+               "SELECT c_nationkey, c_acctbal FROM tpch.customer WHERE c_mktsegment = 'HOUSEHOLD' "
+               "ORDER BY c_acctbal DESC LIMIT 1").to_pylist()
+    return rows[0]["c_nationkey"], rows[0]["c_acctbal"]
+
+
+def test_a_case_that_picks_one_customer_out_of_all_orders_releases_nothing(tpch):
+    # A hostile analyst's one-query leak (conditional_aggregates is on in the bench
+    # policy): the group is every order, the CASE branch one customer's. Each branch is
+    # now held to k on its own rows.
+    nation, balance = _richest(tpch)
+    who = f"c.c_nationkey = {nation} AND c.c_mktsegment = 'HOUSEHOLD' AND c.c_acctbal >= {balance}"
+    sql = (f"SELECT count(*) AS n, sum(CASE WHEN {who} THEN o.o_totalprice ELSE 0 END) AS total "
+           "FROM tpch.orders o JOIN tpch.customer c ON o.o_custkey = c.c_custkey")
+    assert run(tpch, "bench_reader", sql).num_rows == 1
+    assert run(tpch, "bench_analyst", sql).num_rows == 0
+    # A broad branch still releases, with the reader's answer.
+    broad = ("SELECT sum(CASE WHEN c.c_mktsegment = 'HOUSEHOLD' THEN o.o_totalprice ELSE 0 END) AS t "
+             "FROM tpch.orders o JOIN tpch.customer c ON o.o_custkey = c.c_custkey")
+    a, r = run(tpch, "bench_analyst", broad).to_pylist(), run(tpch, "bench_reader", broad).to_pylist()
+    assert a[0]["t"] == pytest.approx(r[0]["t"], rel=1e-9)
+
+
+def test_an_outer_join_that_marks_one_customer_is_refused_inside_aggregates(tpch):
+    # The same customer marked by a LEFT JOIN's condition, counted through the nullable
+    # side: refused whatever the opt-ins.
+    nation, balance = _richest(tpch)
+    sql = ("SELECT count(n.n_name) AS marked FROM tpch.orders o "
+           "JOIN tpch.customer c ON o.o_custkey = c.c_custkey "
+           f"LEFT JOIN tpch.nation n ON c.c_nationkey = n.n_nationkey AND c.c_acctbal >= {balance}")
+    with pytest.raises(Exception, match=r"CONDITIONAL_AGGREGATE.*no count holds"):
+        run(tpch, "bench_analyst", sql)

@@ -8,8 +8,16 @@
 //!
 //! - `arithmetic_aggregates`: sums, differences and products of distinct numeric
 //!   filterable columns and numeric literals, each column at most once;
-//! - `conditional_aggregates`: CASE (and COALESCE-like choices) and `FILTER (WHERE ...)`
-//!   whose conditions use only filterable columns.
+//! - `conditional_aggregates`: CASE and `FILTER (WHERE ...)` whose conditions use only
+//!   filterable columns. Each branch's rows are then held to k on their own (the
+//!   boundary counts them: `super::super::threshold`), so a condition that picks one
+//!   person out of a large group releases nothing.
+//!
+//! Choices the boundary cannot count branch by branch are refused at any opt-in: the
+//! COALESCE-like functions (their branches are decided by NULLs and comparisons of
+//! values), and a column of the nullable side of an outer join (its rows are those the
+//! join's conditions pick: `LEFT JOIN nation n ON ... AND c_acctbal = 9977.62` and
+//! `count(n.n_name)` counted one customer's orders in a group of thousands).
 //!
 //! Widening casts that type coercion adds (`sum(int_col)` sums `CAST(int_col AS BIGINT)`)
 //! keep a column bare: they change no value.
@@ -69,7 +77,7 @@ pub enum Shape {
     Constant,
     /// Sums, differences and products of the parts.
     Arithmetic(Vec<Shape>),
-    /// A choice among the branches (CASE, COALESCE, ...).
+    /// A CASE: a choice among the branches, each held to k by the boundary.
     Conditional(Vec<Shape>),
     /// A value the query's own conditions decide to keep or blank out: a column of the
     /// nullable side of an outer join is NULL except where the join's conditions (and
@@ -93,6 +101,8 @@ pub enum ArgumentError {
     NotAllowed(String),
     /// Conditional logic without `conditional_aggregates`.
     Conditional(String),
+    /// Conditional logic whose branches no count can hold to k, at any opt-in.
+    Unbounded(String),
     /// A non-filterable column used other than bare.
     Restricted(String),
 }
@@ -169,14 +179,10 @@ fn value(
                     Shape::Column { .. } | Shape::Constant | Shape::Arithmetic(_) => {
                         value(function, false, p, opt_ins, seen, false)?
                     }
-                    Shape::Conditional(_) | Shape::Marked { .. } if opt_ins.conditional => {
+                    Shape::Conditional(_) if opt_ins.conditional => {
                         value(function, false, p, opt_ins, seen, false)?
                     }
-                    Shape::Marked { why, .. } => {
-                        return Err(ArgumentError::Conditional(format!(
-                            "{why} inside {function}(...)"
-                        )));
-                    }
+                    Shape::Marked { .. } => value(function, false, p, opt_ins, seen, false)?,
                     Shape::Conditional(_) => {
                         return Err(ArgumentError::Conditional(format!(
                             "conditional logic inside {function}(...)"
@@ -204,13 +210,15 @@ fn value(
             }
             Ok(())
         }
-        Shape::Marked { inner, why } => {
+        Shape::Marked { why, .. } => {
             if !opt_ins.conditional {
                 return Err(ArgumentError::Conditional(format!(
                     "{why} inside {function}(...)"
                 )));
             }
-            value(function, counting, inner, opt_ins, seen, top)
+            Err(ArgumentError::Unbounded(format!(
+                "{why} inside {function}(...)"
+            )))
         }
         Shape::Other(what) => Err(ArgumentError::NotAllowed(format!(
             "{what} inside {function}(...)"
@@ -319,7 +327,11 @@ mod tests {
                 "a column of the nullable side of an outer join inside sum(...)".into()
             ))
         );
-        assert!(check_argument("sum", false, &salary, BOTH).is_ok());
+        // With the opt-in too: no count holds the rows the join's conditions pick to k.
+        assert!(matches!(
+            check_argument("sum", false, &salary, BOTH),
+            Err(ArgumentError::Unbounded(_))
+        ));
         // Counted entities of the nullable side: a FILTER by another name.
         let pid = marked(col("pid", ColumnClass::Unit));
         assert!(check_argument("count", true, &pid, NONE).is_err());

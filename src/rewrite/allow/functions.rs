@@ -12,8 +12,9 @@
 //!   failure on a row into NULL for that row, so no error can depend on a protected value.
 //!
 //! [`Shape::Conditional`] marks functions that choose between their arguments (COALESCE,
-//! NULLIF, ...): they are CASE in disguise, so inside an aggregate argument they need the
-//! owner's `conditional_aggregates` opt-in, like CASE itself.
+//! NULLIF, ...): CASE in disguise, but with branches decided by NULLs and comparisons of
+//! values, which the boundary cannot count as it counts CASE's. In filters and group keys
+//! they are ordinary total functions; inside an aggregate argument they are refused.
 //!
 //! Some functions need some arguments to be literals ([`FunctionRule::literal_args`]):
 //! a pattern, a unit, a format. A literal chosen by the analyst is not protected data,
