@@ -265,7 +265,7 @@ fn strip_casts(e: &Expr) -> &Expr {
 }
 
 /// Recomputes the schemas above DP nodes and carries the interval columns up.
-pub fn finish(plan: LogicalPlan) -> Result<LogicalPlan> {
+pub fn finish(plan: LogicalPlan, ctx: &PolicyContext) -> Result<LogicalPlan> {
     plan.transform_up_with_subqueries(|p| {
         if !p.inputs().iter().any(|i| !dp_releases(i).is_empty()) {
             return Ok(Transformed::no(p));
@@ -297,6 +297,24 @@ pub fn finish(plan: LogicalPlan) -> Result<LogicalPlan> {
                 Ok(Transformed::yes(LogicalPlan::Projection(
                     Projection::try_new(exprs, pr.input)?,
                 )))
+            }
+            // The branches of a union must line up column by column; a DP branch has
+            // its interval columns, which no other branch has (found by the fuzzer:
+            // the union's schema no longer matched its inputs, and DataFusion's union
+            // optimizer panicked).
+            LogicalPlan::Union(u) => {
+                let table = u
+                    .inputs
+                    .iter()
+                    .flat_map(|i| dp_releases(i))
+                    .map(|d| d.table)
+                    .next()
+                    .unwrap_or_default();
+                Err(unsupported(
+                    ctx,
+                    &table,
+                    "a DP result inside UNION (its interval columns do not line up with the other branches'): run the parts as separate queries".into(),
+                ))
             }
             other => Ok(Transformed::yes(other.recompute_schema()?)),
         }

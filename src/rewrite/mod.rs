@@ -234,7 +234,7 @@ impl AnalyzerRule for PolicyRule {
         let plan = protect::apply(plan, &self.ctx, &self.salt)?;
         // The entity columns reach every node below a boundary only once carried up.
         let plan = threshold::apply(plan, &self.ctx)?;
-        let plan = dp::finish(plan)?;
+        let plan = dp::finish(plan, &self.ctx)?;
         total::rewrite(plan, &PolicyContext::below_boundary)
     }
 
@@ -250,7 +250,16 @@ pub fn plan(
     ctx: &PolicyContext,
     plan: &LogicalPlan,
 ) -> DFResult<LogicalPlan> {
-    let optimized = state.optimize(plan)?;
+    // A panic inside DataFusion's analyzer or optimizer on some plan is a defect, but
+    // must not take the request's task (or, with panic = abort, the server) down: it
+    // becomes an internal error, and nothing runs.
+    let optimized = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.optimize(plan)))
+        .map_err(|_| {
+            tracing::error!("the optimizer panicked on a plan; refused");
+            datafusion::error::DataFusionError::Internal(
+                "the query planner failed on this query".into(),
+            )
+        })??;
     verify::verify(&optimized, ctx)?;
     Ok(optimized)
 }

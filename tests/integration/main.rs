@@ -7,6 +7,7 @@ mod cli;
 mod console;
 mod dp;
 mod flight_sql;
+mod fuzz_regressions;
 mod limits;
 mod mtls;
 mod policy_slt;
