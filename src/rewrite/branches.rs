@@ -9,12 +9,12 @@
 //! count per region and entity column (`airlock_reaches_k(e) FILTER (WHERE region)`): a
 //! group with a region below k is withheld whole.
 //!
-//! A branch needs no count when its rows add nothing: NULL (every aggregate skips it),
-//! or a literal zero in `sum`, and then only when the CASE is the aggregate's whole
-//! argument (inside arithmetic, `1 - CASE WHEN c THEN 0 ELSE 1 END` turns a zero branch
-//! into an indicator). Two regions may still differ by one person
-//! (`sum(CASE WHEN a ...) - sum(CASE WHEN b ...)`): that is differencing, which the k
-//! rule does not stop in two queries either (docs/DESIGN.md).
+//! Every branch is counted, a NULL or zero one too: `sum(CASE WHEN <one person> THEN 0
+//! ELSE x END)` next to `sum(x)` is that person's x by subtraction. (The checker keeps
+//! a CASE out of arithmetic, where two CASEs would combine into a region nobody counts.)
+//! Two regions may still differ by one person (`sum(CASE WHEN a ...) - sum(CASE WHEN b
+//! ...)`): that is differencing, which the k rule does not stop across two queries or a
+//! UNION ALL either (docs/DESIGN.md); DP tables are the answer to it.
 
 use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -30,10 +30,9 @@ pub fn regions(aggr_exprs: &[Expr]) -> Vec<Expr> {
         if let Some(w) = &filter {
             push(&mut out, w.clone());
         }
-        let sum = f.func.name() == "sum";
         for arg in &f.params.args {
             match strip(arg) {
-                Expr::Case(c) => case(c, &filter, Some(sum), &mut out),
+                Expr::Case(c) => case(c, &filter, &mut out),
                 other => nested(other, &filter, &mut out),
             }
         }
@@ -63,22 +62,19 @@ fn strip(e: &Expr) -> &Expr {
 fn nested(e: &Expr, path: &Option<Expr>, out: &mut Vec<Expr>) {
     let _ = e.apply(|node| {
         if let Expr::Case(c) = node {
-            case(c, path, None, out);
+            case(c, path, out);
             return Ok(TreeNodeRecursion::Jump);
         }
         Ok(TreeNodeRecursion::Continue)
     });
 }
 
-/// One CASE under `path`. `whole` is `Some(is_sum)` when the CASE is the aggregate's
-/// whole argument (then NULL branches, and zero branches of a sum, need no count).
-fn case(c: &Case, path: &Option<Expr>, whole: Option<bool>, out: &mut Vec<Expr>) {
+/// One CASE under `path`: one region per branch, ELSE (or the missing ELSE's NULL)
+/// included.
+fn case(c: &Case, path: &Option<Expr>, out: &mut Vec<Expr>) {
     let mut earlier: Option<Expr> = None;
     let branch = |value: &Expr, region: Expr, out: &mut Vec<Expr>| {
-        let silent = whole.is_some_and(|sum| is_null(value) || (sum && is_zero(value)));
-        if !silent {
-            push(out, region.clone());
-        }
+        push(out, region.clone());
         nested(value, &Some(region), out);
     };
     for (when, then) in &c.when_then_expr {
@@ -132,30 +128,5 @@ fn and_opt(a: Option<Expr>, b: Option<Expr>) -> Option<Expr> {
 fn push(out: &mut Vec<Expr>, region: Expr) {
     if !out.contains(&region) {
         out.push(region);
-    }
-}
-
-fn is_null(e: &Expr) -> bool {
-    matches!(strip(e), Expr::Literal(v, _) if v.is_null())
-}
-
-fn is_zero(e: &Expr) -> bool {
-    matches!(strip(e), Expr::Literal(v, _) if is_zero_value(v))
-}
-
-fn is_zero_value(v: &ScalarValue) -> bool {
-    match v {
-        ScalarValue::Int8(Some(x)) => *x == 0,
-        ScalarValue::Int16(Some(x)) => *x == 0,
-        ScalarValue::Int32(Some(x)) => *x == 0,
-        ScalarValue::Int64(Some(x)) => *x == 0,
-        ScalarValue::UInt8(Some(x)) => *x == 0,
-        ScalarValue::UInt16(Some(x)) => *x == 0,
-        ScalarValue::UInt32(Some(x)) => *x == 0,
-        ScalarValue::UInt64(Some(x)) => *x == 0,
-        ScalarValue::Float32(Some(x)) => *x == 0.0,
-        ScalarValue::Float64(Some(x)) => *x == 0.0,
-        ScalarValue::Decimal128(Some(x), _, _) => *x == 0,
-        _ => false,
     }
 }

@@ -30,6 +30,7 @@ pub mod reaches;
 pub mod reserved;
 pub mod threshold;
 pub mod total;
+pub mod typed;
 pub mod verify;
 
 use std::collections::BTreeMap;
@@ -261,6 +262,7 @@ pub fn plan(
             )
         })??;
     verify::verify(&optimized, ctx)?;
+    typed::check(&optimized)?;
     Ok(optimized)
 }
 

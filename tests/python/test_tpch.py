@@ -130,3 +130,37 @@ def test_an_outer_join_that_marks_one_customer_is_refused_inside_aggregates(tpch
            f"LEFT JOIN tpch.nation n ON c.c_nationkey = n.n_nationkey AND c.c_acctbal >= {balance}")
     with pytest.raises(Exception, match=r"CONDITIONAL_AGGREGATE.*no count holds"):
         run(tpch, "bench_analyst", sql)
+
+
+def test_two_cases_multiplied_are_refused(tpch):
+    # A hostile analyst's next step: each CASE's branches are large, their product is
+    # non-zero only where both hold (one customer). A CASE may not be a term of arithmetic.
+    nation, balance = _richest(tpch)
+    sql = (f"SELECT sum(CASE WHEN c.c_nationkey = {nation} THEN 1 ELSE 0 END * "
+           f"CASE WHEN c.c_acctbal >= {balance} AND c.c_mktsegment = 'HOUSEHOLD' THEN o.o_totalprice ELSE 0 END) AS t "
+           "FROM tpch.orders o JOIN tpch.customer c ON o.o_custkey = c.c_custkey")
+    with pytest.raises(Exception, match=r"CONDITIONAL_AGGREGATE.*a CASE inside arithmetic"):
+        run(tpch, "bench_analyst", sql)
+
+
+def test_a_zero_branch_for_one_customer_is_counted_too(tpch):
+    # `sum(x)` next to `sum(CASE WHEN <one customer> THEN 0 ELSE x END)` is that
+    # customer's x by subtraction: the zero branch is a region like any other.
+    nation, balance = _richest(tpch)
+    who = f"c.c_nationkey = {nation} AND c.c_mktsegment = 'HOUSEHOLD' AND c.c_acctbal >= {balance}"
+    sql = (f"SELECT sum(o.o_totalprice) AS a, sum(CASE WHEN {who} THEN 0 ELSE o.o_totalprice END) AS b "
+           "FROM tpch.orders o JOIN tpch.customer c ON o.o_custkey = c.c_custkey")
+    assert run(tpch, "bench_analyst", sql).num_rows == 0
+
+
+@pytest.mark.parametrize("above", ["20000", "{balance} - 0.01"])
+def test_a_comparison_the_optimizer_mistypes_is_refused_whoever_reaches_it(tpch, above):
+    # DataFusion folds `c_acctbal * 0` to a decimal of another scale, and the comparison
+    # then fails at run time, only if a row reaches it: an oracle on whether anyone
+    # matches the CASE's condition. Refused before running, rows or not.
+    nation, balance = _richest(tpch)
+    above = above.format(balance=balance)
+    sql = (f"SELECT sum(CASE WHEN c.c_acctbal > {above} THEN CASE WHEN c.c_acctbal * 0 + c.c_nationkey = 21 "
+           "THEN 1 ELSE 0 END ELSE 0 END) AS s FROM tpch.customer c")
+    with pytest.raises(Exception, match=r"UNCLASSIFIED_PLAN.*compares Decimal128"):
+        run(tpch, "bench_analyst", sql)

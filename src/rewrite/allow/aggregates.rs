@@ -10,8 +10,10 @@
 //!   filterable columns and numeric literals, each column at most once;
 //! - `conditional_aggregates`: CASE and `FILTER (WHERE ...)` whose conditions use only
 //!   filterable columns. Each branch's rows are then held to k on their own (the
-//!   boundary counts them: `super::super::threshold`), so a condition that picks one
-//!   person out of a large group releases nothing.
+//!   boundary counts them: `super::super::branches`), so a condition that picks one
+//!   person out of a large group releases nothing. A CASE is the aggregate's whole
+//!   argument or a branch of another CASE, never a term of arithmetic: two CASEs
+//!   multiplied keep the rows where both hold, which no branch count follows.
 //!
 //! Choices the boundary cannot count branch by branch are refused at any opt-in: the
 //! COALESCE-like functions (their branches are decided by NULLs and comparisons of
@@ -179,8 +181,14 @@ fn value(
                     Shape::Column { .. } | Shape::Constant | Shape::Arithmetic(_) => {
                         value(function, false, p, opt_ins, seen, false)?
                     }
+                    // A CASE's branches are held to k one by one; inside arithmetic two
+                    // of them combine (`CASE WHEN nation = 21 ... END * CASE WHEN
+                    // balance > 9000 ... END` is non-zero only where both hold, one
+                    // person), a region no count follows.
                     Shape::Conditional(_) if opt_ins.conditional => {
-                        value(function, false, p, opt_ins, seen, false)?
+                        return Err(ArgumentError::Unbounded(format!(
+                            "a CASE inside arithmetic inside {function}(...) (write the arithmetic inside the CASE's branches)"
+                        )));
                     }
                     Shape::Marked { .. } => value(function, false, p, opt_ins, seen, false)?,
                     Shape::Conditional(_) => {
