@@ -47,11 +47,8 @@ pub fn check(plan: &LogicalPlan) -> Result<(), Refusal> {
 /// name the table's own columns, which its output schema may have projected away).
 fn input_schema(node: &LogicalPlan) -> Option<DFSchema> {
     if let LogicalPlan::TableScan(scan) = node {
-        return DFSchema::try_from_qualified_schema(
-            scan.table_name.clone(),
-            &scan.source.schema(),
-        )
-        .ok();
+        return DFSchema::try_from_qualified_schema(scan.table_name.clone(), &scan.source.schema())
+            .ok();
     }
     let mut schema = DFSchema::empty();
     for input in node.inputs() {

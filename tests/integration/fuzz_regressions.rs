@@ -72,4 +72,3 @@ async fn a_union_with_a_dp_branch_is_answered_or_refused() {
     .await;
     assert_eq!(got, Ok(2));
 }
-
