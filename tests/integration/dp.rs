@@ -68,17 +68,21 @@ async fn noisy_answers_carry_intervals_repeat_for_free_and_exhaust_the_budget() 
     // The common kinds are released; the noisy count is near the truth. (Not within the
     // interval necessarily: the truth counts every claim, the DP count at most C = 3 per
     // patient per kind, a bias the docs describe.)
-    assert!(kinds.len() >= 4, "{}", pretty(std::slice::from_ref(&first)));
+    // The three commonest kinds have hundreds of patients each, far above τ at any
+    // noise (the fourth, "imaging", about 200 claims, is withheld now and then).
+    assert!(kinds.len() >= 3, "{}", pretty(std::slice::from_ref(&first)));
     for (i, ci) in n_ci.iter().enumerate() {
         let j = (0..ekinds.len())
             .find(|j| ekinds.value(*j) == kinds.value(i))
             .unwrap();
         let truth = en.value(j) as f64;
         // Bounding only removes rows (C = 3 per patient and kind, L0 = 4 kinds per
-        // patient), so the noisy count is at most the truth plus noise.
+        // patient), so the noisy count is at most the truth plus noise, and at least
+        // half of it (few patients reach C or L0 in the demo) minus noise. The noise is
+        // wide at ε = 1 split three ways: "imaging" (219 claims) once came back 93.
         let noisy = n.value(i) as f64;
         assert!(
-            noisy <= truth + 3.0 * ci && noisy >= 0.5 * truth,
+            noisy <= truth + 3.0 * ci && noisy >= 0.5 * truth - 3.0 * ci,
             "{}: {} vs {truth}",
             kinds.value(i),
             n.value(i)
