@@ -93,7 +93,13 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/sql_analyzer");
         let mut n = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
-            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let path = entry.unwrap().path();
+            // The hand-written seeds; libFuzzer's minimized inputs (named by their hash)
+            // are any statement of the grammar.
+            if !path.file_name().unwrap().to_string_lossy().starts_with("seed-") {
+                continue;
+            }
+            let bytes = std::fs::read(path).unwrap();
             let s = Statement::arbitrary_take_rest(Unstructured::new(&bytes)).unwrap();
             assert_eq!(s.to_sql().as_bytes(), &bytes[4..]);
             n += 1;
