@@ -827,7 +827,7 @@ mod tests {
         );
         assert_eq!(p.unique_keys(&TableName::parse("h.p").unwrap()).len(), 1);
         assert!(
-            p.tables.get(&TableName::parse("h.pub").unwrap()).is_none(),
+            !p.tables.contains_key(&TableName::parse("h.pub").unwrap()),
             "public stays public"
         );
         let err = TablesPolicy::parse(

@@ -614,7 +614,7 @@ impl Accumulator {
                         (group_hash(&self.seed, &unit, key), c)
                     })
                     .collect();
-                ranked.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                ranked.sort_unstable_by_key(|a| a.0);
                 ranked.truncate(l0);
                 cells = ranked.into_iter().map(|(_, c)| c).collect();
             }
@@ -1120,8 +1120,8 @@ mod tests {
                 .keys
                 .convert_columns(&[Arc::clone(b.column(1))])
                 .unwrap();
-            let mut cells: HashMap<(Vec<u8>, Vec<u8>), Vec<(u64, Vec<Option<i64>>)>> =
-                HashMap::new();
+            type Rows = Vec<(u64, Vec<Option<i64>>)>;
+            let mut cells: HashMap<(Vec<u8>, Vec<u8>), Rows> = HashMap::new();
             for (r, row) in rows.iter().enumerate() {
                 let v = vec![Some(to_fixed(row.2).clamp(0, 100 * FIXED_SCALE))];
                 let (u, k) = (
@@ -1131,8 +1131,8 @@ mod tests {
                 let h = row_hash(&grant.seed, &u, &k, &v);
                 cells.entry((u, k)).or_default().push((h, v));
             }
-            let mut by_unit: HashMap<Vec<u8>, Vec<([u8; 32], Vec<u8>, i128, i128)>> =
-                HashMap::new();
+            type Ranked = Vec<([u8; 32], Vec<u8>, i128, i128)>;
+            let mut by_unit: HashMap<Vec<u8>, Ranked> = HashMap::new();
             for ((u, k), mut rs) in cells {
                 rs.sort();
                 rs.truncate(c);
