@@ -117,7 +117,7 @@ impl PolicySnapshot {
             return Err(Diagnostics(
                 repeated
                     .into_iter()
-                    .map(|(_, key, m)| {
+                    .map(|(key, m)| {
                         Diagnostic::at_span(&tables_path, &tables_text, Some(key.span), m)
                     })
                     .collect(),

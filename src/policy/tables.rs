@@ -248,18 +248,9 @@ impl TablesPolicy {
             let err = |span: std::ops::Range<usize>, msg: String| {
                 Diagnostic::at_span(path, text, Some(span), msg)
             };
-            let table = match TableName::parse(&name) {
-                Ok(t) => t,
-                Err(e) => {
-                    out.push(err(table_span, e));
-                    continue;
-                }
-            };
-            let Some(schema) = schema_of(&table) else {
-                out.push(err(
-                    table_span,
-                    format!("table {table} is not in the catalog"),
-                ));
+            let Some((table, schema)) =
+                catalog_table(path, text, &name, table_span.clone(), schema_of, &mut out)
+            else {
                 continue;
             };
             let raw = entry.into_inner();
@@ -426,12 +417,10 @@ impl TablesPolicy {
             let err = |sp: std::ops::Range<usize>, m: String| {
                 Diagnostic::at_span(path, text, Some(sp), m)
             };
-            let table = match TableName::parse(&name) {
-                Ok(t) => t,
-                Err(e) => {
-                    out.push(err(span, e));
-                    continue;
-                }
+            let Some((table, schema)) =
+                catalog_table(path, text, &name, span.clone(), schema_of, &mut out)
+            else {
+                continue;
             };
             if tables.contains_key(&table) {
                 out.push(err(
@@ -442,10 +431,6 @@ impl TablesPolicy {
                 ));
                 continue;
             }
-            let Some(schema) = schema_of(&table) else {
-                out.push(err(span, format!("table {table} is not in the catalog")));
-                continue;
-            };
             let keys = unique_keys(&table, &schema, &entry.get_ref().unique, &mut |sp, m| {
                 out.push(err(sp, m))
             });
@@ -540,6 +525,34 @@ impl TablesPolicy {
     pub fn unique_keys(&self, table: &TableName) -> &[UniqueKey] {
         self.unique.get(table).map_or(&[], Vec::as_slice)
     }
+}
+
+/// The table a section names and its schema, or why there is none (reported).
+fn catalog_table(
+    path: &Path,
+    text: &str,
+    name: &str,
+    span: std::ops::Range<usize>,
+    schema_of: &dyn Fn(&TableName) -> Option<Schema>,
+    out: &mut Collector,
+) -> Option<(TableName, Schema)> {
+    let table = match TableName::parse(name) {
+        Ok(t) => t,
+        Err(e) => {
+            out.push(Diagnostic::at_span(path, text, Some(span), e));
+            return None;
+        }
+    };
+    let Some(schema) = schema_of(&table) else {
+        out.push(Diagnostic::at_span(
+            path,
+            text,
+            Some(span),
+            format!("table {table} is not in the catalog"),
+        ));
+        return None;
+    };
+    Some((table, schema))
 }
 
 /// Validates `unique = [["a"], ["b", "c"]]`: each key a non-empty list of existing,

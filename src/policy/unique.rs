@@ -15,45 +15,27 @@ use datafusion::prelude::{SessionContext, ident, lit};
 
 use super::tables::{TablesPolicy, UniqueKey};
 use crate::catalog::Catalog;
-use crate::config::TableName;
 
 /// The declared keys whose values repeat in the data (or that cannot be read), with why.
 /// A NULL in any column of the key never joins, so such rows are not counted.
-pub async fn violations(
-    tables: &TablesPolicy,
-    catalog: &Catalog,
-) -> Vec<(TableName, UniqueKey, String)> {
+pub async fn violations(tables: &TablesPolicy, catalog: &Catalog) -> Vec<(UniqueKey, String)> {
     let ctx = SessionContext::new_with_state(crate::session::Sessions::bootstrap_state());
     let mut out = Vec::new();
     for (table, keys) in &tables.unique {
         let Some((_, provider)) = catalog.tables().find(|(n, _)| *n == table) else {
-            out.push((
-                table.clone(),
-                keys[0].clone(),
-                format!("{table} is not in the catalog"),
-            ));
+            out.push((keys[0].clone(), format!("{table} is not in the catalog")));
             continue;
         };
         for key in keys {
-            match repeats(&ctx, Arc::clone(provider), &key.columns).await {
-                Ok(false) => {}
-                Ok(true) => out.push((
-                    table.clone(),
-                    key.clone(),
-                    format!(
-                        "{table}: the unique key ({}) repeats in the data: joins on it would count a person several times",
-                        key.columns.join(", ")
-                    ),
-                )),
-                Err(e) => out.push((
-                    table.clone(),
-                    key.clone(),
-                    format!(
-                        "{table}: cannot check the unique key ({}): {e}",
-                        key.columns.join(", ")
-                    ),
-                )),
-            }
+            let columns = key.columns.join(", ");
+            let why = match repeats(&ctx, Arc::clone(provider), &key.columns).await {
+                Ok(false) => continue,
+                Ok(true) => format!(
+                    "{table}: the unique key ({columns}) repeats in the data: joins on it would count a person several times"
+                ),
+                Err(e) => format!("{table}: cannot check the unique key ({columns}): {e}"),
+            };
+            out.push((key.clone(), why));
         }
     }
     out

@@ -31,10 +31,7 @@ pub fn regions(aggr_exprs: &[Expr]) -> Vec<Expr> {
             push(&mut out, w.clone());
         }
         for arg in &f.params.args {
-            match strip(arg) {
-                Expr::Case(c) => case(c, &filter, &mut out),
-                other => nested(other, &filter, &mut out),
-            }
+            nested(arg, &filter, &mut out);
         }
     }
     out
@@ -45,16 +42,6 @@ fn aggregate(e: &Expr) -> Option<&AggregateFunction> {
         Expr::Alias(a) => aggregate(&a.expr),
         Expr::AggregateFunction(f) => Some(f),
         _ => None,
-    }
-}
-
-/// Widening casts and aliases change no row's membership.
-fn strip(e: &Expr) -> &Expr {
-    match e {
-        Expr::Cast(c) => strip(&c.expr),
-        Expr::TryCast(c) => strip(&c.expr),
-        Expr::Alias(a) => strip(&a.expr),
-        other => other,
     }
 }
 

@@ -104,19 +104,24 @@ def _richest(tpch):
     return rows[0]["c_nationkey"], rows[0]["c_acctbal"]
 
 
+def _who(tpch):
+    """A predicate that holds for that one customer only."""
+    nation, balance = _richest(tpch)
+    return f"c.c_nationkey = {nation} AND c.c_mktsegment = 'HOUSEHOLD' AND c.c_acctbal >= {balance}"
+
+
+ORDERS = "FROM tpch.orders o JOIN tpch.customer c ON o.o_custkey = c.c_custkey"
+
+
 def test_a_case_that_picks_one_customer_out_of_all_orders_releases_nothing(tpch):
     # A hostile analyst's one-query leak (conditional_aggregates is on in the bench
     # policy): the group is every order, the CASE branch one customer's. Each branch is
     # now held to k on its own rows.
-    nation, balance = _richest(tpch)
-    who = f"c.c_nationkey = {nation} AND c.c_mktsegment = 'HOUSEHOLD' AND c.c_acctbal >= {balance}"
-    sql = (f"SELECT count(*) AS n, sum(CASE WHEN {who} THEN o.o_totalprice ELSE 0 END) AS total "
-           "FROM tpch.orders o JOIN tpch.customer c ON o.o_custkey = c.c_custkey")
+    sql = f"SELECT count(*) AS n, sum(CASE WHEN {_who(tpch)} THEN o.o_totalprice ELSE 0 END) AS total {ORDERS}"
     assert run(tpch, "bench_reader", sql).num_rows == 1
     assert run(tpch, "bench_analyst", sql).num_rows == 0
     # A broad branch still releases, with the reader's answer.
-    broad = ("SELECT sum(CASE WHEN c.c_mktsegment = 'HOUSEHOLD' THEN o.o_totalprice ELSE 0 END) AS t "
-             "FROM tpch.orders o JOIN tpch.customer c ON o.o_custkey = c.c_custkey")
+    broad = f"SELECT sum(CASE WHEN c.c_mktsegment = 'HOUSEHOLD' THEN o.o_totalprice ELSE 0 END) AS t {ORDERS}"
     a, r = run(tpch, "bench_analyst", broad).to_pylist(), run(tpch, "bench_reader", broad).to_pylist()
     assert a[0]["t"] == pytest.approx(r[0]["t"], rel=1e-9)
 
@@ -124,9 +129,8 @@ def test_a_case_that_picks_one_customer_out_of_all_orders_releases_nothing(tpch)
 def test_an_outer_join_that_marks_one_customer_is_refused_inside_aggregates(tpch):
     # The same customer marked by a LEFT JOIN's condition, counted through the nullable
     # side: refused whatever the opt-ins.
-    nation, balance = _richest(tpch)
-    sql = ("SELECT count(n.n_name) AS marked FROM tpch.orders o "
-           "JOIN tpch.customer c ON o.o_custkey = c.c_custkey "
+    _, balance = _richest(tpch)
+    sql = (f"SELECT count(n.n_name) AS marked {ORDERS} "
            f"LEFT JOIN tpch.nation n ON c.c_nationkey = n.n_nationkey AND c.c_acctbal >= {balance}")
     with pytest.raises(Exception, match=r"CONDITIONAL_AGGREGATE.*no count holds"):
         run(tpch, "bench_analyst", sql)
@@ -138,7 +142,7 @@ def test_two_cases_multiplied_are_refused(tpch):
     nation, balance = _richest(tpch)
     sql = (f"SELECT sum(CASE WHEN c.c_nationkey = {nation} THEN 1 ELSE 0 END * "
            f"CASE WHEN c.c_acctbal >= {balance} AND c.c_mktsegment = 'HOUSEHOLD' THEN o.o_totalprice ELSE 0 END) AS t "
-           "FROM tpch.orders o JOIN tpch.customer c ON o.o_custkey = c.c_custkey")
+           f"{ORDERS}")
     with pytest.raises(Exception, match=r"CONDITIONAL_AGGREGATE.*a CASE inside arithmetic"):
         run(tpch, "bench_analyst", sql)
 
@@ -146,10 +150,7 @@ def test_two_cases_multiplied_are_refused(tpch):
 def test_a_zero_branch_for_one_customer_is_counted_too(tpch):
     # `sum(x)` next to `sum(CASE WHEN <one customer> THEN 0 ELSE x END)` is that
     # customer's x by subtraction: the zero branch is a region like any other.
-    nation, balance = _richest(tpch)
-    who = f"c.c_nationkey = {nation} AND c.c_mktsegment = 'HOUSEHOLD' AND c.c_acctbal >= {balance}"
-    sql = (f"SELECT sum(o.o_totalprice) AS a, sum(CASE WHEN {who} THEN 0 ELSE o.o_totalprice END) AS b "
-           "FROM tpch.orders o JOIN tpch.customer c ON o.o_custkey = c.c_custkey")
+    sql = f"SELECT sum(o.o_totalprice) AS a, sum(CASE WHEN {_who(tpch)} THEN 0 ELSE o.o_totalprice END) AS b {ORDERS}"
     assert run(tpch, "bench_analyst", sql).num_rows == 0
 
 
@@ -158,7 +159,7 @@ def test_a_comparison_the_optimizer_mistypes_is_refused_whoever_reaches_it(tpch,
     # DataFusion folds `c_acctbal * 0` to a decimal of another scale, and the comparison
     # then fails at run time, only if a row reaches it: an oracle on whether anyone
     # matches the CASE's condition. Refused before running, rows or not.
-    nation, balance = _richest(tpch)
+    _, balance = _richest(tpch)
     above = above.format(balance=balance)
     sql = (f"SELECT sum(CASE WHEN c.c_acctbal > {above} THEN CASE WHEN c.c_acctbal * 0 + c.c_nationkey = 21 "
            "THEN 1 ELSE 0 END ELSE 0 END) AS s FROM tpch.customer c")
