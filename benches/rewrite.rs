@@ -31,7 +31,8 @@ fn rewrite(c: &mut Criterion) {
     let policy = rt
         .block_on(PolicyStore::open(dir, &users, &catalog))
         .unwrap();
-    let sessions = Sessions::new(Arc::new(policy), Arc::new(catalog), Limits::default()).unwrap();
+    let sessions =
+        Sessions::new(Arc::new(policy), Arc::new(catalog), Limits::default(), None).unwrap();
     let analyst = Arc::new(Principal {
         name: "bench_analyst".into(),
         roles: vec![],

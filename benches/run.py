@@ -385,6 +385,21 @@ def mark(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+CLUSTER_BEGIN = "<!-- cluster: written by benches/cluster.py -->"
+CLUSTER_END = "<!-- cluster: end -->"
+
+
+def kept_sections(out: Path) -> str:
+    """The sections other scripts write into the page (benches/cluster.py), kept as they are."""
+    if not out.exists():
+        return ""
+    text = out.read_text()
+    start, end = text.find(CLUSTER_BEGIN), text.find(CLUSTER_END)
+    if start < 0 or end < start:
+        return ""
+    return "\n" + text[start:end + len(CLUSTER_END)] + "\n"
+
+
 def report(r: dict) -> str:
     m = r["machine"]
     t = r["tpch"]
@@ -570,7 +585,7 @@ def main() -> int:
     if args.report_only:
         r = json.loads(args.report_only.read_text())
         r["notes"] = args.notes.read_text() if args.notes.exists() else ""
-        args.out.write_text(report(r))
+        args.out.write_text(report(r) + kept_sections(args.out))
         log(f"wrote {args.out} from {args.report_only}")
         return 0
     if not (args.airlock and args.harness):
@@ -650,7 +665,7 @@ def main() -> int:
         r["notes"] = args.notes.read_text()
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))
-    args.out.write_text(report(r))
+    args.out.write_text(report(r) + kept_sections(args.out))
     log(f"wrote {args.out}")
     return 0
 

@@ -10,6 +10,8 @@
 #   benches/run.sh --soak          # only the soak (issue 15): 64 ADBC clients for 10 min
 #                                  # against the demo with a SIGKILL + restart halfway;
 #                                  # SOAK_SECONDS, SOAK_CLIENTS, SOAK_SCALE to change it
+#   benches/run.sh --cluster       # only TPC-H through one process vs one front end and two
+#                                  # workers (issue 13); RUNS to change the rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -37,6 +39,13 @@ fi
 
 if [ ! -f benches/tpch/data/lineitem.parquet ]; then
   CARGO_TARGET_DIR="$TARGET" benches/tpch/generate.sh
+fi
+
+if [ "${1:-}" = "--cluster" ]; then
+  echo "[bench] building (release)"
+  CARGO_TARGET_DIR="$TARGET" cargo build --locked --release --bin airlock
+  exec "$VENV/bin/python" benches/cluster.py --airlock "$TARGET/release/airlock" \
+    --runs "${RUNS:-5}" --json "$TARGET/cluster-results.json"
 fi
 
 echo "[bench] building (release)"

@@ -50,6 +50,11 @@ pub enum Error {
     #[error("query failed during execution")]
     Execution(#[source] DataFusionError),
 
+    /// A worker of the cluster was lost during the query (`crate::cluster`): the query
+    /// failed; retrying is safe. Details are logged, never sent.
+    #[error("a cluster worker was lost during the query")]
+    WorkerLost(#[source] DataFusionError),
+
     /// The audit trail cannot record what the request would do: nothing is released.
     /// Details (the I/O error) are logged, never sent.
     #[error("the audit trail cannot be written")]
@@ -78,6 +83,7 @@ impl Error {
             return Error::ResourceExhausted(msg);
         }
         match phase {
+            Phase::Execution if lost_worker(&err) => Error::WorkerLost(err),
             Phase::Execution => Error::Execution(err),
             Phase::Planning => match root(&err) {
                 DataFusionError::SQL(..)
@@ -137,6 +143,16 @@ impl Error {
                     None,
                 )
             }
+            Error::WorkerLost(e) => {
+                tracing::warn!(request_id = %request_id, error = %e, "a cluster worker was lost during a query");
+                (
+                    Code::Unavailable,
+                    format!(
+                        "a worker of the cluster was lost during the query; it failed, and retrying is safe (request id {request_id})"
+                    ),
+                    None,
+                )
+            }
             Error::AuditUnavailable(e) => {
                 tracing::error!(request_id = %request_id, error = %e, "audit trail unavailable; refused");
                 let r = ReasonCode::AuditUnavailable;
@@ -191,6 +207,24 @@ fn root(err: &DataFusionError) -> &DataFusionError {
         DataFusionError::Collection(errs) if !errs.is_empty() => root(&errs[0]),
         other => other,
     }
+}
+
+/// Whether a query failed because the connection to a cluster worker broke (the
+/// transport, never an error the worker's computation raised, which may describe data).
+fn lost_worker(err: &DataFusionError) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if e.downcast_ref::<tonic::transport::Error>().is_some() {
+            return true;
+        }
+        if let Some(DataFusionError::Shared(inner)) = e.downcast_ref::<DataFusionError>()
+            && lost_worker(inner)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn resources_exhausted(err: &DataFusionError) -> Option<String> {

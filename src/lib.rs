@@ -25,6 +25,7 @@ pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod demo;

@@ -59,6 +59,28 @@ enum Command {
         limits: airlock::config::LimitArgs,
         #[command(flatten)]
         telemetry: airlock::config::TelemetryArgs,
+        #[command(flatten)]
+        cluster: airlock::config::ClusterArgs,
+    },
+    /// Serve stages of queries for the front ends of a cluster. A worker holds no policy
+    /// and no dataset list (plans name their files, which it must be able to read at the
+    /// same paths); it answers only callers that prove the cluster secret.
+    Worker {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, env = "AIRLOCK_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
+        listen: SocketAddr,
+        /// File with the cluster's shared secret (the front ends' --cluster-secret-file).
+        #[arg(long, env = "AIRLOCK_CLUSTER_SECRET_FILE", value_name = "FILE")]
+        cluster_secret_file: PathBuf,
+        /// Memory the stages running on this worker may hold together (e.g. 4GiB); a stage
+        /// over it fails (nothing spills to disk).
+        #[arg(
+            long,
+            env = "AIRLOCK_WORKER_MEMORY",
+            value_name = "BYTES",
+            default_value = "4GiB"
+        )]
+        memory: bytesize::ByteSize,
     },
     /// Validate configuration, users, datasets and policies without serving.
     Check(ConfigArgs),
@@ -240,6 +262,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             limits,
             console_listen,
             telemetry,
+            cluster,
         } => {
             let state_dir = state_dir.unwrap_or_else(airlock::demo::default_state_dir);
             let sizes = airlock::demo::Sizes {
@@ -255,6 +278,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.metrics_listen = telemetry.metrics_listen;
             config.otlp_endpoint = telemetry.otlp_endpoint;
             config.console_listen = console_listen.0;
+            config.cluster = cluster.resolve(None).map_err(anyhow::Error::msg)?;
             println!(
                 "Airlock demo: a synthetic hospital ({patients} patients) in {}",
                 state_dir.display()
@@ -266,6 +290,26 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("  console: sign in at http://{a}/ (port 0: see the line below)");
             }
             serve(config).await?;
+        }
+        Command::Worker {
+            listen,
+            cluster_secret_file,
+            memory,
+        } => {
+            let secret = airlock::cluster::auth::ClusterSecret::load(&cluster_secret_file)
+                .map_err(anyhow::Error::msg)?;
+            let worker = airlock::cluster::worker::start(
+                listen,
+                std::sync::Arc::new(secret),
+                usize::try_from(memory.as_u64()).unwrap_or(usize::MAX),
+            )
+            .await?;
+            // The first stdout line names the address (tests read it with port 0).
+            println!("airlock worker listening on {}", worker.addr);
+            tokio::select! {
+                r = worker.wait() => r?,
+                _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+            }
         }
         Command::Check(args) => {
             let config = ServiceConfig::load(&args)?;

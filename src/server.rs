@@ -40,6 +40,8 @@ pub enum Error {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("cannot start the server runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]
@@ -131,10 +133,17 @@ impl Airlock {
             .with_uploads(&config.state_dir, &bootstrap)
             .await?;
         let policy = PolicyStore::open(config.policy_dir.clone(), &users, &catalog).await?;
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(
+                crate::cluster::Cluster::open(c).map_err(Error::Cluster)?,
+            )),
+            None => None,
+        };
         let sessions = Arc::new(Sessions::new(
             Arc::new(policy),
             Arc::new(catalog),
             config.limits.clone(),
+            cluster,
         )?);
         let auth = Arc::new(
             Authenticator::new(users.clone(), config.limits.token_ttl).with_login_limits(

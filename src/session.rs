@@ -25,9 +25,11 @@ use datafusion::prelude::SessionConfig;
 
 use crate::auth::Principal;
 use crate::catalog::{CATALOG_NAME, Catalog};
+use crate::cluster::Cluster;
 use crate::config::Limits;
 use crate::policy::{PolicySnapshot, PolicyStore};
 use crate::rewrite::PolicyContext;
+use crate::rewrite::protect::MaskSecret;
 
 /// A principal's session: their catalog view and the policy it was built with.
 #[derive(Debug)]
@@ -61,6 +63,10 @@ pub struct Sessions {
     runtime: Arc<RuntimeEnv>,
     cache: DashMap<Arc<Principal>, Arc<PrincipalSession>>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Workers for the stages below release boundaries, if this front end has any.
+    cluster: Option<Arc<Cluster>>,
+    /// The salt source of `hash` masks (the cluster's, when there is one).
+    masks: MaskSecret,
 }
 
 /// The DataFusion configuration every session starts from.
@@ -81,6 +87,7 @@ impl Sessions {
         policy: Arc<PolicyStore>,
         catalog: Arc<Catalog>,
         limits: Limits,
+        cluster: Option<Arc<Cluster>>,
     ) -> datafusion::error::Result<Self> {
         // No cached file listings: uploads add files to tables while the server runs.
         let caches = datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
@@ -101,6 +108,11 @@ impl Sessions {
             limits,
             runtime,
             cache: DashMap::new(),
+            masks: cluster
+                .as_ref()
+                .map(|c| c.mask_secret())
+                .unwrap_or_default(),
+            cluster,
         })
     }
 
@@ -167,8 +179,13 @@ impl Sessions {
             &catalog.catalog,
         ));
         let approved = Arc::new(privacy.approved());
-        let state = self.state(Arc::clone(&view), privacy.analyzer_rules());
-        let approved_state = self.state(view, approved.analyzer_rules());
+        let digest = &policy.digest;
+        let state = self.state(
+            Arc::clone(&view),
+            privacy.analyzer_rules(&self.masks),
+            digest,
+        );
+        let approved_state = self.state(view, approved.analyzer_rules(&self.masks), digest);
         PrincipalSession {
             principal: Arc::clone(principal),
             policy,
@@ -185,10 +202,10 @@ impl Sessions {
         &self,
         view: Arc<dyn datafusion::catalog::CatalogProviderList>,
         analyzer_rules: Vec<Arc<dyn datafusion::optimizer::AnalyzerRule + Send + Sync>>,
+        policy_digest: &str,
     ) -> SessionState {
-        SessionStateBuilder::new()
+        let mut builder = SessionStateBuilder::new()
             .with_analyzer_rules(analyzer_rules)
-            .with_query_planner(Arc::new(crate::rewrite::boundary::AirlockQueryPlanner))
             .with_config(base_config())
             .with_runtime_env(Arc::clone(&self.runtime))
             .with_catalog_list(view)
@@ -201,7 +218,17 @@ impl Sessions {
                     .into_iter()
                     .filter(|f| matches!(f.name(), "generate_series" | "range"))
                     .collect(),
-            )
+            );
+        let mut distributor = None;
+        if let Some(cluster) = &self.cluster {
+            // The configuration is set above: the crate adds its own to it.
+            builder = cluster.configure(builder, policy_digest);
+            distributor = Some(Arc::clone(cluster.distributor()));
+        }
+        builder
+            .with_query_planner(Arc::new(
+                crate::rewrite::boundary::AirlockQueryPlanner::new(distributor),
+            ))
             .build()
     }
 

@@ -59,6 +59,8 @@ pub struct ConfigArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// TLS files (shared by `serve` and `demo`); each overrides the `[tls]` key.
@@ -192,6 +194,78 @@ impl TlsArgs {
     }
 }
 
+/// Distributed execution (shared by `serve` and `demo`); each overrides its `[cluster]` key.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ClusterArgs {
+    /// Run the stages below the release boundary on these `airlock worker`s
+    /// (comma-separated URLs, e.g. http://10.0.0.5:50061); needs --cluster-secret-file.
+    #[arg(
+        long,
+        env = "AIRLOCK_WORKERS",
+        value_name = "URL,...",
+        value_delimiter = ','
+    )]
+    pub workers: Option<Vec<String>>,
+    /// File with the secret the front ends and workers of a cluster share (at least 32
+    /// bytes, e.g. `openssl rand -hex 32`): every call to a worker proves it.
+    #[arg(long, env = "AIRLOCK_CLUSTER_SECRET_FILE", value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Bytes of files each scan partition reads when a scan is spread over workers
+    /// (default 16MiB); lower spreads small tables over more workers.
+    #[arg(
+        long,
+        env = "AIRLOCK_CLUSTER_SCAN_PARTITION_BYTES",
+        value_name = "BYTES"
+    )]
+    pub cluster_scan_partition_bytes: Option<ByteSize>,
+}
+
+impl ClusterArgs {
+    /// Applies the flags over the `[cluster]` section (`file`, already read) and checks
+    /// the result: workers need a secret file that exists.
+    pub fn resolve(
+        &self,
+        file: Option<(Vec<String>, Option<PathBuf>, Option<String>)>,
+    ) -> Result<Option<crate::cluster::ClusterConfig>, String> {
+        let (file_workers, file_secret, file_bytes) = file.unwrap_or_default();
+        let scan_partition_bytes = match (&self.cluster_scan_partition_bytes, file_bytes) {
+            (Some(b), _) => Some(b.as_u64() as usize),
+            (None, Some(s)) => Some(bytes(&s).map_err(|e| format!("scan_partition_bytes: {e}"))?),
+            (None, None) => None,
+        };
+        let workers = self.workers.clone().unwrap_or(file_workers);
+        let workers: Vec<String> = workers
+            .into_iter()
+            .map(|w| w.trim().to_string())
+            .filter(|w| !w.is_empty())
+            .collect();
+        if workers.is_empty() {
+            return Ok(None);
+        }
+        let workers = workers
+            .iter()
+            .map(|w| crate::cluster::parse_worker_url(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(secret_file) = self.cluster_secret_file.clone().or(file_secret) else {
+            return Err(
+                "cluster workers need a shared secret: set cluster.secret_file, --cluster-secret-file or AIRLOCK_CLUSTER_SECRET_FILE"
+                    .to_string(),
+            );
+        };
+        if !secret_file.is_file() {
+            return Err(format!(
+                "cluster secret file {} does not exist",
+                secret_file.display()
+            ));
+        }
+        Ok(Some(crate::cluster::ClusterConfig {
+            workers,
+            secret_file,
+            scan_partition_bytes,
+        }))
+    }
+}
+
 /// Where traces and metrics go (shared by `serve` and `demo`).
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct TelemetryArgs {
@@ -237,6 +311,8 @@ pub struct ServiceConfig {
     pub otlp_endpoint: Option<String>,
     /// The owner console's listen address, if it is served (`crate::console`).
     pub console_listen: Option<SocketAddr>,
+    /// Workers for distributed execution, if any (`crate::cluster`).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -440,8 +516,18 @@ struct RawFile {
     metrics_listen: Option<Spanned<String>>,
     otlp_endpoint: Option<String>,
     console_listen: Option<Spanned<String>>,
+    cluster: Option<RawCluster>,
     #[serde(default)]
     datasets: Vec<Spanned<RawDataset>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    #[serde(default)]
+    workers: Vec<String>,
+    secret_file: Option<String>,
+    scan_partition_bytes: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -836,6 +922,20 @@ impl ServiceConfig {
             (None, None) => None,
         };
 
+        let cluster = args
+            .cluster
+            .resolve(raw.cluster.as_ref().map(|c| {
+                (
+                    c.workers.clone(),
+                    c.secret_file.as_deref().map(&rel),
+                    c.scan_partition_bytes.clone(),
+                )
+            }))
+            .unwrap_or_else(|e| {
+                out.push(Diagnostic::new(&file, None, format!("cluster: {e}")));
+                None
+            });
+
         out.finish(ServiceConfig {
             listen,
             tls,
@@ -847,6 +947,7 @@ impl ServiceConfig {
             metrics_listen,
             otlp_endpoint,
             console_listen,
+            cluster,
         })
     }
 }
@@ -854,6 +955,53 @@ impl ServiceConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_workers_need_a_secret_file_and_flags_override_the_file() {
+        assert_eq!(load_text("").unwrap().cluster, None);
+        let err = load_text("[cluster]\nworkers = [\"http://127.0.0.1:1\"]\n").unwrap_err();
+        assert!(err.to_string().contains("need a shared secret"), "{err}");
+        let err = load_text(
+            "[cluster]\nworkers = [\"grpc://127.0.0.1:1\"]\nsecret_file = \"/nonexistent\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("http://host:port"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("cluster.secret");
+        std::fs::write(&secret, "x".repeat(40)).unwrap();
+        let path = dir.path().join("airlock.toml");
+        std::fs::write(
+            &path,
+            "[cluster]\nworkers = [\"http://127.0.0.1:1\"]\nsecret_file = \"cluster.secret\"\nscan_partition_bytes = \"1MiB\"\n",
+        )
+        .unwrap();
+        let cluster = ServiceConfig::load(&ConfigArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(cluster.secret_file, secret);
+        assert_eq!(cluster.scan_partition_bytes, Some(1 << 20));
+        assert_eq!(cluster.workers[0].as_str(), "http://127.0.0.1:1/");
+        // --workers replaces the file's list.
+        let cluster = ServiceConfig::load(&ConfigArgs {
+            config: Some(path),
+            cluster: ClusterArgs {
+                workers: Some(vec![
+                    "http://127.0.0.2:2".into(),
+                    "http://127.0.0.3:3".into(),
+                ]),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(cluster.workers.len(), 2);
+    }
 
     fn load_text(text: &str) -> Result<ServiceConfig, Diagnostics> {
         let dir = tempfile::tempdir().unwrap();

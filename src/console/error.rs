@@ -41,7 +41,7 @@ impl Error {
             E::Auth(a) => Error::Forbidden(a.to_string()),
             E::ResourceExhausted(m) => Error::Internal(m),
             E::Unimplemented(m) => Error::BadRequest(m),
-            E::Execution(d) => Error::Internal(d.to_string()),
+            E::Execution(d) | E::WorkerLost(d) => Error::Internal(d.to_string()),
             E::Internal(m) => Error::Internal(m),
             // Nothing is decided while the trail cannot be written (fail closed).
             E::AuditUnavailable(a) => {

@@ -74,6 +74,7 @@ pub fn prepare(
         metrics_listen: None,
         otlp_endpoint: None,
         console_listen: None,
+        cluster: None,
     })
 }
 

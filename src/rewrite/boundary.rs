@@ -453,9 +453,18 @@ impl ExtensionPlanner for AirlockPlanner {
     }
 }
 
-/// A query planner that knows Airlock's nodes.
+/// A query planner that knows Airlock's nodes and, in a cluster, hands the part of a
+/// plan below its release boundaries to workers (`crate::cluster::planner`).
 #[derive(Debug, Default)]
-pub struct AirlockQueryPlanner;
+pub struct AirlockQueryPlanner {
+    distributor: Option<Arc<crate::cluster::planner::Distributor>>,
+}
+
+impl AirlockQueryPlanner {
+    pub fn new(distributor: Option<Arc<crate::cluster::planner::Distributor>>) -> Self {
+        Self { distributor }
+    }
+}
 
 #[async_trait]
 impl datafusion::execution::context::QueryPlanner for AirlockQueryPlanner {
@@ -468,9 +477,13 @@ impl datafusion::execution::context::QueryPlanner for AirlockQueryPlanner {
             datafusion::physical_planner::DefaultPhysicalPlanner::with_extension_planners(vec![
                 Arc::new(AirlockPlanner),
             ]);
-        planner
+        let plan = planner
             .create_physical_plan(logical_plan, session_state)
-            .await
+            .await?;
+        match &self.distributor {
+            Some(d) => d.place(plan, session_state).await,
+            None => Ok(plan),
+        }
     }
 }
 

@@ -187,13 +187,16 @@ impl PolicyContext {
 
     /// The session's whole analyzer, in order: DataFusion's grouping-function
     /// resolution and type coercion, then the privacy rule on the typed plan.
-    pub fn analyzer_rules(self: &Arc<Self>) -> Vec<Arc<dyn AnalyzerRule + Send + Sync>> {
+    pub fn analyzer_rules(
+        self: &Arc<Self>,
+        masks: &protect::MaskSecret,
+    ) -> Vec<Arc<dyn AnalyzerRule + Send + Sync>> {
         use datafusion::optimizer::analyzer::resolve_grouping_function::ResolveGroupingFunction;
         use datafusion::optimizer::analyzer::type_coercion::TypeCoercion;
         vec![
             Arc::new(ResolveGroupingFunction::new()),
             Arc::new(TypeCoercion::new()),
-            Arc::new(PolicyRule::new(Arc::clone(self))),
+            Arc::new(PolicyRule::new(Arc::clone(self), masks)),
         ]
     }
 
@@ -210,15 +213,13 @@ impl PolicyContext {
 #[derive(Debug)]
 pub struct PolicyRule {
     ctx: Arc<PolicyContext>,
-    /// The secret of `hash` masks: stable for the life of the process and policy.
+    /// The salt of `hash` masks: stable for the life of the process (or cluster) and policy.
     salt: Arc<str>,
 }
 
 impl PolicyRule {
-    pub fn new(ctx: Arc<PolicyContext>) -> Self {
-        static PROCESS_SALT: std::sync::LazyLock<String> =
-            std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
-        let salt: Arc<str> = Arc::from(format!("{}{}", *PROCESS_SALT, ctx.policy.digest));
+    pub fn new(ctx: Arc<PolicyContext>, masks: &protect::MaskSecret) -> Self {
+        let salt = masks.salt(&ctx.policy.digest);
         Self { ctx, salt }
     }
 }

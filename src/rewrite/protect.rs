@@ -9,7 +9,10 @@
 //! predicate below the row filter; the verifier finds it above every protected scan.
 //!
 //! Masks are a function ([`Mask`]) whose secret (the `hash` salt) lives in the function,
-//! never in the plan: no plan display, explanation or error can show it.
+//! never in the plan: no plan display, explanation or error can show it. The salt comes
+//! from a [`MaskSecret`]: random per process on one machine; in a cluster, derived from
+//! the cluster secret, so that a worker (which finds functions by name, and is told only
+//! the policy's digest) hashes as the front end would.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -298,6 +301,70 @@ fn requalify(e: Expr, qualifier: &TableReference) -> Result<Expr> {
     .map(|t| t.data)
 }
 
+/// Where the salt of `hash` masks comes from.
+#[derive(Clone, Default)]
+pub enum MaskSecret {
+    /// Random for the life of the process: a single front end.
+    #[default]
+    Process,
+    /// Derived from the cluster secret: every front end and worker of one cluster hashes
+    /// alike (`crate::cluster`).
+    Cluster(Arc<ring::hmac::Key>),
+}
+
+impl fmt::Debug for MaskSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key.
+        f.write_str(match self {
+            Self::Process => "MaskSecret::Process",
+            Self::Cluster(_) => "MaskSecret::Cluster",
+        })
+    }
+}
+
+impl MaskSecret {
+    /// The salt of `hash` masks under the policy with this digest: a new policy hashes
+    /// anew.
+    pub fn salt(&self, policy_digest: &str) -> Arc<str> {
+        static PROCESS_SALT: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
+        match self {
+            Self::Process => Arc::from(format!("{}{policy_digest}", *PROCESS_SALT)),
+            Self::Cluster(key) => {
+                let tag = ring::hmac::sign(key, policy_digest.as_bytes());
+                Arc::from(
+                    tag.as_ref()
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>(),
+                )
+            }
+        }
+    }
+}
+
+/// Every mask, under the policy with this digest, for a worker's function registry: a
+/// worker finds a plan's functions by name, and a mask takes its type from the plan.
+pub fn worker_masks(secret: &MaskSecret, policy_digest: &str) -> Vec<Arc<ScalarUDF>> {
+    let salt = secret.salt(policy_digest);
+    [
+        MaskKind::Star,
+        MaskKind::Null,
+        MaskKind::Hash,
+        MaskKind::Last4,
+    ]
+    .into_iter()
+    .map(|kind| {
+        Arc::new(ScalarUDF::new_from_impl(Mask {
+            kind,
+            data_type: DataType::Utf8,
+            salt: Arc::clone(&salt),
+            signature: Signature::any(1, Volatility::Immutable),
+        }))
+    })
+    .collect()
+}
+
 /// The mask of a wiped column, of the column's own type. The salt of `hash` masks is
 /// part of the function, not of its arguments: it never appears in a plan.
 pub struct Mask {
@@ -368,16 +435,17 @@ impl ScalarUDFImpl for Mask {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let n = args.number_rows;
+        // The type the plan says (on a worker, the plan is all there is to say it).
+        let data_type = args.return_field.data_type();
         let input = args.args[0].clone().into_array(n)?;
         let masked = mask_array(&input, self.kind, &self.salt)?;
         Ok(ColumnarValue::Array(match masked {
-            Some(strings) if self.data_type != DataType::Utf8 => {
+            Some(strings) if data_type != &DataType::Utf8 => {
                 // Back to the column's own type; a type that has no such text is NULL.
-                cast(&strings, &self.data_type)
-                    .unwrap_or_else(|_| new_null_array(&self.data_type, n))
+                cast(&strings, data_type).unwrap_or_else(|_| new_null_array(data_type, n))
             }
             Some(strings) => strings,
-            None => new_null_array(&self.data_type, n),
+            None => new_null_array(data_type, n),
         }))
     }
 }
@@ -463,6 +531,24 @@ mod tests {
             a.as_any().downcast_ref::<StringArray>().unwrap().value(0),
             b.as_any().downcast_ref::<StringArray>().unwrap().value(0)
         );
+    }
+
+    #[test]
+    fn cluster_salts_agree_between_processes_and_change_with_the_policy() {
+        let secret = |s: &str| {
+            crate::cluster::auth::ClusterSecret::from_bytes(s.as_bytes())
+                .unwrap()
+                .mask_key()
+        };
+        let a = MaskSecret::Cluster(secret("cluster-secret-0123456789abcdef0123"));
+        // Another process (a worker, another front end) with the same file.
+        let b = MaskSecret::Cluster(secret("cluster-secret-0123456789abcdef0123"));
+        let other = MaskSecret::Cluster(secret("another-secret-0123456789abcdef0123"));
+        assert_eq!(a.salt("digest-1"), b.salt("digest-1"));
+        assert_ne!(a.salt("digest-1"), a.salt("digest-2"));
+        assert_ne!(a.salt("digest-1"), other.salt("digest-1"));
+        assert_ne!(a.salt("digest-1"), MaskSecret::Process.salt("digest-1"));
+        assert!(!format!("{a:?}").contains(&*a.salt("digest-1")));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `airlock_reaches_k(entity)`: how many distinct entities a group holds, counted only
+//! `airlock_reaches_k(entity, k)`: how many distinct entities a group holds, counted only
 //! up to k. The threshold rule (`threshold.rs`) asks it whether a group reaches k.
 //!
 //! The threshold needs to know whether a group holds at least k distinct entities, never
@@ -26,27 +26,55 @@ use datafusion::error::Result;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, Expr, GroupsAccumulator, Signature,
-    Volatility,
+    Volatility, lit,
 };
+use datafusion::physical_expr::expressions::Literal;
 
 /// The aggregate's name, as the verifier looks for it.
 pub const NAME: &str = "airlock_reaches_k";
 
-/// `airlock_reaches_k(entity)` for one k.
+/// `airlock_reaches_k(entity, k)`. k is the second argument, a literal: the function
+/// is the same for every k, so a worker of a cluster (`crate::cluster`), which finds
+/// functions by name, counts to the k the front end planned.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct ReachesK {
-    k: usize,
     signature: Signature,
+}
+
+impl Default for ReachesK {
+    fn default() -> Self {
+        Self {
+            signature: Signature::any(2, Volatility::Immutable),
+        }
+    }
+}
+
+/// The aggregate, for a session's (or a worker's) function registry.
+pub fn udaf() -> AggregateUDF {
+    AggregateUDF::new_from_impl(ReachesK::default())
 }
 
 /// `min(count(DISTINCT entity), k)` over `entity`.
 pub fn reaches_k(entity: Expr, k: u64) -> Expr {
-    let k = usize::try_from(k).unwrap_or(usize::MAX).max(1);
-    AggregateUDF::new_from_impl(ReachesK {
-        k,
-        signature: Signature::any(1, Volatility::Immutable),
-    })
-    .call(vec![entity])
+    let k = i64::try_from(k).unwrap_or(i64::MAX).max(1);
+    udaf().call(vec![entity, lit(k)])
+}
+
+/// The k of a call: its second argument, a positive integer literal. Anything else
+/// fails the query rather than count to some other k.
+fn k_of(args: &AccumulatorArgs) -> Result<usize> {
+    let k = args
+        .exprs
+        .get(1)
+        .and_then(|e| e.downcast_ref::<Literal>())
+        .and_then(|l| match l.value() {
+            ScalarValue::Int64(Some(k)) => usize::try_from(*k).ok().filter(|k| *k >= 1),
+            _ => None,
+        });
+    match k {
+        Some(k) => Ok(k),
+        None => exec_err!("{NAME}: k must be a positive integer literal"),
+    }
 }
 
 impl AggregateUDFImpl for ReachesK {
@@ -78,10 +106,10 @@ impl AggregateUDFImpl for ReachesK {
         ))])
     }
 
-    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         Ok(Box::new(One {
             seen: Seen::default(),
-            k: self.k,
+            k: k_of(&args)?,
         }))
     }
 
@@ -91,11 +119,11 @@ impl AggregateUDFImpl for ReachesK {
 
     fn create_groups_accumulator(
         &self,
-        _args: AccumulatorArgs,
+        args: AccumulatorArgs,
     ) -> Result<Box<dyn GroupsAccumulator>> {
         Ok(Box::new(Groups {
             groups: Vec::new(),
-            k: self.k,
+            k: k_of(&args)?,
             hashes: Vec::new(),
         }))
     }

@@ -106,6 +106,27 @@ pub fn total_expr(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
     })
 }
 
+/// Every guard a plan can hold, for a worker's function registry (`crate::cluster`): a
+/// worker finds a plan's functions by name and takes their result types from the plan.
+/// The operator guards' kernels do not depend on the types they were planned with.
+pub fn worker_functions(defaults: &[Arc<ScalarUDF>]) -> Result<Vec<Arc<ScalarUDF>>> {
+    let mut out = Vec::new();
+    for op in [Operator::Divide, Operator::Modulo] {
+        out.push(Arc::new(Guard::operator(
+            op,
+            &DataType::Int64,
+            &DataType::Int64,
+        )?));
+    }
+    out.extend(
+        defaults
+            .iter()
+            .filter(|f| functions::rule(f.name()).is_some_and(|r| r.totality == Totality::Guarded))
+            .map(|f| Arc::new(ScalarUDF::new_from_impl(Guard::function(Arc::clone(f))))),
+    );
+    Ok(out)
+}
+
 /// A literal divisor that no dividend can fail on: not zero, not -1, not NULL.
 fn safe_divisor(e: &Expr) -> bool {
     let Expr::Literal(v, _) = e else { return false };

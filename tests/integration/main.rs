@@ -4,6 +4,7 @@ mod approvals;
 mod audit;
 mod catalog;
 mod cli;
+mod cluster;
 mod console;
 mod dp;
 mod flight_sql;

@@ -77,7 +77,16 @@ impl AsyncDB for PrincipalDb {
     }
 }
 
-async fn start_fixture(dir: &Path, state: &Path) -> Running {
+pub(crate) async fn start_fixture(dir: &Path, state: &Path) -> Running {
+    start_fixture_with(dir, state, None).await
+}
+
+/// The fixture's server, optionally a front end of a cluster.
+pub(crate) async fn start_fixture_with(
+    dir: &Path,
+    state: &Path,
+    cluster: Option<airlock::cluster::ClusterConfig>,
+) -> Running {
     let principals: BTreeMap<String, Vec<String>> =
         toml::from_str(&std::fs::read_to_string(dir.join("principals.toml")).unwrap()).unwrap();
     let mut users = String::new();
@@ -116,11 +125,12 @@ async fn start_fixture(dir: &Path, state: &Path) -> Running {
         metrics_listen: None,
         otlp_endpoint: None,
         console_listen: None,
+        cluster,
     })
     .await
 }
 
-async fn run_file(server: &Running, file: &Path) -> Vec<String> {
+pub(crate) async fn run_file(server: &Running, file: &Path) -> Vec<String> {
     let addr = server.addr;
     let next: Arc<Mutex<Option<String>>> = Arc::default();
     let for_make = Arc::clone(&next);
@@ -177,7 +187,7 @@ async fn run_file(server: &Running, file: &Path) -> Vec<String> {
         .collect()
 }
 
-fn fixtures() -> Vec<PathBuf> {
+pub(crate) fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policy");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .unwrap()
@@ -188,6 +198,18 @@ fn fixtures() -> Vec<PathBuf> {
     dirs
 }
 
+/// The `.slt` files of a fixture, in order.
+pub(crate) fn slt_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} has no .slt file", dir.display());
+    files
+}
+
 #[tokio::test]
 async fn policy_files() {
     let fixtures = fixtures();
@@ -196,14 +218,7 @@ async fn policy_files() {
     for dir in fixtures {
         let state = tempfile::tempdir().unwrap();
         let server = start_fixture(&dir, state.path()).await;
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "slt"))
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "{} has no .slt file", dir.display());
-        for f in files {
+        for f in slt_files(&dir) {
             failures.extend(run_file(&server, &f).await);
         }
     }

@@ -240,6 +240,7 @@ async fn no_released_row_has_fewer_than_k_entities() {
         metrics_listen: None,
         otlp_endpoint: None,
         console_listen: None,
+        cluster: None,
     })
     .await;
     let mut client = analyst(&server).await;

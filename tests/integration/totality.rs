@@ -94,6 +94,7 @@ fn write_fixture(dir: &Path) -> ServiceConfig {
         metrics_listen: None,
         otlp_endpoint: None,
         console_listen: None,
+        cluster: None,
     }
 }
 

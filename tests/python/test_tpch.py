@@ -10,6 +10,7 @@ runs through a real `airlock serve` over ADBC, as `bench_analyst` (aggregate onl
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -31,7 +32,8 @@ WITHHELD_OR_EXACT = {"q19"}
 
 
 @pytest.fixture(scope="module")
-def tpch(tmp_path_factory):
+def tpch_root(tmp_path_factory):
+    """SF 0.01 with the bench policy and users, and an `airlock.toml` for them."""
     root = tmp_path_factory.mktemp("tpch")
     data = root / "data"
     data.mkdir()
@@ -45,21 +47,58 @@ def tpch(tmp_path_factory):
     config = config.replace('listen = "127.0.0.1:50052"', 'listen = "127.0.0.1:0"')
     config = config.replace('state_dir = "../../target/tpch-state"', 'state_dir = "state"')
     (root / "airlock.toml").write_text(config)
-    proc = subprocess.Popen([airlock_binary(), "serve", "--config", str(root / "airlock.toml")],
-                            stdout=subprocess.PIPE, stderr=sys.stderr, text=True, cwd=root)
+    return root
+
+
+def start(argv: list[str], ready: str, cwd: Path) -> tuple[subprocess.Popen, str]:
+    """Starts an airlock process and returns it with the address of its ready line."""
+    proc = subprocess.Popen([airlock_binary(), *argv], stdout=subprocess.PIPE,
+                            stderr=sys.stderr, text=True, cwd=cwd)
     addr = None
     for line in proc.stdout:
-        m = re.match(r"airlock listening on (\S+)", line)
+        m = re.match(ready, line)
         if m:
             addr = m.group(1)
             break
     if addr is None:
         proc.kill()
-        raise RuntimeError(f"airlock serve did not start (exit {proc.wait()})")
+        raise RuntimeError(f"airlock {argv[0]} did not start (exit {proc.wait()})")
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    yield f"grpc://{addr}"
+    return proc, addr
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tpch(tpch_root):
+    proc, addr = start(["serve", "--config", str(tpch_root / "airlock.toml")],
+                       r"airlock listening on (\S+)", tpch_root)
+    yield f"grpc://{addr}"
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def tpch_cluster(tpch_root):
+    """The same configuration as a cluster: one front end and three `airlock worker`s,
+    every scan split over them. Yields the front end's URI and the workers' processes."""
+    secret = tpch_root / "cluster.secret"
+    secret.write_text("0123456789abcdef" * 4)
+    secret.chmod(0o600)
+    workers = [start(["worker", "--listen", "127.0.0.1:0", "--cluster-secret-file", str(secret)],
+                     r"airlock worker listening on (\S+)", tpch_root) for _ in range(3)]
+    urls = ",".join(f"http://{addr}" for _, addr in workers)
+    front, addr = start(["serve", "--config", str(tpch_root / "airlock.toml"),
+                         "--state-dir", str(tpch_root / "cluster-state"), "--workers", urls,
+                         "--cluster-secret-file", str(secret),
+                         "--cluster-scan-partition-bytes", "64KiB"],
+                        r"airlock listening on (\S+)", tpch_root)
+    yield f"grpc://{addr}", [p for p, _ in workers]
+    stop(front)
+    for p, _ in workers:
+        stop(p)
 
 
 def run(uri: str, user: str, sql: str):
@@ -165,3 +204,41 @@ def test_a_comparison_the_optimizer_mistypes_is_refused_whoever_reaches_it(tpch,
            "THEN 1 ELSE 0 END ELSE 0 END) AS s FROM tpch.customer c")
     with pytest.raises(Exception, match=r"UNCLASSIFIED_PLAN.*compares Decimal128"):
         run(tpch, "bench_analyst", sql)
+
+
+def _sent(proc: subprocess.Popen) -> int:
+    """Bytes a worker has written: workers write no files, so this is what they sent."""
+    for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no wchar")
+
+
+def _same(a, b) -> bool:
+    def rows(t):
+        return sorted((tuple(v for v in r.values()) for r in t.to_pylist()), key=repr)
+    ra, rb = rows(a), rows(b)
+    if a.schema.names != b.schema.names or len(ra) != len(rb):
+        return False
+    for x, y in zip(ra, rb):
+        for u, v in zip(x, y):
+            if isinstance(u, float) and isinstance(v, float):
+                if not math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-9):
+                    return False
+            elif u != v:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("user", ["bench_analyst", "bench_reader"])
+def test_tpch_gives_the_same_answers_through_a_cluster(tpch, tpch_cluster, user):
+    """Issue 13: every query, suppressed groups included, answers through one front end
+    and three workers exactly as through one process; the workers did the scanning."""
+    front, workers = tpch_cluster
+    before = [_sent(p) for p in workers]
+    for name in QUERIES:
+        sql = (ROOT / "benches" / "tpch" / "queries" / f"{name}.sql").read_text()
+        single, cluster = run(tpch, user, sql), run(front, user, sql)
+        assert _same(single, cluster), f"{name} as {user}:\n{single}\n!=\n{cluster}"
+    sent = [_sent(p) - b for p, b in zip(workers, before)]
+    assert sum(1 for s in sent if s > 10_000) >= 2, f"bytes sent per worker: {sent}"
