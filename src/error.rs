@@ -211,6 +211,7 @@ fn root(err: &DataFusionError) -> &DataFusionError {
 
 /// Whether a query failed because the connection to a cluster worker broke (the
 /// transport, never an error the worker's computation raised, which may describe data).
+/// Either way the query failed; this only picks UNAVAILABLE (retry) over INTERNAL.
 fn lost_worker(err: &DataFusionError) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = next {
@@ -219,6 +220,15 @@ fn lost_worker(err: &DataFusionError) -> bool {
         }
         if let Some(DataFusionError::Shared(inner)) = e.downcast_ref::<DataFusionError>()
             && lost_worker(inner)
+        {
+            return true;
+        }
+        // datafusion-distributed wraps a broken stream's status in its own error, without
+        // a source: recognise the transport failure by the start of its text (an error
+        // a worker's computation raised starts with its own code and message).
+        let text = e.to_string();
+        if text.starts_with("code: 'Unknown error', message: \"transport error\"")
+            || text.starts_with("Error connecting to Distributed DataFusion worker")
         {
             return true;
         }

@@ -81,6 +81,8 @@ enum Command {
             default_value = "4GiB"
         )]
         memory: bytesize::ByteSize,
+        #[command(flatten)]
+        tls: airlock::config::ClusterTlsArgs,
     },
     /// Validate configuration, users, datasets and policies without serving.
     Check(ConfigArgs),
@@ -295,13 +297,29 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             cluster_secret_file,
             memory,
+            tls,
         } => {
             let secret = airlock::cluster::auth::ClusterSecret::load(&cluster_secret_file)
                 .map_err(anyhow::Error::msg)?;
+            let tls = tls
+                .resolve([None, None, None])
+                .and_then(|f| {
+                    f.as_ref()
+                        .map(airlock::cluster::tls::ClusterTls::load)
+                        .transpose()
+                })
+                .map_err(anyhow::Error::msg)?;
+            // Without TLS, rows a stage produces cross the network in clear.
+            if tls.is_none() && !listen.ip().is_loopback() {
+                anyhow::bail!(
+                    "a worker listening beyond this machine ({listen}) needs cluster TLS (--cluster-tls-cert, --cluster-tls-key, --cluster-tls-ca)"
+                );
+            }
             let worker = airlock::cluster::worker::start(
                 listen,
                 std::sync::Arc::new(secret),
                 usize::try_from(memory.as_u64()).unwrap_or(usize::MAX),
+                tls,
             )
             .await?;
             // The first stdout line names the address (tests read it with port 0).

@@ -11,7 +11,7 @@ use dashmap::DashMap;
 use datafusion::error::DataFusionError;
 use datafusion_distributed::grpc::{BoxCloneSyncChannel, create_worker_client};
 use datafusion_distributed::{ChannelResolver, WorkerChannel};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use url::Url;
 
 use super::auth::{ClusterSecret, HEADER};
@@ -20,13 +20,16 @@ use super::auth::{ClusterSecret, HEADER};
 #[derive(Debug, Clone)]
 pub struct SignedChannels {
     secret: Arc<ClusterSecret>,
+    /// Mutual TLS (`tls.rs`), if the cluster uses it.
+    tls: Option<ClientTlsConfig>,
     channels: Arc<DashMap<Url, Channel>>,
 }
 
 impl SignedChannels {
-    pub fn new(secret: Arc<ClusterSecret>) -> Self {
+    pub fn new(secret: Arc<ClusterSecret>, tls: Option<ClientTlsConfig>) -> Self {
         Self {
             secret,
+            tls,
             channels: Arc::default(),
         }
     }
@@ -35,8 +38,14 @@ impl SignedChannels {
         if let Some(c) = self.channels.get(url) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(url.to_string())
-            .map_err(|e| DataFusionError::Configuration(format!("worker URL {url}: {e}")))?
+        let mut endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| DataFusionError::Configuration(format!("worker URL {url}: {e}")))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| DataFusionError::Configuration(format!("cluster TLS: {e}")))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

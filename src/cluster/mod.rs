@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod channel;
 pub mod planner;
+pub mod tls;
 pub mod worker;
 pub mod workers;
 
@@ -39,17 +40,32 @@ pub struct ClusterConfig {
     /// Bytes of files per scan partition when spreading a scan over workers (the crate's
     /// `file_scan_config_bytes_per_partition`; lower spreads small tables wider).
     pub scan_partition_bytes: Option<usize>,
+    /// Mutual TLS with the workers, if set (worker URLs are then `https://`).
+    pub tls: Option<tls::ClusterTlsFiles>,
 }
 
-/// A worker URL: `http://host:port`.
+/// A worker URL: `http://host:port`, or `https://host:port` with cluster TLS.
 pub fn parse_worker_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s.trim()).map_err(|e| format!("worker URL {s:?}: {e}"))?;
-    if url.scheme() != "http" || url.host_str().is_none() || url.port_or_known_default().is_none() {
+    if !matches!(url.scheme(), "http" | "https")
+        || url.host_str().is_none()
+        || url.port_or_known_default().is_none()
+    {
         return Err(format!(
-            "worker URL {s:?}: expected http://host:port (mutual TLS between front ends and workers is not built yet)"
+            "worker URL {s:?}: expected http://host:port (https:// with cluster TLS)"
         ));
     }
     Ok(url)
+}
+
+/// Whether a worker URL names this machine's loopback.
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
 }
 
 /// A front end's cluster: its secret, its workers, and the planner that places stages.
@@ -65,10 +81,27 @@ impl Cluster {
     /// Reads the secret and starts probing the workers (needs a Tokio runtime).
     pub fn open(config: &ClusterConfig) -> Result<Self, String> {
         let secret = Arc::new(ClusterSecret::load(&config.secret_file)?);
+        let tls = config.tls.as_ref().map(tls::ClusterTls::load).transpose()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        if let Some(url) = config.workers.iter().find(|u| u.scheme() != scheme) {
+            return Err(format!(
+                "worker URL {url}: with{} cluster TLS, worker URLs are {scheme}://",
+                if tls.is_some() { "" } else { "out" }
+            ));
+        }
+        // Without TLS, rows (below the threshold, before it is applied) cross the network
+        // in clear: only on this machine's loopback.
+        if tls.is_none()
+            && let Some(url) = config.workers.iter().find(|u| !is_loopback(u))
+        {
+            return Err(format!(
+                "worker {url} is not on this machine: rows would cross the network in clear; set cluster TLS (tls_cert, tls_key, tls_ca / --cluster-tls-*)"
+            ));
+        }
         let workers = Workers::new(config.workers.clone());
         workers.spawn_probes();
         Ok(Self {
-            channels: SignedChannels::new(Arc::clone(&secret)),
+            channels: SignedChannels::new(Arc::clone(&secret), tls.map(|t| t.client())),
             distributor: Arc::new(Distributor::new(workers)),
             secret,
             scan_partition_bytes: config.scan_partition_bytes,
@@ -111,5 +144,30 @@ impl Cluster {
                 .expect("a byte count is a valid setting");
         }
         builder
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_tls_workers_must_be_on_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("s");
+        std::fs::write(&secret_file, "s".repeat(40)).unwrap();
+        let config = |url: &str| ClusterConfig {
+            workers: vec![parse_worker_url(url).unwrap()],
+            secret_file: secret_file.clone(),
+            scan_partition_bytes: None,
+            tls: None,
+        };
+        let err = Cluster::open(&config("http://10.0.0.5:50061")).unwrap_err();
+        assert!(err.contains("in clear"), "{err}");
+        let err = Cluster::open(&config("https://127.0.0.1:50061")).unwrap_err();
+        assert!(err.contains("http://"), "{err}");
+        assert!(is_loopback(&parse_worker_url("http://localhost:1").unwrap()));
+        assert!(is_loopback(&parse_worker_url("http://[::1]:1").unwrap()));
+        assert!(!is_loopback(&parse_worker_url("http://worker1:1").unwrap()));
     }
 }

@@ -46,7 +46,9 @@ use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::placeholder_row::PlaceholderRowExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
-use datafusion::physical_plan::{ChildrenPropertiesMode, ExecutionPlan, ReplaceChildrenOptions};
+use datafusion::physical_plan::{
+    ChildrenPropertiesMode, ExecutionPlan, ExecutionPlanProperties, ReplaceChildrenOptions,
+};
 use datafusion_distributed::SessionStateBuilderExt;
 
 use super::workers::Workers;
@@ -205,10 +207,22 @@ impl Distributor {
                 return recompute(plan, children);
             }
             if shippable(&plan) {
-                return self
+                let partitioning = plan.output_partitioning().clone();
+                let shipped = self
                     .planner
                     .create_physical_plan(&Carrier::wrap(plan)?, session)
-                    .await;
+                    .await?;
+                // A distributed input has one partition. A parent that relied on a hash
+                // partitioning (a partitioned join: both sides split alike) gets it back.
+                return match partitioning {
+                    Partitioning::Hash(..)
+                        if shipped.output_partitioning().partition_count()
+                            != partitioning.partition_count() =>
+                    {
+                        Ok(Arc::new(RepartitionExec::try_new(shipped, partitioning)?))
+                    }
+                    _ => Ok(shipped),
+                };
             }
             if plan.children().is_empty() {
                 return Ok(plan);

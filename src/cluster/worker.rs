@@ -25,6 +25,7 @@ use tonic::service::interceptor::InterceptedService;
 use super::POLICY_DIGEST_HEADER;
 use super::auth::{ClusterSecret, Verifier};
 use super::channel::SignedChannels;
+use super::tls::ClusterTls;
 use crate::rewrite::protect::{self, MaskSecret};
 use crate::rewrite::{reaches, total};
 
@@ -98,11 +99,13 @@ impl RunningWorker {
     }
 }
 
-/// Binds `listen` and serves a worker with `memory` bytes for its stages.
+/// Binds `listen` and serves a worker with `memory` bytes for its stages; with `tls`,
+/// over mutual TLS (callers need a certificate from the cluster CA).
 pub async fn start(
     listen: SocketAddr,
     secret: Arc<ClusterSecret>,
     memory: usize,
+    tls: Option<ClusterTls>,
 ) -> anyhow::Result<RunningWorker> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(GreedyMemoryPool::new(memory)))
@@ -116,7 +119,7 @@ pub async fn start(
     let stages = Arc::new(AtomicU64::new(0));
     let sessions = WorkerSessions {
         secret: Arc::clone(&secret),
-        channels: SignedChannels::new(Arc::clone(&secret)),
+        channels: SignedChannels::new(Arc::clone(&secret), tls.as_ref().map(ClusterTls::client)),
         scalar,
         stages: Arc::clone(&stages),
     };
@@ -128,16 +131,16 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let service = InterceptedService::new(worker.into_worker_server(), verifier.interceptor());
-    let task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = rx.await;
-                },
-            ),
-    );
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = server.tls_config(tls.server())?;
+    }
+    let task = tokio::spawn(server.add_service(service).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async {
+            let _ = rx.await;
+        },
+    ));
     tracing::info!(%addr, "airlock worker listening");
     Ok(RunningWorker {
         addr,

@@ -218,6 +218,60 @@ pub struct ClusterArgs {
         value_name = "BYTES"
     )]
     pub cluster_scan_partition_bytes: Option<ByteSize>,
+    #[command(flatten)]
+    pub tls: ClusterTlsArgs,
+}
+
+/// Mutual TLS between front ends and workers (`serve`, `demo` and `worker`); each
+/// overrides its `[cluster]` key. All three or none.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ClusterTlsArgs {
+    /// PEM certificate chain this front end or worker presents to the others of its
+    /// cluster; needs --cluster-tls-key and --cluster-tls-ca.
+    #[arg(long, env = "AIRLOCK_CLUSTER_TLS_CERT", value_name = "FILE")]
+    pub cluster_tls_cert: Option<PathBuf>,
+    /// PEM private key of --cluster-tls-cert.
+    #[arg(long, env = "AIRLOCK_CLUSTER_TLS_KEY", value_name = "FILE")]
+    pub cluster_tls_key: Option<PathBuf>,
+    /// PEM certificate of the cluster's CA: the only issuer trusted between front ends
+    /// and workers.
+    #[arg(long, env = "AIRLOCK_CLUSTER_TLS_CA", value_name = "FILE")]
+    pub cluster_tls_ca: Option<PathBuf>,
+}
+
+impl ClusterTlsArgs {
+    /// The three files over the file's (`[cluster] tls_cert`, `tls_key`, `tls_ca`).
+    pub fn resolve(
+        &self,
+        file: [Option<PathBuf>; 3],
+    ) -> Result<Option<crate::cluster::tls::ClusterTlsFiles>, String> {
+        let [cert, key, ca] = file;
+        let cert = self.cluster_tls_cert.clone().or(cert);
+        let key = self.cluster_tls_key.clone().or(key);
+        let ca = self.cluster_tls_ca.clone().or(ca);
+        match (cert, key, ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => {
+                for f in [&cert, &key, &ca] {
+                    if !f.is_file() {
+                        return Err(format!("cluster TLS file {} does not exist", f.display()));
+                    }
+                }
+                Ok(Some(crate::cluster::tls::ClusterTlsFiles { cert, key, ca }))
+            }
+            _ => Err("cluster TLS needs all of tls_cert, tls_key and tls_ca (--cluster-tls-cert, --cluster-tls-key, --cluster-tls-ca)".to_string()),
+        }
+    }
+}
+
+/// The `[cluster]` section of a file, paths resolved against the file's directory.
+#[derive(Debug, Default)]
+pub struct ClusterSection {
+    pub workers: Vec<String>,
+    pub secret_file: Option<PathBuf>,
+    pub scan_partition_bytes: Option<String>,
+    /// tls_cert, tls_key, tls_ca.
+    pub tls: [Option<PathBuf>; 3],
 }
 
 impl ClusterArgs {
@@ -225,9 +279,15 @@ impl ClusterArgs {
     /// the result: workers need a secret file that exists.
     pub fn resolve(
         &self,
-        file: Option<(Vec<String>, Option<PathBuf>, Option<String>)>,
+        file: Option<ClusterSection>,
     ) -> Result<Option<crate::cluster::ClusterConfig>, String> {
-        let (file_workers, file_secret, file_bytes) = file.unwrap_or_default();
+        let ClusterSection {
+            workers: file_workers,
+            secret_file: file_secret,
+            scan_partition_bytes: file_bytes,
+            tls: file_tls,
+        } = file.unwrap_or_default();
+        let tls = self.tls.resolve(file_tls)?;
         let scan_partition_bytes = match (&self.cluster_scan_partition_bytes, file_bytes) {
             (Some(b), _) => Some(b.as_u64() as usize),
             (None, Some(s)) => Some(bytes(&s).map_err(|e| format!("scan_partition_bytes: {e}"))?),
@@ -262,6 +322,7 @@ impl ClusterArgs {
             workers,
             secret_file,
             scan_partition_bytes,
+            tls,
         }))
     }
 }
@@ -528,6 +589,9 @@ struct RawCluster {
     workers: Vec<String>,
     secret_file: Option<String>,
     scan_partition_bytes: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    tls_ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -924,12 +988,11 @@ impl ServiceConfig {
 
         let cluster = args
             .cluster
-            .resolve(raw.cluster.as_ref().map(|c| {
-                (
-                    c.workers.clone(),
-                    c.secret_file.as_deref().map(&rel),
-                    c.scan_partition_bytes.clone(),
-                )
+            .resolve(raw.cluster.as_ref().map(|c| ClusterSection {
+                workers: c.workers.clone(),
+                secret_file: c.secret_file.as_deref().map(&rel),
+                scan_partition_bytes: c.scan_partition_bytes.clone(),
+                tls: [&c.tls_cert, &c.tls_key, &c.tls_ca].map(|f| f.as_deref().map(&rel)),
             }))
             .unwrap_or_else(|e| {
                 out.push(Diagnostic::new(&file, None, format!("cluster: {e}")));
