@@ -166,7 +166,9 @@ mod tests {
         assert!(err.contains("in clear"), "{err}");
         let err = Cluster::open(&config("https://127.0.0.1:50061")).unwrap_err();
         assert!(err.contains("http://"), "{err}");
-        assert!(is_loopback(&parse_worker_url("http://localhost:1").unwrap()));
+        assert!(is_loopback(
+            &parse_worker_url("http://localhost:1").unwrap()
+        ));
         assert!(is_loopback(&parse_worker_url("http://[::1]:1").unwrap()));
         assert!(!is_loopback(&parse_worker_url("http://worker1:1").unwrap()));
     }
