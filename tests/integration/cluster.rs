@@ -145,8 +145,18 @@ async fn workers_answer_only_callers_that_prove_the_cluster_secret() {
     w.stop().await.unwrap();
 }
 
+/// A child process killed when dropped, so a failing test leaves no worker behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
 /// `airlock worker` as a child process, and the address it listens on.
-fn worker_process(secret_file: &Path) -> (std::process::Child, String) {
+fn worker_process(secret_file: &Path) -> (Reaped, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["worker", "--listen", "127.0.0.1:0", "--cluster-secret-file"])
         .arg(secret_file)
@@ -162,12 +172,12 @@ fn worker_process(secret_file: &Path) -> (std::process::Child, String) {
         .strip_prefix("airlock worker listening on ")
         .unwrap_or_else(|| panic!("ready line: {line:?}"))
         .to_string();
-    (child, format!("http://{addr}"))
+    (Reaped(child), format!("http://{addr}"))
 }
 
-fn signal(child: &std::process::Child, sig: &str) {
+fn signal(child: &Reaped, sig: &str) {
     let ok = std::process::Command::new("kill")
-        .args([sig, &child.id().to_string()])
+        .args([sig, &child.0.id().to_string()])
         .status()
         .unwrap()
         .success();
@@ -189,7 +199,7 @@ fn decisions(server: &airlock::server::Running, sql: &str) -> Vec<String> {
 async fn a_worker_lost_mid_query_fails_that_query_and_the_next_one_works() {
     let dir = tempfile::tempdir().unwrap();
     let secret_file = secret_file(dir.path());
-    let mut children: Vec<(std::process::Child, String)> =
+    let mut children: Vec<(Reaped, String)> =
         (0..3).map(|_| worker_process(&secret_file)).collect();
     let mut config = demo_config();
     config.cluster = Some(cluster(
@@ -215,7 +225,7 @@ async fn a_worker_lost_mid_query_fails_that_query_and_the_next_one_works() {
     );
     // Now the worker dies in the middle of it.
     signal(&children[0].0, "-KILL");
-    children[0].0.wait().unwrap();
+    children[0].0.0.wait().unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(30), running)
         .await
         .expect("the query ends once its worker is gone")
@@ -242,10 +252,7 @@ async fn a_worker_lost_mid_query_fails_that_query_and_the_next_one_works() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = pretty(&query(&mut client, sql).await.unwrap());
     assert_eq!(before, after);
-    for (mut child, _) in children.into_iter().skip(1) {
-        child.kill().ok();
-        child.wait().ok();
-    }
+    drop(children);
 }
 
 /// Writes PEM text to `dir/name` and returns its path.
