@@ -164,14 +164,7 @@ fn worker_process(secret_file: &Path) -> (Reaped, String) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("airlock worker listening on ")
-        .unwrap_or_else(|| panic!("ready line: {line:?}"))
-        .to_string();
+    let addr = ready_address(&mut child, "airlock worker listening on ");
     (Reaped(child), format!("http://{addr}"))
 }
 

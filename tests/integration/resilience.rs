@@ -53,13 +53,7 @@ fn spawn_server(config: &Path, env: &[(&str, &str)]) -> (Child, std::net::Socket
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("airlock listening on ")
-        .unwrap_or_else(|| panic!("ready line, got {line:?}"))
+    let addr = ready_address(&mut child, "airlock listening on ")
         .parse()
         .unwrap();
     (child, addr)

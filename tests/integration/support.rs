@@ -186,14 +186,19 @@ pub fn serve_binary(config: &std::path::Path) -> (std::process::Child, std::net:
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("airlock listening on ")
-        .expect("ready line")
+    let addr = ready_address(&mut child, "airlock listening on ")
         .parse()
         .unwrap();
     (child, addr)
+}
+
+/// The address a child `airlock` prints on its first stdout line, after `prefix`.
+pub fn ready_address(child: &mut std::process::Child, prefix: &str) -> String {
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    line.trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("ready line, got {line:?}"))
+        .to_string()
 }
