@@ -4,9 +4,10 @@
 #   Python tests through the real ADBC Flight SQL driver and pyarrow.flight, and the
 #   owner console in Debian's headless Chromium (selenium; screenshots in artifacts/),
 #   the Python client package (clients/python) against a real server,
-#   Java tests through the Apache Arrow Flight SQL JDBC driver from Maven Central.
+#   Java tests through the Apache Arrow Flight SQL JDBC driver from Maven Central,
+#   the shared state against a real PostgreSQL server (Debian's, run as the postgres user).
 # Installs what the tests need (a Python venv from PyPI, Maven artifacts, Debian's
-# chromium and chromium-driver) on first run.
+# chromium, chromium-driver and postgresql) on first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -16,11 +17,31 @@ summary=()
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Installs Debian packages (as root, or through password-less sudo).
+apt_install() {
+  if [ "$(id -u)" = 0 ]; then
+    SUDO=""
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    SUDO="sudo -n"
+  else
+    echo "$* missing; install them (apt-get install $*) or run as root" >&2
+    exit 1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@"
+}
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+
+step "PostgreSQL for the shared-state tests (Debian's postgresql)"
+if [ -z "${AIRLOCK_TEST_PG_BIN:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt_install postgresql
+fi
+ls -d /usr/lib/postgresql/*/bin 2>/dev/null || echo "AIRLOCK_TEST_PG_BIN=$AIRLOCK_TEST_PG_BIN"
 
 step "Rust tests"
 rust_log=$(mktemp)
@@ -30,16 +51,7 @@ summary+=("rust: $rust_passed passed")
 
 step "Browser for the console test (Debian's chromium and chromium-driver)"
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
-  if [ "$(id -u)" = 0 ]; then
-    SUDO=""
-  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-    SUDO="sudo -n"
-  else
-    echo "chromium and chromium-driver are missing; install them (apt-get install chromium chromium-driver) or run as root" >&2
-    exit 1
-  fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
+  apt_install chromium chromium-driver
 fi
 chromium --version 2>/dev/null || true
 

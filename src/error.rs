@@ -74,6 +74,18 @@ pub enum Phase {
 }
 
 impl Error {
+    /// An approval or budget store's failure: the shared state not answering is the
+    /// audit trail not answering (nothing is released unaudited); anything else is a
+    /// fault of the service.
+    pub fn from_store(err: crate::approval::Error) -> Self {
+        match err {
+            crate::approval::Error::Shared(e) => {
+                Error::AuditUnavailable(crate::audit::Error::Shared(e))
+            }
+            other => Error::Internal(other.to_string()),
+        }
+    }
+
     /// Classifies a DataFusion error without ever copying a runtime message to the client.
     pub fn from_datafusion(err: DataFusionError, phase: Phase) -> Self {
         if let Some(refusal) = find_refusal(&err) {
@@ -115,6 +127,11 @@ impl Error {
                 | auth::Error::InvalidToken
                 | auth::Error::CertificateRequired),
             ) => (Code::Unauthenticated, e.to_string(), None),
+            Error::Auth(e @ auth::Error::StateUnavailable) => (
+                Code::Unavailable,
+                format!("[{}] {e}", ReasonCode::AuditUnavailable),
+                Some(ReasonCode::AuditUnavailable.as_str()),
+            ),
             // Retryable: the service refuses until its audit trail can be written again.
             Error::Refused(r) if r.code == ReasonCode::AuditUnavailable => {
                 (Code::Unavailable, r.to_string(), Some(r.code.as_str()))

@@ -39,6 +39,7 @@ pub mod quota;
 pub mod rewrite;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod telemetry;
 
 pub use error::{Error, Result};

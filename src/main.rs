@@ -61,6 +61,8 @@ enum Command {
         telemetry: airlock::config::TelemetryArgs,
         #[command(flatten)]
         cluster: airlock::config::ClusterArgs,
+        #[command(flatten)]
+        state: airlock::config::StateArgs,
     },
     /// Serve stages of queries for the front ends of a cluster. A worker holds no policy
     /// and no dataset list (plans name their files, which it must be able to read at the
@@ -189,12 +191,16 @@ enum AuditCommand {
         /// The server's state directory.
         #[arg(long, env = "AIRLOCK_STATE_DIR", default_value = "state")]
         state_dir: PathBuf,
+        #[command(flatten)]
+        state: airlock::config::StateArgs,
     },
     /// Print the last records (JSON lines).
     Tail {
         /// The server's state directory.
         #[arg(long, env = "AIRLOCK_STATE_DIR", default_value = "state")]
         state_dir: PathBuf,
+        #[command(flatten)]
+        state: airlock::config::StateArgs,
         /// How many records.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
@@ -265,6 +271,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             console_listen,
             telemetry,
             cluster,
+            state,
         } => {
             let state_dir = state_dir.unwrap_or_else(airlock::demo::default_state_dir);
             let sizes = airlock::demo::Sizes {
@@ -281,6 +288,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config.otlp_endpoint = telemetry.otlp_endpoint;
             config.console_listen = console_listen.0;
             config.cluster = cluster.resolve(None).map_err(anyhow::Error::msg)?;
+            config.state = state
+                .resolve(Default::default())
+                .map_err(anyhow::Error::msg)?;
             println!(
                 "Airlock demo: a synthetic hospital ({patients} patients) in {}",
                 state_dir.display()
@@ -349,23 +359,52 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Audit {
-            command: AuditCommand::Verify { state_dir },
+            command: AuditCommand::Verify { state_dir, state },
         } => {
-            let path = airlock::audit::path_in(&state_dir);
-            match airlock::audit::verify(&state_dir) {
-                Ok((n, _)) => {
-                    println!("{}: {n} records, chain intact and anchored", path.display())
+            let state = state
+                .resolve(Default::default())
+                .map_err(anyhow::Error::msg)?;
+            let key_file = state.key_file(&state_dir);
+            let (place, verified) = match &state.url {
+                None => (
+                    airlock::audit::path_in(&state_dir).display().to_string(),
+                    airlock::audit::verify_with_key(&state_dir, &key_file),
+                ),
+                Some(url) => {
+                    let key = airlock::audit::load_key_at(&key_file, false)?;
+                    let reader = airlock::state::postgres::PgState::reader(url, key)?;
+                    ("the PostgreSQL state".to_string(), reader.verify().await)
                 }
+            };
+            match verified {
+                Ok((n, _)) => println!("{place}: {n} records, chain intact and anchored"),
                 Err(e) => {
-                    eprintln!("{}: {e}", path.display());
+                    eprintln!("{place}: {e}");
                     return Ok(ExitCode::FAILURE);
                 }
             }
         }
         Command::Audit {
-            command: AuditCommand::Tail { state_dir, lines },
+            command:
+                AuditCommand::Tail {
+                    state_dir,
+                    state,
+                    lines,
+                },
         } => {
-            for line in airlock::audit::tail(&airlock::audit::path_in(&state_dir), lines)? {
+            let state = state
+                .resolve(Default::default())
+                .map_err(anyhow::Error::msg)?;
+            let lines = match &state.url {
+                None => airlock::audit::tail(&airlock::audit::path_in(&state_dir), lines)?,
+                Some(url) => {
+                    let key = airlock::audit::load_key_at(&state.key_file(&state_dir), false)?;
+                    airlock::state::postgres::PgState::reader(url, key)?
+                        .tail(lines)
+                        .await?
+                }
+            };
+            for line in lines {
                 println!("{line}");
             }
         }

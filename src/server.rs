@@ -19,8 +19,9 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::approval::{ApprovalStore, SqliteStore};
-use crate::audit::AuditLog;
+use crate::approval::ApprovalStore;
+use crate::approval::budget::BudgetLedger;
+use crate::audit::AuditTrail;
 use crate::auth::{Authenticator, Users};
 use crate::catalog::Catalog;
 use crate::catalog::hot::Refresh;
@@ -42,6 +43,8 @@ pub enum Error {
     Tls(String),
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error("shared state: {0}")]
+    State(crate::state::Error),
     #[error("cannot start the server runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]
@@ -66,9 +69,9 @@ pub struct Airlock {
     pub sessions: Arc<Sessions>,
     pub auth: Arc<Authenticator>,
     pub approvals: Arc<dyn ApprovalStore>,
-    /// The privacy-budget ledger, in the approvals database.
-    pub ledger: Arc<crate::approval::budget::Ledger>,
-    pub audit: Arc<AuditLog>,
+    /// The privacy-budget ledger, in the state store.
+    pub ledger: Arc<dyn BudgetLedger>,
+    pub audit: Arc<dyn AuditTrail>,
     pub quotas: Arc<crate::quota::Quotas>,
 }
 
@@ -145,20 +148,20 @@ impl Airlock {
             config.limits.clone(),
             cluster,
         )?);
+        let crate::state::State {
+            approvals,
+            ledger,
+            audit,
+            tokens,
+        } = crate::state::State::open(&config.state_dir, &config.state).await?;
         let auth = Arc::new(
-            Authenticator::new(users.clone(), config.limits.token_ttl).with_login_limits(
-                crate::auth::LoginLimits {
+            Authenticator::new(users.clone(), config.limits.token_ttl)
+                .with_login_limits(crate::auth::LoginLimits {
                     max_concurrent: config.limits.max_concurrent_logins,
                     failures_per_minute: config.limits.failed_logins_per_minute,
-                },
-            ),
+                })
+                .with_shared_tokens(tokens),
         );
-        let approvals: Arc<dyn ApprovalStore> =
-            Arc::new(SqliteStore::open(&config.state_dir.join("approvals"))?);
-        let ledger = Arc::new(crate::approval::budget::Ledger::open(
-            &config.state_dir.join("approvals"),
-        )?);
-        let audit = Arc::new(AuditLog::open(&config.state_dir)?);
         let quotas = Arc::new(crate::quota::Quotas::new(
             &config.limits,
             audit.released_today_at_open(),
@@ -370,8 +373,10 @@ fn check_users_against_config(config: &ServiceConfig, users: &Users) -> Result<(
     out.finish(())
 }
 
-/// Ready when the policy is loaded, the audit trail takes a synced write and the state
-/// store's directory does too (see `telemetry`).
+/// Ready when the policy is loaded and the state store can be written: the audit trail
+/// took its last write (PostgreSQL: answered its last call or heartbeat) and, for the
+/// embedded store, the audit and approvals directories take a synced write (see
+/// `telemetry`).
 fn readiness(airlock: &Arc<Airlock>) -> crate::telemetry::Readiness {
     let weak = Arc::downgrade(airlock);
     Arc::new(move || {
@@ -380,11 +385,17 @@ fn readiness(airlock: &Arc<Airlock>) -> crate::telemetry::Readiness {
         if airlock.sessions.policy().current().version == 0 {
             why.push("no policy loaded");
         }
-        if !airlock.audit.probe() {
+        if !airlock.audit.writable() {
             why.push("the audit trail cannot be written");
         }
-        if !crate::audit::probe_dir(&airlock.config.state_dir.join("approvals")) {
-            why.push("the state store cannot be written");
+        if airlock.config.state.url.is_none() {
+            let dir = &airlock.config.state_dir;
+            if !crate::audit::probe_dir(&dir.join("audit")) {
+                why.push("the audit trail cannot be written");
+            }
+            if !crate::audit::probe_dir(&dir.join("approvals")) {
+                why.push("the state store cannot be written");
+            }
         }
         if why.is_empty() {
             Ok(())

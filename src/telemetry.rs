@@ -256,7 +256,7 @@ pub async fn serve_metrics(
                             ),
                         }
                     } else if req.uri().path() == "/metrics" {
-                        if let Ok(pending) = approvals.list(true) {
+                        if let Ok(pending) = approvals.list(true).await {
                             metrics().pending_approvals.set(pending.len() as i64);
                         }
                         Response::builder()

@@ -132,7 +132,85 @@ CREATE TABLE IF NOT EXISTS budget_grants (
 );
 ";
 
-/// The ledger, on its own connection to the approvals database.
+/// The privacy-budget ledger's operations, whichever store keeps it: [`Ledger`]
+/// (SQLite, the embedded default) or [`crate::state::postgres::PgState`] (shared by
+/// every front end). Each implementation serialises charges of one principal so that
+/// two queries cannot both pass on the same remaining budget, on any front end.
+#[async_trait::async_trait]
+pub trait BudgetLedger: Send + Sync + std::fmt::Debug {
+    /// Charges `cost` for `query` unless the identical query was charged before, in one
+    /// serialised transaction; durable when this returns.
+    async fn charge(
+        &self,
+        query: &QueryIdentity,
+        cost: Spent,
+        allowance: &Allowance,
+    ) -> Result<Charge>;
+    /// Keeps the answer about to be released for a charged identity and returns the one
+    /// to release (the first kept, when another execution got there before). Durable when
+    /// this returns; on error nothing may be released.
+    async fn keep_answer(&self, identity: &str, answer: Vec<u8>) -> Result<Vec<u8>>;
+    /// What is left of a principal's budget on a dataset.
+    async fn remaining(
+        &self,
+        principal: &str,
+        dataset: &str,
+        allowance: &Allowance,
+    ) -> Result<Spent>;
+    /// Adds ε (and δ) to a principal's budget on a dataset (an owner's decision).
+    async fn grant(&self, principal: &str, dataset: &str, extra: Spent, by: &str) -> Result<()>;
+    /// Every principal and dataset with charges or grants (all time).
+    async fn list(&self) -> Result<Vec<LedgerRow>>;
+}
+
+#[async_trait::async_trait]
+impl BudgetLedger for Ledger {
+    async fn charge(
+        &self,
+        query: &QueryIdentity,
+        cost: Spent,
+        allowance: &Allowance,
+    ) -> Result<Charge> {
+        Ledger::charge(self, query, cost, allowance)
+    }
+    async fn keep_answer(&self, identity: &str, answer: Vec<u8>) -> Result<Vec<u8>> {
+        Ledger::keep_answer(self, identity, answer)
+    }
+    async fn remaining(
+        &self,
+        principal: &str,
+        dataset: &str,
+        allowance: &Allowance,
+    ) -> Result<Spent> {
+        Ledger::remaining(self, principal, dataset, allowance)
+    }
+    async fn grant(&self, principal: &str, dataset: &str, extra: Spent, by: &str) -> Result<()> {
+        Ledger::grant(self, principal, dataset, extra, by)
+    }
+    async fn list(&self) -> Result<Vec<LedgerRow>> {
+        Ledger::list(self)
+    }
+}
+
+/// Start of the renewal period that `at` falls in (charges before it no longer count).
+pub fn period_start(renew_secs: Option<u64>, at: i64) -> i64 {
+    match renew_secs {
+        Some(p) if p > 0 => at - at.rem_euclid(p as i64),
+        _ => i64::MIN,
+    }
+}
+
+/// What is left of `allowance` plus `granted` after `spent`.
+pub fn left(allowance: &Allowance, granted: Spent, spent: Spent) -> Spent {
+    Spent {
+        epsilon_micros: (allowance.epsilon_micros + granted.epsilon_micros)
+            .saturating_sub(spent.epsilon_micros),
+        delta_units: (allowance.delta_units + granted.delta_units)
+            .saturating_sub(spent.delta_units),
+    }
+}
+
+/// The SQLite ledger, on its own connection to the approvals database.
 #[derive(Debug)]
 pub struct Ledger {
     conn: Mutex<Connection>,
@@ -151,14 +229,6 @@ impl Ledger {
         Ok(Self {
             conn: Mutex::new(conn),
         })
-    }
-
-    /// Start of the current renewal period (charges before it no longer count).
-    fn period_start(renew_secs: Option<u64>, at: i64) -> i64 {
-        match renew_secs {
-            Some(p) if p > 0 => at - at.rem_euclid(p as i64),
-            _ => i64::MIN,
-        }
     }
 
     fn spent(
@@ -196,15 +266,6 @@ impl Ledger {
         })
     }
 
-    fn left(allowance: &Allowance, granted: Spent, spent: Spent) -> Spent {
-        Spent {
-            epsilon_micros: (allowance.epsilon_micros + granted.epsilon_micros)
-                .saturating_sub(spent.epsilon_micros),
-            delta_units: (allowance.delta_units + granted.delta_units)
-                .saturating_sub(spent.delta_units),
-        }
-    }
-
     /// Charges `cost` for `query` unless the identical query was charged before, in one
     /// serialised transaction; durable (`synchronous = FULL`) when this returns.
     pub fn charge(
@@ -238,10 +299,10 @@ impl Ledger {
             });
         }
         let at = now();
-        let since = Self::period_start(allowance.renew_secs, at);
+        let since = period_start(allowance.renew_secs, at);
         let spent = Self::spent(&tx, &query.principal, &query.dataset, since)?;
         let granted = Self::granted(&tx, &query.principal, &query.dataset)?;
-        let left = Self::left(allowance, granted, spent);
+        let left = left(allowance, granted, spent);
         if cost.epsilon_micros > left.epsilon_micros || cost.delta_units > left.delta_units {
             tx.commit()?;
             return Ok(Charge::Exhausted { remaining: left });
@@ -303,10 +364,10 @@ impl Ledger {
     ) -> Result<Spent> {
         let mut conn = self.conn.lock();
         let tx = conn.transaction()?;
-        let since = Self::period_start(allowance.renew_secs, now());
+        let since = period_start(allowance.renew_secs, now());
         let spent = Self::spent(&tx, principal, dataset, since)?;
         let granted = Self::granted(&tx, principal, dataset)?;
-        Ok(Self::left(allowance, granted, spent))
+        Ok(left(allowance, granted, spent))
     }
 
     /// Adds ε (and δ) to a principal's budget on a dataset (an owner's decision).
@@ -482,7 +543,7 @@ mod tests {
 
     #[test]
     fn renewal_periods_start_afresh() {
-        assert_eq!(Ledger::period_start(Some(100), 1234), 1200);
-        assert_eq!(Ledger::period_start(None, 1234), i64::MIN);
+        assert_eq!(period_start(Some(100), 1234), 1200);
+        assert_eq!(period_start(None, 1234), i64::MIN);
     }
 }

@@ -21,6 +21,8 @@ pub use sqlite::SqliteStore;
 pub enum Error {
     #[error("approval store: {0}")]
     Store(#[from] rusqlite::Error),
+    #[error("shared state: {0}")]
+    Shared(#[from] crate::state::Error),
     #[error("no approval request {0}")]
     NotFound(String),
     #[error("request {0} was already decided")]
@@ -105,29 +107,34 @@ pub enum Decision {
     },
 }
 
-/// Storage for requests and decisions.
+/// Storage for requests and decisions: [`SqliteStore`] (embedded, one front end) or
+/// [`crate::state::postgres::PgState`] (shared by every front end of a deployment).
+#[async_trait::async_trait]
 pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     /// The latest request for `new.key` if it is pending, denied or still usable;
     /// otherwise a new pending request.
-    fn find_or_create(&self, new: NewRequest, now: i64) -> Result<Request>;
-    fn get(&self, id: &str) -> Result<Request>;
+    async fn find_or_create(&self, new: NewRequest, now: i64) -> Result<Request>;
+    async fn get(&self, id: &str) -> Result<Request>;
     /// Every request, newest first (only pending ones if asked).
-    fn list(&self, pending_only: bool) -> Result<Vec<Request>>;
+    async fn list(&self, pending_only: bool) -> Result<Vec<Request>>;
     /// Records an owner's decision on a pending request, and in the same transaction its
-    /// audit record (`record`, with the request id filled in) in the audit outbox, so that
-    /// a decision never exists without its record (PRIVACY.md §5). Returns the request and
-    /// the outbox id of the record, for the audit log to append and clear.
-    fn decide(
+    /// audit record (`record`, with the request id filled in), so that a decision never
+    /// exists without its record (PRIVACY.md §5). Where the audit trail lives in another
+    /// store (SQLite beside the audit file) the record goes to the audit outbox and this
+    /// returns its outbox id, for the trail to append and clear
+    /// ([`crate::audit::AuditTrail::append_from_outbox`]); where it lives in the same
+    /// database (PostgreSQL) it is appended to the chain in the transaction: `None`.
+    async fn decide(
         &self,
         id: &str,
         decision: Decision,
         by: &str,
         now: i64,
         record: &crate::audit::Event,
-    ) -> Result<(Request, i64)>;
+    ) -> Result<(Request, Option<i64>)>;
     /// Uses an approval once: true if it could release rows (and, when single use, it
     /// cannot any more).
-    fn consume(&self, id: &str, now: i64) -> Result<bool>;
+    async fn consume(&self, id: &str, now: i64) -> Result<bool>;
 }
 
 /// Seconds since the Unix epoch.

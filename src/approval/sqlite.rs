@@ -107,8 +107,9 @@ impl SqliteStore {
     }
 }
 
+#[async_trait::async_trait]
 impl ApprovalStore for SqliteStore {
-    fn find_or_create(&self, new: NewRequest, now: i64) -> Result<Request> {
+    async fn find_or_create(&self, new: NewRequest, now: i64) -> Result<Request> {
         let mut conn = self.conn.lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let latest = tx
@@ -154,11 +155,11 @@ impl ApprovalStore for SqliteStore {
         Ok(r)
     }
 
-    fn get(&self, id: &str) -> Result<Request> {
+    async fn get(&self, id: &str) -> Result<Request> {
         Self::get_in(&self.conn.lock(), id)
     }
 
-    fn list(&self, pending_only: bool) -> Result<Vec<Request>> {
+    async fn list(&self, pending_only: bool) -> Result<Vec<Request>> {
         let conn = self.conn.lock();
         let filter = if pending_only {
             "WHERE status = 'pending'"
@@ -174,14 +175,14 @@ impl ApprovalStore for SqliteStore {
         Ok(rows)
     }
 
-    fn decide(
+    async fn decide(
         &self,
         id: &str,
         decision: Decision,
         by: &str,
         now: i64,
         record: &crate::audit::Event,
-    ) -> Result<(Request, i64)> {
+    ) -> Result<(Request, Option<i64>)> {
         let mut conn = self.conn.lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let current = Self::get_in(&tx, id)?;
@@ -219,10 +220,10 @@ impl ApprovalStore for SqliteStore {
         )?;
         let outbox = tx.last_insert_rowid();
         tx.commit()?;
-        Ok((r, outbox))
+        Ok((r, Some(outbox)))
     }
 
-    fn consume(&self, id: &str, now: i64) -> Result<bool> {
+    async fn consume(&self, id: &str, now: i64) -> Result<bool> {
         let conn = self.conn.lock();
         let n = conn.execute(
             "UPDATE requests SET used = 1 WHERE id = ?1 AND status = 'approved' AND expires_at > ?2 AND (reusable = 1 OR used = 0)",
@@ -252,14 +253,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn asking_twice_finds_the_same_request_and_decisions_stick() {
+    #[tokio::test]
+    async fn asking_twice_finds_the_same_request_and_decisions_stick() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let a = store.find_or_create(new("ann", "f1"), 100).unwrap();
-        let b = store.find_or_create(new("ann", "f1"), 101).unwrap();
+        let a = store.find_or_create(new("ann", "f1"), 100).await.unwrap();
+        let b = store.find_or_create(new("ann", "f1"), 101).await.unwrap();
         assert_eq!(a.id, b.id);
-        let c = store.find_or_create(new("bob", "f1"), 101).unwrap();
+        let c = store.find_or_create(new("bob", "f1"), 101).await.unwrap();
         assert_ne!(a.id, c.id);
         store
             .decide(
@@ -273,35 +274,38 @@ mod tests {
                 110,
                 &Default::default(),
             )
+            .await
             .unwrap();
         assert!(matches!(
-            store.decide(
-                &a.id,
-                Decision::Deny { reason: "x".into() },
-                "owner",
-                111,
-                &Default::default()
-            ),
+            store
+                .decide(
+                    &a.id,
+                    Decision::Deny { reason: "x".into() },
+                    "owner",
+                    111,
+                    &Default::default()
+                )
+                .await,
             Err(Error::AlreadyDecided(_))
         ));
-        assert!(store.consume(&a.id, 120).unwrap());
-        assert!(!store.consume(&a.id, 121).unwrap(), "single use");
+        assert!(store.consume(&a.id, 120).await.unwrap());
+        assert!(!store.consume(&a.id, 121).await.unwrap(), "single use");
         // A used single-use approval no longer matches: asking again makes a new request.
-        let d = store.find_or_create(new("ann", "f1"), 130).unwrap();
+        let d = store.find_or_create(new("ann", "f1"), 130).await.unwrap();
         assert_ne!(d.id, a.id);
         assert_eq!(d.status, Status::Pending);
         // Reopening sees everything.
         drop(store);
         let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(store.list(false).unwrap().len(), 3);
-        assert_eq!(store.list(true).unwrap().len(), 2);
+        assert_eq!(store.list(false).await.unwrap().len(), 3);
+        assert_eq!(store.list(true).await.unwrap().len(), 2);
     }
 
-    #[test]
-    fn expired_approvals_do_not_release() {
+    #[tokio::test]
+    async fn expired_approvals_do_not_release() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let a = store.find_or_create(new("ann", "f"), 100).unwrap();
+        let a = store.find_or_create(new("ann", "f"), 100).await.unwrap();
         store
             .decide(
                 &a.id,
@@ -314,9 +318,10 @@ mod tests {
                 110,
                 &Default::default(),
             )
+            .await
             .unwrap();
-        assert!(store.consume(&a.id, 140).unwrap());
-        assert!(store.consume(&a.id, 141).unwrap(), "reusable");
-        assert!(!store.consume(&a.id, 150).unwrap(), "expired");
+        assert!(store.consume(&a.id, 140).await.unwrap());
+        assert!(store.consume(&a.id, 141).await.unwrap(), "reusable");
+        assert!(!store.consume(&a.id, 150).await.unwrap(), "expired");
     }
 }

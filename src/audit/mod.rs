@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
@@ -53,6 +54,68 @@ pub enum Error {
         "the audit log cannot be written (its last append failed or it does not open for appending)"
     )]
     Unavailable,
+    #[error("audit trail in the shared state: {0}")]
+    Shared(#[from] crate::state::Error),
+}
+
+/// The audit trail's operations, wherever its chain lives: [`AuditLog`] (a file in the
+/// state directory, anchored in SQLite: one front end) or
+/// [`crate::state::postgres::PgState`] (a table in PostgreSQL, appended under a lock
+/// so that every front end of a deployment writes one chain).
+#[async_trait::async_trait]
+pub trait AuditTrail: Send + Sync + std::fmt::Debug {
+    /// Appends one record, durably. On error nothing of it stays and the caller must not
+    /// act as if it was audited.
+    async fn append(&self, event: Event) -> Result<Record>;
+    /// [`AuditTrail::append`] for callers that cannot wait asynchronously (a refusal's
+    /// record, written before the refusal is answered). The shared store blocks this
+    /// thread (`block_in_place`) and fails closed where it cannot.
+    fn append_blocking(&self, event: Event) -> Result<Record>;
+    /// Appends, logging (not failing) when the trail refuses: for records of things that
+    /// release nothing or have ended (a refusal, a release's end) and must not wait. The
+    /// record may land after this returns; a release whose end record never lands is
+    /// marked `release_interrupted` by recovery.
+    fn record(&self, event: Event);
+    /// Appends one outbox record (written by the approval store with its decision) and
+    /// removes it from the outbox.
+    async fn append_from_outbox(&self, outbox_id: i64, event: Event) -> Result<Record>;
+    /// Whether the trail can be written now, as far as this process can tell cheaply.
+    fn writable(&self) -> bool;
+    /// Rows and bytes released per principal today (UTC), as the trail held them when
+    /// it was opened (the daily quotas start from these).
+    fn released_today_at_open(&self) -> BTreeMap<String, (u64, u64)>;
+    /// Every record and the chain's state (the owner console's activity page).
+    async fn read_all(&self) -> Result<(Arc<Vec<Record>>, Chain)>;
+}
+
+/// The last read of a whole chain, under the version it was read at (the file's length
+/// and time; the head's sequence number).
+pub(crate) type CachedRead<V> = Mutex<Option<(V, Arc<Vec<Record>>, Chain)>>;
+
+/// The chain's state, as last verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chain {
+    /// No record yet.
+    Empty,
+    Intact {
+        records: u64,
+    },
+    Broken {
+        message: String,
+    },
+}
+
+impl Chain {
+    /// The state a verification's outcome shows.
+    pub fn of(verified: &Result<(u64, String)>) -> Self {
+        match verified {
+            Ok((0, _)) => Chain::Empty,
+            Ok((n, _)) => Chain::Intact { records: *n },
+            Err(e) => Chain::Broken {
+                message: e.to_string(),
+            },
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -131,6 +194,15 @@ impl std::fmt::Debug for Key {
 }
 
 impl Key {
+    /// A name for the key that does not reveal it (an HMAC of a fixed text), so that
+    /// front ends sharing one chain can tell they hold the same key.
+    pub fn id(&self) -> String {
+        self.mac(&[b"airlock audit key id v1"])[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// HMAC-SHA256 (RFC 2104) of `parts`, concatenated.
     fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
         let mut ipad = [0x36u8; 64];
@@ -151,7 +223,7 @@ impl Key {
     }
 }
 
-fn hash_of(key: &Key, seq: u64, time: &str, event: &Event, prev: &str) -> String {
+pub(crate) fn hash_of(key: &Key, seq: u64, time: &str, event: &Event, prev: &str) -> String {
     let body = serde_json::to_string(&Unsigned {
         seq,
         time,
@@ -196,7 +268,12 @@ CREATE TABLE IF NOT EXISTS audit_outbox (
 
 /// Reads the key of a state directory, creating it (0600) when `create` and missing.
 pub fn load_key(state_dir: &Path, create: bool) -> Result<Key> {
-    let path = key_path(state_dir);
+    load_key_at(&key_path(state_dir), create)
+}
+
+/// Reads a key file, creating it (0600) when `create` and missing.
+pub fn load_key_at(path: &Path, create: bool) -> Result<Key> {
+    let path = path.to_path_buf();
     let err = |message: String| Error::Key {
         path: path.clone(),
         message,
@@ -283,6 +360,11 @@ pub struct AuditLog {
     healthy: AtomicBool,
     /// What the log held at open: rows and bytes released today, per principal.
     released_at_open: (String, BTreeMap<String, (u64, u64)>),
+    /// The last read of the whole file (for [`AuditTrail::read_all`]), with the file's
+    /// length and time when it was read.
+    read: CachedRead<(u64, Option<std::time::SystemTime>)>,
+    state_dir: PathBuf,
+    key_file: PathBuf,
 }
 
 /// What a walk over the log found.
@@ -302,8 +384,16 @@ struct Walk {
 }
 
 /// Today's date (UTC) as the first ten characters of a record's `time`.
-fn today() -> String {
+pub(crate) fn today() -> String {
     humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..10].to_string()
+}
+
+/// Checks a chain given as JSON lines against its key and, when given, its anchor (the
+/// last sequence number and hash recorded beside it). Returns the number of records and
+/// the last hash, or the first bad record.
+pub fn verify_text(text: &str, key: &Key, anchor: Option<&(u64, String)>) -> Result<(u64, String)> {
+    let w = walk(text, key, anchor)?;
+    Ok((w.seq, w.last))
 }
 
 /// Walks `text` (whole lines), checking the chain. `anchor` is checked when given.
@@ -430,13 +520,18 @@ impl AuditLog {
     /// documentation) and continuing its chain. A chain that does not verify, or that
     /// does not reach its anchor, refuses to open: appending to it would hide the break.
     pub fn open(state_dir: &Path) -> Result<Self> {
+        Self::open_with_key(state_dir, &key_path(state_dir))
+    }
+
+    /// [`AuditLog::open`] with the chain's key in `key_file` (created when missing).
+    pub fn open_with_key(state_dir: &Path, key_file: &Path) -> Result<Self> {
         let path = path_in(state_dir);
         let io = |source| Error::Io {
             path: path.clone(),
             source,
         };
         std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(io)?;
-        let key = load_key(state_dir, true)?;
+        let key = load_key_at(key_file, true)?;
         let store = open_store(state_dir)?;
         let anchor = read_anchor(&store)?;
 
@@ -479,6 +574,9 @@ impl AuditLog {
             store: Mutex::new(store),
             healthy: AtomicBool::new(true),
             released_at_open: (today(), w.released_today.clone()),
+            read: Mutex::new(None),
+            state_dir: state_dir.to_path_buf(),
+            key_file: key_file.to_path_buf(),
         };
         if let Some(n) = cut {
             tracing::warn!(
@@ -623,13 +721,64 @@ impl AuditLog {
         self.healthy.load(Ordering::Relaxed)
             && OpenOptions::new().append(true).open(&self.path).is_ok()
     }
+}
 
-    /// Whether the trail can be written, checked by writing: a probe file next to the log
-    /// (so a full disk shows) and opening the log for appending (so an immutable file
-    /// shows). For readiness checks, not for every request.
-    pub fn probe(&self) -> bool {
-        let dir = self.path.parent().expect("has a parent");
-        OpenOptions::new().append(true).open(&self.path).is_ok() && probe_dir(dir)
+#[async_trait::async_trait]
+impl AuditTrail for AuditLog {
+    async fn append(&self, event: Event) -> Result<Record> {
+        AuditLog::append(self, event)
+    }
+    fn append_blocking(&self, event: Event) -> Result<Record> {
+        AuditLog::append(self, event)
+    }
+    fn record(&self, event: Event) {
+        AuditLog::record(self, event)
+    }
+    async fn append_from_outbox(&self, outbox_id: i64, event: Event) -> Result<Record> {
+        AuditLog::append_from_outbox(self, outbox_id, event)
+    }
+    fn writable(&self) -> bool {
+        AuditLog::writable(self)
+    }
+    fn released_today_at_open(&self) -> BTreeMap<String, (u64, u64)> {
+        AuditLog::released_today_at_open(self)
+    }
+    /// Read again only when the file changed.
+    async fn read_all(&self) -> Result<(Arc<Vec<Record>>, Chain)> {
+        let meta = std::fs::metadata(&self.path).ok();
+        let (len, modified) = match &meta {
+            Some(m) => (m.len(), m.modified().ok()),
+            None => return Ok((Arc::new(Vec::new()), Chain::Empty)),
+        };
+        if let Some(((l, m), records, chain)) = self.read.lock().as_ref()
+            && *l == len
+            && *m == modified
+        {
+            return Ok((Arc::clone(records), chain.clone()));
+        }
+        let (path, state_dir, key_file) = (
+            self.path.clone(),
+            self.state_dir.clone(),
+            self.key_file.clone(),
+        );
+        let (records, chain) = tokio::task::spawn_blocking(move || {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let records: Vec<Record> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            (
+                Arc::new(records),
+                Chain::of(&verify_with_key(&state_dir, &key_file)),
+            )
+        })
+        .await
+        .map_err(|e| Error::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        *self.read.lock() = Some(((len, modified), Arc::clone(&records), chain.clone()));
+        Ok((records, chain))
     }
 }
 
@@ -649,8 +798,13 @@ pub fn probe_dir(dir: &Path) -> bool {
 /// Checks the log of a state directory: its keyed chain and that it reaches its anchor.
 /// Returns the number of records and the last hash, or the first bad record.
 pub fn verify(state_dir: &Path) -> Result<(u64, String)> {
+    verify_with_key(state_dir, &key_path(state_dir))
+}
+
+/// [`verify`] with the chain's key in `key_file`.
+pub fn verify_with_key(state_dir: &Path, key_file: &Path) -> Result<(u64, String)> {
     let path = path_in(state_dir);
-    let key = load_key(state_dir, false)?;
+    let key = load_key_at(key_file, false)?;
     let db = anchor_db(state_dir);
     let anchor = if db.exists() {
         let conn = Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;

@@ -12,6 +12,10 @@
 //! alone (a call with no `authorization` header); one with
 //! `login = "password_and_certificate"` needs both. A token issued on a connection with a
 //! certificate is good only on connections presenting the same certificate.
+//!
+//! Several front ends sharing a PostgreSQL state share tokens too
+//! ([`crate::state::TokenStore`]): a token issued by one is honoured by the others, which
+//! find it (by its SHA-256; the token itself is never stored) when they do not hold it.
 
 pub mod certificate;
 pub mod users;
@@ -51,6 +55,10 @@ pub enum Error {
     RateLimited { retry_after_secs: u64 },
     #[error("this user must present their client certificate (mutual TLS)")]
     CertificateRequired,
+    /// The shared token store (PostgreSQL state) did not answer: no token is issued or
+    /// honoured that it does not hold. Details are logged, never sent.
+    #[error("the shared state cannot be reached; retry later")]
+    StateUnavailable,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -118,6 +126,8 @@ pub struct Authenticator {
     memory: Arc<parking_lot::Mutex<Vec<Vec<argon2::Block>>>>,
     failed_users: DashMap<String, Failures>,
     failed_peers: DashMap<std::net::IpAddr, Failures>,
+    /// Tokens shared with the other front ends, if any.
+    shared: Option<Arc<dyn crate::state::TokenStore>>,
 }
 
 impl Authenticator {
@@ -137,7 +147,14 @@ impl Authenticator {
             memory: Arc::default(),
             failed_users: DashMap::new(),
             failed_peers: DashMap::new(),
+            shared: None,
         }
+    }
+
+    /// The same authenticator, sharing its tokens through `store` (when given).
+    pub fn with_shared_tokens(mut self, store: Option<Arc<dyn crate::state::TokenStore>>) -> Self {
+        self.shared = store;
+        self
     }
 
     /// The same authenticator with other login limits.
@@ -295,15 +312,28 @@ impl Authenticator {
     }
 
     /// Issues a new bearer token for a principal, good only on connections presenting
-    /// `cert` when there is one.
-    pub fn issue_token(
+    /// `cert` when there is one. With shared tokens, fails when the store does not keep
+    /// it (another front end would not honour it).
+    pub async fn issue_token(
         &self,
         principal: Arc<Principal>,
         cert: Option<&ClientCertificate>,
-    ) -> String {
+    ) -> Result<String> {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         let token = URL_SAFE_NO_PAD.encode(bytes);
+        if let Some(store) = &self.shared {
+            let grant = crate::state::SharedGrant {
+                hash: token_hash(&token),
+                principal: principal.name.clone(),
+                certificate: cert.map(|c| hex(&c.fingerprint)),
+                expires_at: crate::approval::now() + self.token_ttl.as_secs() as i64,
+            };
+            store.put_token(&grant).await.map_err(|e| {
+                tracing::error!(error = %e, "cannot keep a token in the shared state");
+                Error::StateUnavailable
+            })?;
+        }
         let now = Instant::now();
         if self.tokens.len() % 256 == 255 {
             self.tokens.retain(|_, g| g.expires > now);
@@ -317,7 +347,7 @@ impl Authenticator {
                 certificate: cert.map(|c| c.fingerprint),
             },
         );
-        token
+        Ok(token)
     }
 
     /// The principal behind a call's `authorization` header (Bearer or Basic), or, with
@@ -329,7 +359,14 @@ impl Authenticator {
         cert: Option<&ClientCertificate>,
     ) -> Result<Arc<Principal>> {
         match Credentials::from_metadata(metadata) {
-            Ok(Credentials::Bearer(token)) => self.principal_for_token(&token, cert),
+            Ok(Credentials::Bearer(token)) => match self.principal_for_token(&token, cert) {
+                Err(Error::InvalidToken)
+                    if self.shared.is_some() && !self.tokens.contains_key(&token) =>
+                {
+                    self.principal_for_shared_token(&token, cert).await
+                }
+                other => other,
+            },
             Ok(Credentials::Basic { user, password }) => {
                 self.verify_password(&user, &password, peer, cert).await
             }
@@ -363,6 +400,48 @@ impl Authenticator {
         Err(Error::InvalidToken)
     }
 
+    /// A token another front end issued: found in the shared store, bound to the same
+    /// certificate, for a user this front end knows; then held here until it expires.
+    async fn principal_for_shared_token(
+        &self,
+        token: &str,
+        cert: Option<&ClientCertificate>,
+    ) -> Result<Arc<Principal>> {
+        let store = self.shared.as_ref().ok_or(Error::InvalidToken)?;
+        let now = crate::approval::now();
+        let grant = store
+            .get_token(&token_hash(token), now)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot read a token from the shared state");
+                Error::StateUnavailable
+            })?
+            .ok_or(Error::InvalidToken)?;
+        if grant.certificate.is_some() && grant.certificate != cert.map(|c| hex(&c.fingerprint)) {
+            return Err(Error::InvalidToken);
+        }
+        let entry = self
+            .users
+            .get(&grant.principal)
+            .ok_or(Error::InvalidToken)?;
+        let principal = Arc::new(Principal {
+            name: grant.principal.clone(),
+            roles: entry.roles.clone(),
+        });
+        let left = Duration::from_secs(grant.expires_at.saturating_sub(now).max(0) as u64);
+        self.tokens.insert(
+            token.to_string(),
+            Grant {
+                principal: Arc::clone(&principal),
+                expires: Instant::now() + left,
+                certificate: cert
+                    .filter(|_| grant.certificate.is_some())
+                    .map(|c| c.fingerprint),
+            },
+        );
+        Ok(principal)
+    }
+
     fn basic_key(&self, user: &str, password: &str) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.cache_key);
@@ -371,6 +450,15 @@ impl Authenticator {
         h.update(password.as_bytes());
         h.finalize().into()
     }
+}
+
+/// The name a token is stored under in the shared state: its SHA-256, hex.
+fn token_hash(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Credentials as sent in an `authorization` header.
@@ -448,7 +536,7 @@ mod tests {
                 .unwrap_err(),
             Error::InvalidCredentials
         );
-        let token = a.issue_token(p.clone(), None);
+        let token = a.issue_token(p.clone(), None).await.unwrap();
         let mut md = MetadataMap::new();
         md.insert("authorization", format!("Bearer {token}").parse().unwrap());
         assert_eq!(a.authenticate(&md, None, None).await.unwrap(), p);
@@ -498,13 +586,16 @@ mod tests {
     async fn expired_tokens_are_refused() {
         let users = Users::from_entries([]);
         let a = Authenticator::new(users, Duration::from_millis(0));
-        let t = a.issue_token(
-            Arc::new(Principal {
-                name: "x".into(),
-                roles: vec![],
-            }),
-            None,
-        );
+        let t = a
+            .issue_token(
+                Arc::new(Principal {
+                    name: "x".into(),
+                    roles: vec![],
+                }),
+                None,
+            )
+            .await
+            .unwrap();
         assert_eq!(
             a.principal_for_token(&t, None).unwrap_err(),
             Error::InvalidToken

@@ -61,6 +61,8 @@ pub struct ConfigArgs {
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub state: StateArgs,
 }
 
 /// TLS files (shared by `serve` and `demo`); each overrides the `[tls]` key.
@@ -222,6 +224,38 @@ pub struct ClusterArgs {
     pub tls: ClusterTlsArgs,
 }
 
+/// Where approvals, budgets, tokens and the audit chain live (shared by `serve` and
+/// `demo`); each overrides its `[state]` key.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct StateArgs {
+    /// Keep the state in PostgreSQL at this URL (e.g.
+    /// postgres://airlock@127.0.0.1/airlock), shared by every front end of a deployment;
+    /// unset: SQLite and a file in the state directory.
+    #[arg(long, env = "AIRLOCK_STATE_URL", value_name = "URL")]
+    pub state_url: Option<String>,
+    /// The audit chain's key file (default <state-dir>/keys/audit.key, created when
+    /// missing); front ends sharing a PostgreSQL state need the same key.
+    #[arg(long, env = "AIRLOCK_AUDIT_KEY_FILE", value_name = "FILE")]
+    pub audit_key_file: Option<PathBuf>,
+}
+
+impl StateArgs {
+    /// The flags over the file's `[state]` section (paths already resolved).
+    pub fn resolve(
+        &self,
+        file: crate::state::StateConfig,
+    ) -> Result<crate::state::StateConfig, String> {
+        let config = crate::state::StateConfig {
+            url: self.state_url.clone().or(file.url),
+            audit_key_file: self.audit_key_file.clone().or(file.audit_key_file),
+        };
+        if let Some(url) = &config.url {
+            crate::state::postgres::check_url(url).map_err(|e| e.to_string())?;
+        }
+        Ok(config)
+    }
+}
+
 /// Mutual TLS between front ends and workers (`serve`, `demo` and `worker`); each
 /// overrides its `[cluster]` key. All three or none.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -374,6 +408,8 @@ pub struct ServiceConfig {
     pub console_listen: Option<SocketAddr>,
     /// Workers for distributed execution, if any (`crate::cluster`).
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Where approvals, budgets, tokens and the audit chain live (`crate::state`).
+    pub state: crate::state::StateConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -578,6 +614,7 @@ struct RawFile {
     otlp_endpoint: Option<String>,
     console_listen: Option<Spanned<String>>,
     cluster: Option<RawCluster>,
+    state: Option<RawState>,
     #[serde(default)]
     datasets: Vec<Spanned<RawDataset>>,
 }
@@ -592,6 +629,13 @@ struct RawCluster {
     tls_cert: Option<String>,
     tls_key: Option<String>,
     tls_ca: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    url: Option<String>,
+    audit_key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -999,6 +1043,21 @@ impl ServiceConfig {
                 None
             });
 
+        let state = args
+            .state
+            .resolve(crate::state::StateConfig {
+                url: raw.state.as_ref().and_then(|s| s.url.clone()),
+                audit_key_file: raw
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.audit_key_file.as_deref())
+                    .map(&rel),
+            })
+            .unwrap_or_else(|e| {
+                out.push(Diagnostic::new(&file, None, format!("state: {e}")));
+                Default::default()
+            });
+
         out.finish(ServiceConfig {
             listen,
             tls,
@@ -1011,6 +1070,7 @@ impl ServiceConfig {
             otlp_endpoint,
             console_listen,
             cluster,
+            state,
         })
     }
 }

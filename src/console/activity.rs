@@ -7,15 +7,13 @@
 //! catalog). A record whose tables cannot be told is shown to service admins only. The
 //! file is read and verified again only when it changed (length or modification time).
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use askama::Template;
 use axum::extract::{Query, State};
 use axum::response::Html;
-use parking_lot::Mutex;
 use serde::Deserialize;
 
 use super::chart::{self, Chart};
@@ -23,7 +21,7 @@ use super::error::{Error, Result};
 use super::session::Owner;
 use super::views::Layout;
 use super::{Console, Scope};
-use crate::audit::{self, Record};
+use crate::audit::Record;
 use crate::config::TableName;
 
 /// How many records the page lists (the newest that match).
@@ -40,89 +38,19 @@ pub const DECISIONS: [&str; 7] = [
     "denied",
 ];
 
-/// The chain's state, as last verified.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Chain {
-    /// No record yet.
-    Empty,
-    Intact {
-        records: u64,
-    },
-    Broken {
-        message: String,
-    },
-}
-
-#[derive(Debug, Clone)]
-struct Loaded {
-    len: u64,
-    modified: Option<SystemTime>,
-    records: Arc<Vec<Record>>,
-    chain: Chain,
-}
-
-/// The last read of the audit file.
-#[derive(Debug, Default)]
-pub struct AuditCache(Mutex<Option<Loaded>>);
-
-impl AuditCache {
-    /// Every record and the chain's status, read again only when the file changed.
-    pub async fn load(&self, path: PathBuf) -> Result<(Arc<Vec<Record>>, Chain)> {
-        let meta = std::fs::metadata(&path).ok();
-        let (len, modified) = match &meta {
-            Some(m) => (m.len(), m.modified().ok()),
-            None => return Ok((Arc::new(Vec::new()), Chain::Empty)),
-        };
-        if let Some(l) = self.0.lock().as_ref()
-            && l.len == len
-            && l.modified == modified
-        {
-            return Ok((Arc::clone(&l.records), l.chain.clone()));
-        }
-        let loaded = tokio::task::spawn_blocking(move || {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let records: Vec<Record> = text
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            // The keyed chain and its anchor are checked from the state directory.
-            // `path` is `audit::path_in(state_dir)`: <state>/audit/audit.jsonl.
-            let state_dir = path
-                .parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
-            let chain = match audit::verify(&state_dir) {
-                Ok((0, _)) => Chain::Empty,
-                Ok((n, _)) => Chain::Intact { records: n },
-                Err(e) => Chain::Broken {
-                    message: e.to_string(),
-                },
-            };
-            Loaded {
-                len,
-                modified,
-                records: Arc::new(records),
-                chain,
-            }
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("reading the audit log: {e}")))?;
-        let out = (Arc::clone(&loaded.records), loaded.chain.clone());
-        *self.0.lock() = Some(loaded);
-        Ok(out)
-    }
-}
+pub use crate::audit::Chain;
 
 impl Console {
-    /// The tables an audit record touches; empty when they cannot be told.
-    pub(super) fn record_tables(&self, record: &Record) -> Vec<TableName> {
+    /// The tables an audit record touches (`requests`: each approval request's tables);
+    /// empty when they cannot be told.
+    pub(super) fn record_tables(
+        &self,
+        record: &Record,
+        requests: &HashMap<String, Vec<String>>,
+    ) -> Vec<TableName> {
         let e = &record.event;
-        if let Some(id) = &e.approval
-            && let Ok(r) = self.airlock.approvals.get(id)
-        {
-            return r
-                .tables
+        if let Some(tables) = e.approval.as_ref().and_then(|id| requests.get(id)) {
+            return tables
                 .iter()
                 .filter_map(|t| TableName::parse(t).ok())
                 .collect();
@@ -211,16 +139,25 @@ struct ActivityPage {
 }
 
 /// The records `scope` may see, each with its tables.
-pub fn visible<'a>(
+pub async fn visible<'a>(
     console: &Console,
     scope: &Scope,
     records: &'a [Record],
-) -> Vec<(&'a Record, Vec<TableName>)> {
-    records
+) -> Result<Vec<(&'a Record, Vec<TableName>)>> {
+    let requests: HashMap<String, Vec<String>> = console
+        .airlock
+        .approvals
+        .list(false)
+        .await
+        .map_err(|e| Error::Internal(format!("reading approval requests: {e}")))?
+        .into_iter()
+        .map(|r| (r.id, r.tables))
+        .collect();
+    Ok(records
         .iter()
-        .map(|r| (r, console.record_tables(r)))
+        .map(|r| (r, console.record_tables(r, &requests)))
         .filter(|(_, t)| scope.covers(t))
-        .collect()
+        .collect())
 }
 
 /// GET `/activity?principal=&table=&decision=`.
@@ -230,9 +167,13 @@ pub async fn page(
     Query(filter): Query<Filter>,
 ) -> Result<Html<String>> {
     let scope = console.scope(&who.principal);
-    let path = audit::path_in(&console.airlock.config.state_dir);
-    let (records, chain) = console.audit.load(path).await?;
-    let seen = visible(&console, &scope, &records);
+    let (records, chain) = console
+        .airlock
+        .audit
+        .read_all()
+        .await
+        .map_err(|e| Error::Internal(format!("reading the audit trail: {e}")))?;
+    let seen = visible(&console, &scope, &records).await?;
     let principals: BTreeSet<String> = seen
         .iter()
         .map(|(r, _)| r.event.principal.clone())

@@ -30,12 +30,13 @@ struct MineLive {
     updated: String,
 }
 
-fn live_of(console: &Console, who: &Signed) -> Result<MineLive> {
+async fn live_of(console: &Console, who: &Signed) -> Result<MineLive> {
     let t = now();
     let requests = console
         .airlock
         .approvals
         .list(false)
+        .await
         .map_err(|e| Error::Internal(e.to_string()))?
         .iter()
         .filter(|r| r.key.principal == who.principal.name)
@@ -51,14 +52,15 @@ fn live_of(console: &Console, who: &Signed) -> Result<MineLive> {
 pub async fn requests(State(console): State<Arc<Console>>, who: Signed) -> Result<Html<String>> {
     let page = MinePage {
         layout: who.layout("mine"),
-        live: live_of(&console, &who)?,
+        live: live_of(&console, &who).await?,
     };
     page.render().map(Html).map_err(Error::render)
 }
 
 /// GET `/mine/live`: the list alone, polled by the page.
 pub async fn live(State(console): State<Arc<Console>>, who: Signed) -> Result<Html<String>> {
-    live_of(&console, &who)?
+    live_of(&console, &who)
+        .await?
         .render()
         .map(Html)
         .map_err(Error::render)

@@ -81,7 +81,6 @@ pub struct Console {
     secure: bool,
     /// Request id → when counted and how many rows approving it would release.
     rows: Mutex<HashMap<String, (Instant, Option<u64>)>>,
-    audit: activity::AuditCache,
     /// Parses audit SQL to learn which tables a record touches (no catalog needed).
     parser: SessionState,
     sql_tables: Mutex<HashMap<String, Vec<TableName>>>,
@@ -115,7 +114,6 @@ impl Console {
             airlock,
             secure,
             rows: Mutex::new(HashMap::new()),
-            audit: activity::AuditCache::default(),
             parser: Sessions::bootstrap_state(),
             sql_tables: Mutex::new(HashMap::new()),
         }

@@ -54,7 +54,7 @@ impl Console {
             principal,
             &a.sessions,
             a.approvals.as_ref(),
-            &a.audit,
+            a.audit.as_ref(),
             &RequestId::new(),
         )
         .await

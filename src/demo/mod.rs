@@ -75,6 +75,7 @@ pub fn prepare(
         otlp_endpoint: None,
         console_listen: None,
         cluster: None,
+        state: Default::default(),
     })
 }
 

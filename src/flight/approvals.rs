@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::approval::{ApprovalStore, Decision, Request, Status, now};
-use crate::audit::{AuditLog, Event as AuditEvent};
+use crate::audit::{AuditTrail, Event as AuditEvent};
 use crate::auth::Principal;
 use crate::config::TableName;
 use crate::error::{Error, Result};
@@ -77,9 +77,9 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T> {
 }
 
 /// The request a `{"id": ...}` body names.
-fn request_in(body: &[u8], store: &dyn ApprovalStore) -> Result<Request> {
+async fn request_in(body: &[u8], store: &dyn ApprovalStore) -> Result<Request> {
     let b: IdBody = parse(body)?;
-    store.get(&b.id).map_err(store_err)
+    store.get(&b.id).await.map_err(store_err)
 }
 
 fn tables(r: &Request) -> Vec<TableName> {
@@ -122,7 +122,7 @@ fn store_err(e: crate::approval::Error) -> Error {
             Error::InvalidRequest(format!("request {id} was already decided"))
         }
         crate::approval::Error::OutOfRange(m) => Error::InvalidRequest(m),
-        other => Error::Internal(other.to_string()),
+        other => Error::from_store(other),
     }
 }
 
@@ -133,28 +133,31 @@ pub async fn handle(
     principal: &Arc<Principal>,
     sessions: &Sessions,
     store: &dyn ApprovalStore,
-    audit: &AuditLog,
+    audit: &dyn AuditTrail,
     rid: &RequestId,
 ) -> Option<Result<String>> {
     let result = match kind {
-        LIST => list(body, principal, sessions, store),
+        LIST => list(body, principal, sessions, store).await,
         SHOW => show(body, principal, sessions, store).await,
-        APPROVE | DENY => decide(
-            body,
-            principal,
-            sessions,
-            store,
-            audit,
-            rid,
-            kind == APPROVE,
-        ),
-        STATUS => status(body, principal, sessions, store),
+        APPROVE | DENY => {
+            decide(
+                body,
+                principal,
+                sessions,
+                store,
+                audit,
+                rid,
+                kind == APPROVE,
+            )
+            .await
+        }
+        STATUS => status(body, principal, sessions, store).await,
         _ => return None,
     };
     Some(result)
 }
 
-fn list(
+async fn list(
     body: &[u8],
     principal: &Principal,
     sessions: &Sessions,
@@ -165,7 +168,7 @@ fn list(
     } else {
         parse(body)?
     };
-    let all = store.list(b.pending).map_err(store_err)?;
+    let all = store.list(b.pending).await.map_err(store_err)?;
     let visible: Vec<&Request> = all
         .iter()
         .filter(|r| can_see(sessions, principal, r))
@@ -179,7 +182,7 @@ async fn show(
     sessions: &Sessions,
     store: &dyn ApprovalStore,
 ) -> Result<String> {
-    let r = request_in(body, store)?;
+    let r = request_in(body, store).await?;
     if !can_see(sessions, principal, &r) {
         return Err(not_yours(&r.id));
     }
@@ -204,14 +207,15 @@ async fn show(
 }
 
 /// Records a decision and its audit record in one durable step (the approval store's
-/// transaction writes the record to the audit outbox), then moves the record to the log.
+/// transaction writes the record to the audit outbox, or with PostgreSQL to the chain
+/// itself), then moves an outbox record to the log.
 /// Refused with `AUDIT_UNAVAILABLE`, deciding nothing, while the log cannot be written.
-fn decide(
+async fn decide(
     body: &[u8],
     principal: &Principal,
     sessions: &Sessions,
     store: &dyn ApprovalStore,
-    audit: &AuditLog,
+    audit: &dyn AuditTrail,
     rid: &RequestId,
     approve: bool,
 ) -> Result<String> {
@@ -249,7 +253,7 @@ fn decide(
         }
         (b.id, Decision::Deny { reason: b.reason })
     };
-    let r = store.get(&id).map_err(store_err)?;
+    let r = store.get(&id).await.map_err(store_err)?;
     if !can_decide(sessions, principal, &r) {
         if can_see(sessions, principal, &r) {
             return Err(Refusal::new(
@@ -277,9 +281,12 @@ fn decide(
     };
     let (decided, outbox) = store
         .decide(&id, decision, &principal.name, now(), &record)
+        .await
         .map_err(store_err)?;
     tracing::info!(request = %id, decided_by = %principal.name, approved = approve, "approval decision");
-    if let Err(e) = audit.append_from_outbox(outbox, record) {
+    if let Some(outbox) = outbox
+        && let Err(e) = audit.append_from_outbox(outbox, record).await
+    {
         // The decision and its record are durable together in the state store; the record
         // reaches the log when the server next starts.
         tracing::error!(request = %id, error = %e, "decision recorded in the outbox only");
@@ -287,13 +294,13 @@ fn decide(
     Ok(serde_json::to_string(&decided).unwrap_or_default())
 }
 
-fn status(
+async fn status(
     body: &[u8],
     principal: &Principal,
     sessions: &Sessions,
     store: &dyn ApprovalStore,
 ) -> Result<String> {
-    let r = request_in(body, store)?;
+    let r = request_in(body, store).await?;
     if r.key.principal != principal.name && !can_see(sessions, principal, &r) {
         return Err(not_yours(&r.id));
     }

@@ -3,8 +3,8 @@
 
 use serde::Deserialize;
 
-use crate::approval::budget::{Allowance, DELTA_UNITS, Ledger, Spent};
-use crate::audit::{AuditLog, Event as AuditEvent};
+use crate::approval::budget::{Allowance, BudgetLedger, DELTA_UNITS, Spent};
+use crate::audit::{AuditTrail, Event as AuditEvent};
 use crate::auth::Principal;
 use crate::error::{Error, Result};
 use crate::policy::PolicySnapshot;
@@ -32,8 +32,8 @@ struct Grant {
 }
 
 /// What is left of a principal's budget on a dataset, as JSON (None: no budget there).
-pub fn remaining_json(
-    ledger: &Ledger,
+pub async fn remaining_json(
+    ledger: &dyn BudgetLedger,
     policy: &PolicySnapshot,
     principal: &str,
     roles: &[String],
@@ -53,7 +53,8 @@ pub fn remaining_json(
     };
     let left = ledger
         .remaining(principal, dataset, &allowance)
-        .map_err(|e| Error::Internal(e.to_string()))?;
+        .await
+        .map_err(Error::from_store)?;
     Ok(Some(serde_json::json!({
         "dataset": dataset,
         "epsilon_total": b.epsilon.0,
@@ -70,19 +71,19 @@ pub fn is_action(action: &str) -> bool {
 }
 
 /// Handles a budget action, or None if `action` is not one.
-pub fn handle(
+pub async fn handle(
     action: &str,
     body: &[u8],
     principal: &Principal,
     policy: &PolicySnapshot,
-    ledger: &Ledger,
-    audit: &AuditLog,
+    ledger: &dyn BudgetLedger,
+    audit: &dyn AuditTrail,
     rid: &str,
 ) -> Option<Result<String>> {
     if !is_action(action) {
         return None;
     }
-    Some((|| {
+    Some(async {
         if !policy.is_service_admin(principal) {
             return Err(Refusal::new(
                 ReasonCode::AccessDenied,
@@ -93,12 +94,12 @@ pub fn handle(
         let parse = |what: &str| Error::InvalidRequest(format!("{action}: bad body: {what}"));
         match action {
             LIST => {
-                let rows = ledger.list().map_err(|e| Error::Internal(e.to_string()))?;
+                let rows = ledger.list().await.map_err(Error::from_store)?;
                 Ok(serde_json::to_string(&rows).unwrap_or_default())
             }
             SHOW => {
                 let s: Show = serde_json::from_slice(body).map_err(|e| parse(&e.to_string()))?;
-                let v = remaining_json(ledger, policy, &s.principal, &s.roles, &s.dataset)?
+                let v = remaining_json(ledger, policy, &s.principal, &s.roles, &s.dataset).await?
                     .unwrap_or_else(|| serde_json::json!({ "dataset": s.dataset, "budget": null }));
                 Ok(v.to_string())
             }
@@ -117,7 +118,8 @@ pub fn handle(
                 };
                 ledger
                     .grant(&g.principal, &g.dataset, extra, &principal.name)
-                    .map_err(|e| Error::Internal(e.to_string()))?;
+                    .await
+                    .map_err(Error::from_store)?;
                 audit.record(AuditEvent {
                     kind: "budget".into(),
                     principal: principal.name.clone(),
@@ -132,5 +134,5 @@ pub fn handle(
                 Ok(serde_json::json!({ "granted": { "principal": g.principal, "dataset": g.dataset, "epsilon": g.epsilon, "delta": g.delta } }).to_string())
             }
         }
-    })())
+    }.await)
 }

@@ -44,7 +44,8 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::approval::ApprovalStore;
-use crate::audit::{AuditLog, Event as AuditEvent, RELEASING};
+use crate::approval::budget::BudgetLedger;
+use crate::audit::{AuditTrail, Event as AuditEvent, RELEASING};
 use crate::auth::{Authenticator, Credentials, Principal};
 use crate::error::{Error, Result};
 use crate::policy::refusal::{ReasonCode, Refusal};
@@ -78,19 +79,19 @@ pub struct AirlockService {
     sessions: Arc<Sessions>,
     users: crate::auth::Users,
     approvals: Arc<dyn ApprovalStore>,
-    audit: Arc<AuditLog>,
+    audit: Arc<dyn AuditTrail>,
     state_dir: std::path::PathBuf,
     handles: Handles,
     /// Planning threads at once (planning runs off the async threads, see [`Self::planning`]).
     planners: Arc<tokio::sync::Semaphore>,
     /// The privacy-budget ledger (in the approvals database).
-    ledger: Arc<crate::approval::budget::Ledger>,
+    ledger: Arc<dyn BudgetLedger>,
     quotas: Arc<crate::quota::Quotas>,
 }
 
 /// What each principal may still spend: privacy budget on DP tables, and quotas.
 pub struct Allowances {
-    pub ledger: Arc<crate::approval::budget::Ledger>,
+    pub ledger: Arc<dyn BudgetLedger>,
     pub quotas: Arc<crate::quota::Quotas>,
 }
 
@@ -100,7 +101,7 @@ impl AirlockService {
         sessions: Arc<Sessions>,
         users: crate::auth::Users,
         approvals: Arc<dyn ApprovalStore>,
-        audit: Arc<AuditLog>,
+        audit: Arc<dyn AuditTrail>,
         state_dir: std::path::PathBuf,
         allowances: Allowances,
     ) -> Self {
@@ -172,7 +173,7 @@ impl AirlockService {
                 .with_label_values(&[decision, code.as_deref().unwrap_or("")])
                 .inc();
         }
-        let written = self.audit.append(AuditEvent {
+        let written = self.audit.append_blocking(AuditEvent {
             kind: kind.into(),
             principal: principal.name.clone(),
             request_id: rid.to_string(),
@@ -228,7 +229,7 @@ impl AirlockService {
             crate::auth::Error::CertificateRequired => "certificate_required",
             _ => return e.into(),
         };
-        let written = self.audit.append(AuditEvent {
+        let written = self.audit.append_blocking(AuditEvent {
             kind: "login".into(),
             // A user name is the client's text: bounded in the record.
             principal: user.chars().take(256).collect(),
@@ -405,7 +406,8 @@ impl AirlockService {
         };
         // A DP query is charged before it reads data (§5b); every charge is audited.
         // A charge is spent even if its record then fails: nothing is released without it.
-        let charged = query::dp::charge(planned, &self.ledger, &self.sessions.catalog())
+        let charged = query::dp::charge(planned, self.ledger.as_ref(), &self.sessions.catalog())
+            .await
             .map_err(|e| self.audit_unreleased(planned.principal(), &rid, Some(&planned.sql), e))?;
         if let Some(c) = &charged {
             self.audit
@@ -415,6 +417,7 @@ impl AirlockService {
                     privacy_budget: Some(c.describe()),
                     ..event.clone()
                 })
+                .await
                 .map_err(Error::AuditUnavailable)?;
         }
         let started = std::time::Instant::now();
@@ -434,6 +437,7 @@ impl AirlockService {
                 decision: RELEASING.into(),
                 ..event.clone()
             })
+            .await
             .map_err(Error::AuditUnavailable)?;
         let stream = stream.on_finish(move |o| {
             let m = crate::telemetry::metrics();
@@ -564,7 +568,7 @@ impl FlightSqlService for AirlockService {
                 Err(e) => return Err(e.into()),
             };
             tracing::info!("handshake: token issued");
-            Ok(self.auth.issue_token(principal, cert.as_ref()))
+            Ok(self.auth.issue_token(principal, cert.as_ref()).await?)
         })
         .await?;
         let response = HandshakeResponse {
@@ -1022,7 +1026,7 @@ impl FlightSqlService for AirlockService {
             // The record of an accepted upload is written before the table is served.
             let record = |table: &crate::config::TableName, rows: i64| {
                 self.audit
-                    .append(AuditEvent {
+                    .append_blocking(AuditEvent {
                         kind: "upload".into(),
                         principal: principal.name.clone(),
                         request_id: rid.to_string(),
@@ -1254,40 +1258,42 @@ impl FlightSqlService for AirlockService {
                             decision: "explained".into(),
                             ..Default::default()
                         })
+                        .await
                         .map_err(Error::AuditUnavailable)?;
                     Ok(explained)
                 }
                 actions::MY_ACCESS => {
                     let policy = self.sessions.policy().current();
                     let catalog = self.sessions.catalog();
-                    let access: Vec<serde_json::Value> = catalog
+                    let mut access: Vec<serde_json::Value> = Vec::new();
+                    for (t, _) in catalog
                         .tables()
                         .filter(|(t, _)| policy.can_see(&principal, t))
-                        .map(|(t, _)| {
-                            let actions: Vec<&str> = crate::policy::Action::ALL
-                                .into_iter()
-                                .filter(|a| policy.allows(&principal, t, *a))
-                                .map(crate::policy::Action::as_str)
-                                .collect();
-                            let mut entry =
-                                serde_json::json!({ "table": t.to_string(), "actions": actions });
-                            // DP tables: the release mode and what is left of the budget.
-                            if policy.tables.get(t).and_then(|p| p.dp()).is_some() {
-                                entry["release"] = "dp".into();
-                                entry["budget"] = budget::remaining_json(
-                                    &self.ledger,
-                                    &policy,
-                                    &principal.name,
-                                    &principal.roles,
-                                    &t.schema,
-                                )
-                                .ok()
-                                .flatten()
-                                .unwrap_or(serde_json::Value::Null);
-                            }
-                            entry
-                        })
-                        .collect();
+                    {
+                        let actions: Vec<&str> = crate::policy::Action::ALL
+                            .into_iter()
+                            .filter(|a| policy.allows(&principal, t, *a))
+                            .map(crate::policy::Action::as_str)
+                            .collect();
+                        let mut entry =
+                            serde_json::json!({ "table": t.to_string(), "actions": actions });
+                        // DP tables: the release mode and what is left of the budget.
+                        if policy.tables.get(t).and_then(|p| p.dp()).is_some() {
+                            entry["release"] = "dp".into();
+                            entry["budget"] = budget::remaining_json(
+                                self.ledger.as_ref(),
+                                &policy,
+                                &principal.name,
+                                &principal.roles,
+                                &t.schema,
+                            )
+                            .await
+                            .ok()
+                            .flatten()
+                            .unwrap_or(serde_json::Value::Null);
+                        }
+                        access.push(entry);
+                    }
                     Ok(serde_json::json!({
                         "principal": principal.name,
                         "tables": access,
@@ -1325,10 +1331,11 @@ impl FlightSqlService for AirlockService {
                         &action.body,
                         &principal,
                         &policy,
-                        &self.ledger,
-                        &self.audit,
+                        self.ledger.as_ref(),
+                        self.audit.as_ref(),
                         &rid.to_string(),
                     )
+                    .await
                     .unwrap_or_else(|| {
                         Err(Error::InvalidRequest(format!("unknown action {other:?}")))
                     })
@@ -1339,7 +1346,7 @@ impl FlightSqlService for AirlockService {
                     &principal,
                     &self.sessions,
                     self.approvals.as_ref(),
-                    &self.audit,
+                    self.audit.as_ref(),
                     &rid,
                 )
                 .await

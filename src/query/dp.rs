@@ -26,7 +26,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::approval::budget::{Allowance, Charge, DELTA_UNITS, Ledger, QueryIdentity, Spent};
+use crate::approval::budget::{Allowance, BudgetLedger, Charge, DELTA_UNITS, QueryIdentity, Spent};
 use crate::catalog::Catalog;
 use crate::config::TableName;
 use crate::error::{Error, Result};
@@ -105,7 +105,11 @@ fn data_version(plan: &LogicalPlan, catalog: &Catalog) -> String {
 }
 
 /// Charges the query if it has DP releases (None: it has none).
-pub fn charge(query: &PlannedQuery, ledger: &Ledger, catalog: &Catalog) -> Result<Option<Charged>> {
+pub async fn charge(
+    query: &PlannedQuery,
+    ledger: &dyn BudgetLedger,
+    catalog: &Catalog,
+) -> Result<Option<Charged>> {
     let nodes = dp_releases(&query.plan);
     if nodes.is_empty() {
         return Ok(None);
@@ -167,7 +171,8 @@ pub fn charge(query: &PlannedQuery, ledger: &Ledger, catalog: &Catalog) -> Resul
     let key = identity.key();
     let (seed, repeat, remaining, kept) = match ledger
         .charge(&identity, cost, &allowance)
-        .map_err(|e| Error::Internal(e.to_string()))?
+        .await
+        .map_err(Error::from_store)?
     {
         Charge::Charged { seed, remaining } => (seed, false, Some(remaining), None),
         Charge::Repeat { seed, answer } => (seed, true, None, answer),
@@ -219,7 +224,7 @@ pub const MAX_KEPT_ANSWER: usize = 64 * 1024 * 1024;
 /// another execution of the same identity kept before it). Nothing leaves unkept.
 pub fn answer_once(
     executed: SendableRecordBatchStream,
-    ledger: Arc<Ledger>,
+    ledger: Arc<dyn BudgetLedger>,
     charged: &Charged,
 ) -> SendableRecordBatchStream {
     let schema = executed.schema();
@@ -232,9 +237,9 @@ pub fn answer_once(
             None => {
                 let batches = collect_bounded(executed).await?;
                 let bytes = encode(&schema, &batches)?;
-                tokio::task::spawn_blocking(move || ledger.keep_answer(&identity, bytes))
+                ledger
+                    .keep_answer(&identity, bytes)
                     .await
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?
                     .map_err(|e| DataFusionError::External(Box::new(e)))?
             }
         };

@@ -129,7 +129,8 @@ pub async fn plan_with_approvals(
             },
             now,
         )
-        .map_err(|e| Error::Internal(e.to_string()))?;
+        .await
+        .map_err(Error::from_store)?;
     match &request.status {
         Status::Denied { reason } => Err(Refusal::new(
             ReasonCode::ApprovalDenied,
@@ -140,7 +141,8 @@ pub async fn plan_with_approvals(
             if request.usable(now)
                 && approvals
                     .consume(&request.id, now)
-                    .map_err(|e| Error::Internal(e.to_string()))? =>
+                    .await
+                    .map_err(Error::from_store)? =>
         {
             let plan = match max_rows {
                 Some(n) => LogicalPlanBuilder::from(released)

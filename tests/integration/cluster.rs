@@ -22,7 +22,7 @@ fn secret() -> Arc<ClusterSecret> {
     Arc::new(ClusterSecret::from_bytes(SECRET.as_bytes()).unwrap())
 }
 
-fn secret_file(dir: &Path) -> PathBuf {
+pub(crate) fn secret_file(dir: &Path) -> PathBuf {
     let path = dir.join("cluster.secret");
     std::fs::write(&path, format!("{SECRET}\n")).unwrap();
     #[cfg(unix)]
@@ -33,7 +33,7 @@ fn secret_file(dir: &Path) -> PathBuf {
     path
 }
 
-async fn start_workers(n: usize) -> Vec<RunningWorker> {
+pub(crate) async fn start_workers(n: usize) -> Vec<RunningWorker> {
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(
@@ -46,7 +46,10 @@ async fn start_workers(n: usize) -> Vec<RunningWorker> {
 }
 
 /// Every scan spread as wide as it goes: the test tables are tiny.
-fn cluster(urls: impl IntoIterator<Item = String>, secret_file: PathBuf) -> ClusterConfig {
+pub(crate) fn cluster(
+    urls: impl IntoIterator<Item = String>,
+    secret_file: PathBuf,
+) -> ClusterConfig {
     ClusterConfig {
         workers: urls
             .into_iter()
@@ -58,7 +61,7 @@ fn cluster(urls: impl IntoIterator<Item = String>, secret_file: PathBuf) -> Clus
     }
 }
 
-fn urls(workers: &[RunningWorker]) -> Vec<String> {
+pub(crate) fn urls(workers: &[RunningWorker]) -> Vec<String> {
     workers
         .iter()
         .map(|w| format!("http://{}", w.addr))

@@ -274,7 +274,7 @@ async fn owner_decides_in_the_browser_and_analysts_see_only_their_own() {
     let r = http(web, "POST", &approve, Some(&owner), &cross, Some(&ok_form)).await;
     assert_eq!(r.status, 403);
     assert_eq!(
-        server.airlock.approvals.get(&id).unwrap().status,
+        server.airlock.approvals.get(&id).await.unwrap().status,
         airlock::approval::Status::Pending
     );
 
@@ -297,7 +297,7 @@ async fn owner_decides_in_the_browser_and_analysts_see_only_their_own() {
         (303, Some(&*format!("/requests/{id}")))
     );
     assert!(matches!(
-        server.airlock.approvals.get(&id).unwrap().status,
+        server.airlock.approvals.get(&id).await.unwrap().status,
         airlock::approval::Status::Approved {
             max_rows: Some(2),
             reusable: false,

@@ -16,6 +16,7 @@ mod property;
 mod quotas;
 mod reload;
 mod resilience;
+mod state_postgres;
 mod support;
 mod telemetry;
 mod totality;

@@ -126,6 +126,7 @@ pub(crate) async fn start_fixture_with(
         otlp_endpoint: None,
         console_listen: None,
         cluster,
+        state: Default::default(),
     })
     .await
 }

@@ -241,6 +241,7 @@ async fn no_released_row_has_fewer_than_k_entities() {
         otlp_endpoint: None,
         console_listen: None,
         cluster: None,
+        state: Default::default(),
     })
     .await;
     let mut client = analyst(&server).await;

@@ -95,6 +95,7 @@ fn write_fixture(dir: &Path) -> ServiceConfig {
         otlp_endpoint: None,
         console_listen: None,
         cluster: None,
+        state: Default::default(),
     }
 }
 
