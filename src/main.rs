@@ -372,7 +372,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ),
                 Some(url) => {
                     let key = airlock::audit::load_key_at(&key_file, false)?;
-                    let reader = airlock::state::postgres::PgState::reader(url, key)?;
+                    let reader = airlock::state::postgres::PgState::reader(
+                        url,
+                        state.ca_file.as_deref(),
+                        key,
+                    )?;
                     ("the PostgreSQL state".to_string(), reader.verify().await)
                 }
             };
@@ -399,7 +403,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 None => airlock::audit::tail(&airlock::audit::path_in(&state_dir), lines)?,
                 Some(url) => {
                     let key = airlock::audit::load_key_at(&state.key_file(&state_dir), false)?;
-                    airlock::state::postgres::PgState::reader(url, key)?
+                    airlock::state::postgres::PgState::reader(url, state.ca_file.as_deref(), key)?
                         .tail(lines)
                         .await?
                 }

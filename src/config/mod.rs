@@ -237,6 +237,10 @@ pub struct StateArgs {
     /// missing); front ends sharing a PostgreSQL state need the same key.
     #[arg(long, env = "AIRLOCK_AUDIT_KEY_FILE", value_name = "FILE")]
     pub audit_key_file: Option<PathBuf>,
+    /// PEM certificate of the CA that signed PostgreSQL's certificate: connections to
+    /// --state-url then use TLS (required when PostgreSQL is on another machine).
+    #[arg(long, env = "AIRLOCK_STATE_CA_FILE", value_name = "FILE")]
+    pub state_ca_file: Option<PathBuf>,
 }
 
 impl StateArgs {
@@ -248,9 +252,16 @@ impl StateArgs {
         let config = crate::state::StateConfig {
             url: self.state_url.clone().or(file.url),
             audit_key_file: self.audit_key_file.clone().or(file.audit_key_file),
+            ca_file: self.state_ca_file.clone().or(file.ca_file),
         };
         if let Some(url) = &config.url {
-            crate::state::postgres::check_url(url).map_err(|e| e.to_string())?;
+            crate::state::postgres::check_url(url, config.ca_file.is_some())
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(ca) = &config.ca_file
+            && !ca.exists()
+        {
+            return Err(format!("state CA file {} does not exist", ca.display()));
         }
         Ok(config)
     }
@@ -636,6 +647,7 @@ struct RawCluster {
 struct RawState {
     url: Option<String>,
     audit_key_file: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1051,6 +1063,11 @@ impl ServiceConfig {
                     .state
                     .as_ref()
                     .and_then(|s| s.audit_key_file.as_deref())
+                    .map(&rel),
+                ca_file: raw
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.ca_file.as_deref())
                     .map(&rel),
             })
             .unwrap_or_else(|e| {

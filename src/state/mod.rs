@@ -28,7 +28,7 @@ use crate::audit::{AuditLog, AuditTrail};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
+    #[error("{}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("PostgreSQL did not answer within {0:?}")]
     Timeout(std::time::Duration),
@@ -36,6 +36,19 @@ pub enum Error {
     Config(String),
     #[error("{0}")]
     Schema(String),
+}
+
+/// An error and what caused it ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer"): tokio-postgres keeps the useful part in the causes.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Where the state lives (`[state]`, `--state-url`, `--audit-key-file`).
@@ -46,6 +59,9 @@ pub struct StateConfig {
     /// The audit chain's key (default `<state-dir>/keys/audit.key`, created when
     /// missing). Front ends sharing a PostgreSQL state must hold the same key.
     pub audit_key_file: Option<PathBuf>,
+    /// The CA that signed PostgreSQL's certificate: with it, connections use TLS (and
+    /// must, to PostgreSQL on another machine).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl StateConfig {
@@ -110,7 +126,7 @@ impl State {
             Some(url) => {
                 let key = crate::audit::load_key_at(&key_file, true)?;
                 let pg = Arc::new(
-                    postgres::PgState::open(url, key)
+                    postgres::PgState::open(url, config.ca_file.as_deref(), key)
                         .await
                         .map_err(crate::server::Error::State)?,
                 );

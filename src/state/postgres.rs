@@ -24,8 +24,10 @@
 //!   approvals and charges fail, until it answers again (connections are remade on
 //!   demand).
 //!
-//! Connections are plaintext: the URL must name this machine (loopback or a Unix
-//! socket), see [`check_url`].
+//! Connections are encrypted (TLS, the server's certificate verified against
+//! `[state] ca_file`) whenever a CA file is given, and must be when PostgreSQL is on
+//! another machine; plaintext only to this machine (loopback or a Unix socket), see
+//! [`check_url`].
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -144,9 +146,10 @@ CREATE TABLE tokens (
 
 const COLUMNS: &str = "id, principal, roles, fingerprint, params, policy, sql, tables, reasons, plan, created_at, status, max_rows, expires_at, reusable, used, deny_reason, decided_by, decided_at";
 
-/// Refuses a URL that is not a PostgreSQL URL, or that names another machine: the
-/// connection is not encrypted, and it carries SQL text, decisions and budgets.
-pub fn check_url(url: &str) -> Result<tokio_postgres::Config, Error> {
+/// Refuses a URL that is not a PostgreSQL URL, or that names another machine while the
+/// connection would not be encrypted (`tls`): it carries SQL text, decisions, budgets
+/// and tokens' hashes.
+pub fn check_url(url: &str, tls: bool) -> Result<tokio_postgres::Config, Error> {
     let config = tokio_postgres::Config::from_str(url)
         .map_err(|e| Error::Config(format!("state URL: {e}")))?;
     if config.get_hosts().is_empty() {
@@ -165,10 +168,10 @@ pub fn check_url(url: &str) -> Result<tokio_postgres::Config, Error> {
                         .is_ok_and(|ip| ip.is_loopback())
             }
         };
-        if !local {
+        if !local && !tls {
             return Err(Error::Config(format!(
-                "state URL: PostgreSQL at {host:?} is not on this machine, and connections to it are not encrypted; \
-                 run PostgreSQL beside the front end or reach it through an encrypted tunnel on loopback"
+                "state URL: PostgreSQL at {host:?} is not on this machine: connections to it must be encrypted; \
+                 set the CA that signed its certificate (state.ca_file, --state-ca-file, AIRLOCK_STATE_CA_FILE)"
             )));
         }
     }
@@ -182,6 +185,45 @@ struct Pool {
     idle: Mutex<Vec<Client>>,
     permits: tokio::sync::Semaphore,
     runtime: tokio::runtime::Handle,
+    /// TLS to PostgreSQL, when a CA is configured.
+    tls: Option<Tls>,
+}
+
+/// The TLS connector (it has no `Debug` of its own).
+struct Tls(tokio_postgres_rustls::MakeRustlsConnect);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls(rustls)")
+    }
+}
+
+/// TLS to PostgreSQL: the server's certificate must chain to the CA in `ca_file` (and
+/// name the URL's host).
+fn tls_connector(
+    ca_file: &std::path::Path,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, Error> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let named =
+        |e: &dyn std::fmt::Display| Error::Config(format!("state CA {}: {e}", ca_file.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| named(&e))? {
+        roots
+            .add(cert.map_err(|e| named(&e))?)
+            .map_err(|e| named(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(named(&"no certificate in the file"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| named(&e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 struct Conn<'a> {
@@ -232,17 +274,30 @@ impl Pool {
                 });
             }
         }
-        let (client, connection) = self.config.connect(NoTls).await?;
-        self.runtime.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "state: PostgreSQL connection ended");
+        let client = match &self.tls {
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls.0.clone()).await?;
+                self.runtime.spawn(watch(connection));
+                client
             }
-        });
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await?;
+                self.runtime.spawn(watch(connection));
+                client
+            }
+        };
         Ok(Conn {
             client: Some(client),
             pool: self,
             _permit: permit,
         })
+    }
+}
+
+/// Drives a connection until it ends.
+async fn watch<F: Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::warn!(error = %Error::from(e), "state: PostgreSQL connection ended");
     }
 }
 
@@ -292,24 +347,29 @@ fn now() -> i64 {
 }
 
 impl PgState {
-    fn pool(url: &str) -> Result<Pool, Error> {
-        let mut config = check_url(url)?;
+    fn pool(url: &str, ca_file: Option<&std::path::Path>) -> Result<Pool, Error> {
+        let mut config = check_url(url, ca_file.is_some())?;
         config.connect_timeout(DEADLINE);
         config.application_name("airlock");
+        let tls = ca_file.map(tls_connector).transpose()?.map(Tls);
+        if tls.is_some() {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         Ok(Pool {
             config,
             idle: Mutex::new(Vec::new()),
             permits: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
             runtime: tokio::runtime::Handle::current(),
+            tls,
         })
     }
 
     /// Connects to read the chain only (`airlock audit verify` and `tail`): no schema
     /// change, no heartbeat, no recovery.
-    pub fn reader(url: &str, key: Key) -> Result<Self, Error> {
+    pub fn reader(url: &str, ca_file: Option<&std::path::Path>, key: Key) -> Result<Self, Error> {
         Ok(Self {
             inner: Arc::new(Inner {
-                pool: Self::pool(url)?,
+                pool: Self::pool(url, ca_file)?,
                 key,
                 frontend: String::new(),
                 healthy: AtomicBool::new(true),
@@ -321,8 +381,12 @@ impl PgState {
 
     /// Connects, brings the schema up to date, checks that the chain is keyed with `key`,
     /// registers this front end and interrupts the releases of front ends that are gone.
-    pub async fn open(url: &str, key: Key) -> Result<Self, Error> {
-        let pool = Self::pool(url)?;
+    pub async fn open(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        key: Key,
+    ) -> Result<Self, Error> {
+        let pool = Self::pool(url, ca_file)?;
         let frontend = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let released = deadline(async {
             let mut c = pool.get().await?;
@@ -1122,15 +1186,16 @@ mod tests {
             "postgresql://airlock@[::1]:5433/airlock",
             "host=/var/run/postgresql user=airlock dbname=airlock",
         ] {
-            assert!(check_url(ok).is_ok(), "{ok}");
+            assert!(check_url(ok, false).is_ok(), "{ok}");
         }
         for bad in [
             "postgres://airlock@db.example.com/airlock",
             "postgres://airlock@10.0.0.5/airlock",
             "postgres://airlock@127.0.0.1,10.0.0.5/airlock",
-            "mysql://x",
         ] {
-            assert!(check_url(bad).is_err(), "{bad}");
+            assert!(check_url(bad, false).is_err(), "{bad}");
+            assert!(check_url(bad, true).is_ok(), "{bad} over TLS");
         }
+        assert!(check_url("mysql://x", true).is_err());
     }
 }

@@ -20,6 +20,7 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use serde_json::json;
 
 use crate::cluster::{cluster, secret_file, start_workers, urls};
+use crate::mtls::TestCa;
 use crate::support::*;
 
 /// A PostgreSQL server of this test's own, stopped (immediately) on drop.
@@ -58,6 +59,12 @@ impl Postgres {
     /// `initdb` and start, as `postgres` when this runs as root (PostgreSQL refuses
     /// root), on a free loopback port, sockets in the data directory's parent.
     fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// [`Postgres::start`]; with `ca`, TLS only: a certificate for localhost from `ca`,
+    /// and `pg_hba.conf` accepting TCP connections over TLS alone.
+    fn start_with(ca: Option<&TestCa>) -> Self {
         let bin = pg_bin();
         let dir = tempfile::tempdir().unwrap();
         if is_root() {
@@ -87,6 +94,39 @@ impl Postgres {
                 "--no-sync",
             ],
         );
+        if let Some(ca) = ca {
+            let data = pg.dir.path().join("data");
+            let (cert, key) = ca.issue("localhost", &["localhost"], false);
+            std::fs::write(data.join("server.crt"), cert).unwrap();
+            std::fs::write(data.join("server.key"), key).unwrap();
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .unwrap();
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(
+                    data.join("server.key"),
+                    std::fs::Permissions::from_mode(0o600),
+                )
+                .unwrap();
+            }
+            if is_root() {
+                for f in ["server.crt", "server.key", "pg_hba.conf"] {
+                    Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(data.join(f))
+                        .status()
+                        .unwrap();
+                }
+            }
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .unwrap();
+            std::io::Write::write_all(&mut conf, b"ssl = on\n").unwrap();
+        }
         pg.start_again();
         pg
     }
@@ -168,9 +208,13 @@ fn key_file(dir: &Path) -> PathBuf {
 }
 
 async fn connect(pg: &Postgres, key: &Path) -> PgState {
-    PgState::open(&pg.url(), airlock::audit::load_key_at(key, false).unwrap())
-        .await
-        .unwrap()
+    PgState::open(
+        &pg.url(),
+        None,
+        airlock::audit::load_key_at(key, false).unwrap(),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -214,7 +258,12 @@ async fn postgres_keeps_the_promises_of_the_embedded_store() {
 
     // A front end that stopped during a release: its release is marked interrupted by
     // the next front end that checks (here: one opening).
-    let c = PgState::reader(&pg.url(), airlock::audit::load_key_at(&key, false).unwrap()).unwrap();
+    let c = PgState::reader(
+        &pg.url(),
+        None,
+        airlock::audit::load_key_at(&key, false).unwrap(),
+    )
+    .unwrap();
     airlock::audit::AuditTrail::append(
         &c,
         airlock::audit::Event {
@@ -240,6 +289,7 @@ async fn postgres_keeps_the_promises_of_the_embedded_store() {
     let other = tempfile::tempdir().unwrap();
     let err = PgState::open(
         &pg.url(),
+        None,
         airlock::audit::load_key_at(&key_file(other.path()), false).unwrap(),
     )
     .await
@@ -289,6 +339,7 @@ async fn two_front_ends_and_three_workers_share_requests_tokens_and_one_audit_ch
         config.state = airlock::state::StateConfig {
             url: Some(pg.url()),
             audit_key_file: Some(key.clone()),
+            ca_file: None,
         };
         config
     };
@@ -436,6 +487,7 @@ async fn with_postgres_stopped_a_front_end_refuses_and_recovers_when_it_is_back(
     config.state = airlock::state::StateConfig {
         url: Some(pg.url()),
         audit_key_file: Some(key_file(dir.path())),
+        ca_file: None,
     };
     let server = start_with(config).await;
     let mut analyst = login(server.addr, "analyst").await;
@@ -470,4 +522,43 @@ async fn with_postgres_stopped_a_front_end_refuses_and_recovers_when_it_is_back(
     assert!(back.is_some(), "answers again once PostgreSQL is back");
     let mut fresh = login(server.addr, "analyst").await;
     run(&mut fresh, AGGREGATE).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_ca_file_the_state_travels_over_tls_and_only_to_the_right_server() {
+    let ca = TestCa::new("Airlock test PostgreSQL CA");
+    let pg = Postgres::start_with(Some(&ca));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("pg-ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let url = format!("postgres://postgres@localhost:{}/postgres", pg.port);
+    let key = key_file(dir.path());
+    let load = || airlock::audit::load_key_at(&key, false).unwrap();
+
+    // This server accepts TCP over TLS only: plaintext is turned away.
+    assert!(
+        tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .is_err()
+    );
+    let state = PgState::open(&url, Some(&ca_file), load()).await.unwrap();
+    conformance::approvals(&state, "tls-").await;
+    state.verify().await.unwrap();
+
+    // A server whose certificate another CA signed is not trusted.
+    let other = TestCa::new("Another CA");
+    let other_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_file, &other.cert_pem).unwrap();
+    let err = PgState::open(&url, Some(&other_file), load())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("TLS handshake") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+
+    // Another machine needs TLS; with a CA file the URL is accepted.
+    assert!(airlock::state::postgres::check_url("postgres://a@db.example/airlock", false).is_err());
+    assert!(airlock::state::postgres::check_url("postgres://a@db.example/airlock", true).is_ok());
 }
