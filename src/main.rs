@@ -376,8 +376,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         url,
                         state.ca_file.as_deref(),
                         key,
+                        Some(&state_dir),
                     )?;
-                    ("the PostgreSQL state".to_string(), reader.verify().await)
+                    let place = match reader.anchor() {
+                        Some(seq) => format!(
+                            "the PostgreSQL state (and the anchor in {}, record {seq})",
+                            state_dir.display()
+                        ),
+                        None => format!(
+                            "the PostgreSQL state (no front-end anchor in {}: pass a front end's --state-dir to check that none of its records was cut off the end)",
+                            state_dir.display()
+                        ),
+                    };
+                    (place, reader.verify().await)
                 }
             };
             match verified {
@@ -403,9 +414,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 None => airlock::audit::tail(&airlock::audit::path_in(&state_dir), lines)?,
                 Some(url) => {
                     let key = airlock::audit::load_key_at(&state.key_file(&state_dir), false)?;
-                    airlock::state::postgres::PgState::reader(url, state.ca_file.as_deref(), key)?
-                        .tail(lines)
-                        .await?
+                    airlock::state::postgres::PgState::reader(
+                        url,
+                        state.ca_file.as_deref(),
+                        key,
+                        None,
+                    )?
+                    .tail(lines)
+                    .await?
                 }
             };
             for line in lines {

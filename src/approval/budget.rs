@@ -417,76 +417,19 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    use crate::state::conformance::{TEN, cost};
+
     fn query(fp: &str, eps: u64) -> QueryIdentity {
-        QueryIdentity {
-            principal: "analyst".into(),
-            dataset: "hospital".into(),
-            fingerprint: fp.into(),
-            epsilon_micros: eps,
-            policy: "v1".into(),
-            data: "d1".into(),
-        }
+        crate::state::conformance::query("analyst", fp, eps)
     }
 
-    const TEN: Allowance = Allowance {
-        epsilon_micros: 10_000_000,
-        delta_units: 1_000_000,
-        renew_secs: None,
-    };
-
-    fn cost(eps: u64) -> Spent {
-        Spent {
-            epsilon_micros: eps,
-            delta_units: 1,
-        }
-    }
-
-    #[test]
-    fn charges_repeats_and_exhausts() {
+    // Charges, repeats, exhaustion and grants: `crate::state::conformance::ledger`, run
+    // against this ledger and PostgreSQL. Here: durability and OS-thread races.
+    #[tokio::test]
+    async fn a_new_connection_sees_the_same_ledger() {
         let dir = tempfile::tempdir().unwrap();
         let l = Ledger::open(dir.path()).unwrap();
-        let Charge::Charged { seed, remaining } = l
-            .charge(&query("a", 1_000_000), cost(1_000_000), &TEN)
-            .unwrap()
-        else {
-            panic!("first charge")
-        };
-        assert_eq!(remaining.epsilon_micros, 9_000_000);
-        // The identical query: the same seed, no charge; once an answer is kept, that
-        // answer, and the first one kept stays (a second execution gets it back).
-        assert_eq!(
-            l.charge(&query("a", 1_000_000), cost(1_000_000), &TEN)
-                .unwrap(),
-            Charge::Repeat { seed, answer: None }
-        );
-        let key = query("a", 1_000_000).key();
-        assert_eq!(l.keep_answer(&key, b"first".to_vec()).unwrap(), b"first");
-        assert_eq!(l.keep_answer(&key, b"second".to_vec()).unwrap(), b"first");
-        assert_eq!(
-            l.charge(&query("a", 1_000_000), cost(1_000_000), &TEN)
-                .unwrap(),
-            Charge::Repeat {
-                seed,
-                answer: Some(b"first".to_vec())
-            }
-        );
-        for i in 0..9 {
-            assert!(matches!(
-                l.charge(&query(&format!("q{i}"), 1_000_000), cost(1_000_000), &TEN)
-                    .unwrap(),
-                Charge::Charged { .. }
-            ));
-        }
-        assert_eq!(
-            l.charge(&query("z", 1), cost(1), &TEN).unwrap(),
-            Charge::Exhausted {
-                remaining: Spent {
-                    epsilon_micros: 0,
-                    delta_units: 1_000_000 - 10
-                }
-            }
-        );
-        // Durable: a new connection sees the same ledger; an owner grant reopens it.
+        crate::state::conformance::ledger(&l, "analyst").await;
         drop(l);
         let l = Ledger::open(dir.path()).unwrap();
         assert_eq!(
@@ -495,15 +438,7 @@ mod tests {
                 .epsilon_micros,
             0
         );
-        l.grant("analyst", "hospital", cost(500_000), "owner")
-            .unwrap();
-        assert!(matches!(
-            l.charge(&query("z", 500_000), cost(500_000), &TEN).unwrap(),
-            Charge::Charged { .. }
-        ));
-        let rows = l.list().unwrap();
-        assert_eq!(rows[0].charges, 11);
-        assert!((rows[0].epsilon_spent - 10.5).abs() < 1e-9);
+        assert_eq!(l.list().unwrap()[0].charges, 11);
     }
 
     /// Many threads, each on its own connection (as separate server processes would

@@ -288,11 +288,15 @@ pub fn load_key_at(path: &Path, create: bool) -> Result<Key> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
             use rand::RngCore;
             let dir = path.parent().expect("has a parent");
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            // A directory made here holds only keys: closed to others. One that exists
+            // (`--audit-key-file /tmp/audit.key`) is left as it is.
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+                }
             }
             let mut bytes = [0u8; 32];
             rand::rng().fill_bytes(&mut bytes);
@@ -338,6 +342,60 @@ fn read_anchor(conn: &Connection) -> Result<Option<(u64, String)>> {
             Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
         })
         .optional()?)
+}
+
+/// Where a front end keeps the last record it wrote to a chain that lives elsewhere (the
+/// PostgreSQL state): `<state-dir>/audit/shared-anchor.sqlite`. Whoever can write the
+/// database could cut records off the chain's end and move its head back; they cannot
+/// also reach every front end's anchor. A front end checks the chain against its anchor
+/// before each append and at start, and `airlock audit verify --state-dir` checks it.
+#[derive(Debug)]
+pub struct SharedAnchor(Mutex<Connection>);
+
+impl SharedAnchor {
+    /// The anchor file of a state directory.
+    pub fn path_in(state_dir: &Path) -> PathBuf {
+        state_dir.join("audit").join("shared-anchor.sqlite")
+    }
+
+    /// Opens (or creates) the anchor of a state directory.
+    pub fn open(state_dir: &Path) -> Result<Self> {
+        let path = Self::path_in(state_dir);
+        let dir = path.parent().expect("has a parent");
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS anchor (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL)",
+        )?;
+        Ok(Self(Mutex::new(conn)))
+    }
+
+    /// The last record written (sequence number and hash), if any.
+    pub fn get(&self) -> Result<Option<(u64, String)>> {
+        Ok(self
+            .0
+            .lock()
+            .query_row("SELECT seq, hash FROM anchor WHERE id = 1", [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+            })
+            .optional()?)
+    }
+
+    /// Moves the anchor forward to a record just written.
+    pub fn set(&self, seq: u64, hash: &str) -> Result<()> {
+        self.0.lock().execute(
+            "INSERT INTO anchor (id, seq, hash) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash WHERE excluded.seq > anchor.seq",
+            params![seq as i64, hash],
+        )?;
+        Ok(())
+    }
 }
 
 #[derive(Debug)]

@@ -131,7 +131,8 @@ pub async fn approvals(store: &dyn ApprovalStore, prefix: &str) {
     assert_eq!(pending.len(), 2, "bob's and ann's second f1");
 }
 
-fn query(principal: &str, fp: &str, eps: u64) -> QueryIdentity {
+/// A query identity of `principal` on the `hospital` dataset.
+pub fn query(principal: &str, fp: &str, eps: u64) -> QueryIdentity {
     QueryIdentity {
         principal: principal.into(),
         dataset: "hospital".into(),
@@ -149,7 +150,8 @@ pub const TEN: Allowance = Allowance {
     renew_secs: None,
 };
 
-fn cost(eps: u64) -> Spent {
+/// `eps` micro-ε and one δ unit.
+pub fn cost(eps: u64) -> Spent {
     Spent {
         epsilon_micros: eps,
         delta_units: 1,
@@ -282,13 +284,11 @@ pub async fn concurrent_charges(ledgers: Vec<Arc<dyn BudgetLedger>>, principal: 
 mod tests {
     use super::*;
 
+    // `approvals` and `ledger` run on SQLite in `approval::sqlite` and `approval::budget`
+    // (with a reopen after them).
     #[tokio::test]
-    async fn the_embedded_store_keeps_the_promises() {
+    async fn embedded_ledgers_racing_cannot_overspend() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::approval::SqliteStore::open(dir.path()).unwrap();
-        approvals(&store, "").await;
-        let l = crate::approval::budget::Ledger::open(dir.path()).unwrap();
-        ledger(&l, "analyst").await;
         let ledgers: Vec<Arc<dyn BudgetLedger>> = (0..2)
             .map(|_| {
                 Arc::new(crate::approval::budget::Ledger::open(dir.path()).unwrap())

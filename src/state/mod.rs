@@ -36,6 +36,10 @@ pub enum Error {
     Config(String),
     #[error("{0}")]
     Schema(String),
+    /// The chain in the database does not hold what this front end wrote: records were
+    /// removed or replaced. Appends are refused until an operator looks.
+    #[error("the audit chain was tampered with: {0}")]
+    Tampered(String),
 }
 
 /// An error and what caused it ("error performing TLS handshake: invalid peer
@@ -126,7 +130,7 @@ impl State {
             Some(url) => {
                 let key = crate::audit::load_key_at(&key_file, true)?;
                 let pg = Arc::new(
-                    postgres::PgState::open(url, config.ca_file.as_deref(), key)
+                    postgres::PgState::open(url, config.ca_file.as_deref(), key, state_dir)
                         .await
                         .map_err(crate::server::Error::State)?,
                 );

@@ -121,8 +121,6 @@ CREATE TABLE audit_records (
     kind TEXT NOT NULL,
     principal TEXT NOT NULL,
     decision TEXT NOT NULL,
-    rows_released BIGINT,
-    bytes_released BIGINT,
     line TEXT NOT NULL
 );
 CREATE INDEX audit_records_by_time ON audit_records (time);
@@ -312,7 +310,23 @@ struct Inner {
     released_at_open: (String, BTreeMap<String, (u64, u64)>),
     /// The last read of the whole chain, by the head's sequence number.
     read: audit::CachedRead<u64>,
+    /// Records that could not be written when they were made (ends of releases, while
+    /// PostgreSQL did not answer): written by the next heartbeat that reaches it, so that
+    /// a release this front end finished is not left open.
+    unwritten: Mutex<Vec<Event>>,
+    /// The last record this front end wrote (or found at start in its anchor), checked
+    /// before every append ([`PgState::check_continuity`]).
+    last: Mutex<Option<(u64, String)>>,
+    /// Where `last` is kept across restarts (`None`: a reader without a state directory).
+    anchor: Option<audit::SharedAnchor>,
+    /// Heartbeats in a row that reached PostgreSQL: other front ends' releases are
+    /// judged interrupted only after [`SWEEP_AFTER_BEATS`], so that a front end cut off
+    /// by an outage of the database is not taken for dead when it comes back.
+    beats: std::sync::atomic::AtomicU32,
 }
+
+/// Successful heartbeats in a row before a front end judges others stale.
+const SWEEP_AFTER_BEATS: u32 = 3;
 
 /// The shared state (see the module documentation).
 #[derive(Debug, Clone)]
@@ -365,8 +379,19 @@ impl PgState {
     }
 
     /// Connects to read the chain only (`airlock audit verify` and `tail`): no schema
-    /// change, no heartbeat, no recovery.
-    pub fn reader(url: &str, ca_file: Option<&std::path::Path>, key: Key) -> Result<Self, Error> {
+    /// change, no heartbeat, no recovery. With a front end's `state_dir`, [`Self::verify`]
+    /// also checks the chain against that front end's anchor.
+    pub fn reader(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        key: Key,
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<Self, Error> {
+        let anchor = state_dir
+            .filter(|d| audit::SharedAnchor::path_in(d).exists())
+            .map(audit::SharedAnchor::open)
+            .transpose()
+            .map_err(|e| Error::Config(e.to_string()))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 pool: Self::pool(url, ca_file)?,
@@ -375,18 +400,35 @@ impl PgState {
                 healthy: AtomicBool::new(true),
                 released_at_open: (String::new(), BTreeMap::new()),
                 read: Mutex::new(None),
+                unwritten: Mutex::new(Vec::new()),
+                last: Mutex::new(
+                    anchor
+                        .as_ref()
+                        .map(|a| a.get())
+                        .transpose()
+                        .map_err(|e| Error::Config(e.to_string()))?
+                        .flatten(),
+                ),
+                anchor,
+                beats: Default::default(),
             }),
         })
     }
 
-    /// Connects, brings the schema up to date, checks that the chain is keyed with `key`,
-    /// registers this front end and interrupts the releases of front ends that are gone.
+    /// Connects, brings the schema up to date, checks that the chain is keyed with `key`
+    /// and still holds the last record this front end wrote (its anchor, in
+    /// `state_dir`), registers this front end and interrupts the releases of front ends
+    /// that are gone.
     pub async fn open(
         url: &str,
         ca_file: Option<&std::path::Path>,
         key: Key,
+        state_dir: &std::path::Path,
     ) -> Result<Self, Error> {
         let pool = Self::pool(url, ca_file)?;
+        let anchor =
+            audit::SharedAnchor::open(state_dir).map_err(|e| Error::Config(e.to_string()))?;
+        let last = anchor.get().map_err(|e| Error::Config(e.to_string()))?;
         let frontend = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let released = deadline(async {
             let mut c = pool.get().await?;
@@ -407,22 +449,22 @@ impl PgState {
                     key.id()
                 )));
             }
+            // From the keyed lines (an edit of them breaks the chain), not from columns.
             let rows = c
                 .query(
-                    "SELECT principal, COALESCE(SUM(rows_released), 0)::BIGINT, COALESCE(SUM(bytes_released), 0)::BIGINT
-                     FROM audit_records WHERE kind = 'query' AND decision <> $1 AND time >= $2 GROUP BY principal",
+                    "SELECT line FROM audit_records WHERE kind = 'query' AND decision <> $1 AND time >= $2",
                     &[&RELEASING, &audit::today()],
                 )
                 .await?;
-            Ok(rows
-                .iter()
-                .map(|r| {
-                    (
-                        r.get::<_, String>(0),
-                        (r.get::<_, i64>(1).max(0) as u64, r.get::<_, i64>(2).max(0) as u64),
-                    )
-                })
-                .collect::<BTreeMap<_, _>>())
+            let mut released = BTreeMap::<String, (u64, u64)>::new();
+            for r in &rows {
+                if let Ok(record) = serde_json::from_str::<Record>(r.get::<_, &str>(0)) {
+                    let used = released.entry(record.event.principal).or_default();
+                    used.0 += record.event.rows_released.unwrap_or(0);
+                    used.1 += record.event.bytes_released.unwrap_or(0);
+                }
+            }
+            Ok(released)
         })
         .await?;
         let state = Self {
@@ -433,9 +475,24 @@ impl PgState {
                 healthy: AtomicBool::new(true),
                 released_at_open: (audit::today(), released),
                 read: Mutex::new(None),
+                unwritten: Mutex::new(Vec::new()),
+                last: Mutex::new(last),
+                anchor: Some(anchor),
+                beats: Default::default(),
             }),
         };
-        state.heartbeat().await?;
+        // The chain must still hold the last record this front end wrote.
+        deadline(async {
+            let c = state.inner.pool.get().await?;
+            let head = c
+                .query_one("SELECT seq, hash FROM audit_head WHERE id = 1", &[])
+                .await?;
+            state
+                .check_continuity(&*c, head.get::<_, i64>(0) as u64, head.get(1))
+                .await
+        })
+        .await?;
+        state.heartbeat_sweeping(true).await?;
         let weak = Arc::downgrade(&state.inner);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
@@ -470,6 +527,22 @@ impl PgState {
     /// Says this front end is alive, and interrupts the open releases of front ends that
     /// have not said so for [`STALE_AFTER`].
     async fn heartbeat(&self) -> Result<(), Error> {
+        self.heartbeat_sweeping(false).await
+    }
+
+    /// [`Self::heartbeat`]; `opening`: sweep at once (a front end starting is the moment
+    /// to recover), otherwise only after [`SWEEP_AFTER_BEATS`] good heartbeats in a row.
+    async fn heartbeat_sweeping(&self, opening: bool) -> Result<(), Error> {
+        let unwritten = std::mem::take(&mut *self.inner.unwritten.lock());
+        for (i, event) in unwritten.iter().enumerate() {
+            if let Err(e) = self.append_now(event.clone()).await {
+                self.inner
+                    .unwritten
+                    .lock()
+                    .extend(unwritten[i..].iter().cloned());
+                return Err(e);
+            }
+        }
         let r = deadline(async {
             let mut c = self.inner.pool.get().await?;
             c.execute(
@@ -477,10 +550,16 @@ impl PgState {
                 &[&self.inner.frontend, &now()],
             )
             .await?;
+            let sweep = opening
+                || self.inner.beats.load(Ordering::Relaxed) + 1 >= SWEEP_AFTER_BEATS;
+            if !sweep {
+                return Ok(None);
+            }
             let tx = c.transaction().await?;
             let stale = now() - STALE_AFTER.as_secs() as i64;
             tx.query_one("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE", &[])
                 .await?;
+            let mut last = None;
             let open = tx
                 .query(
                     "SELECT frontend, event FROM audit_open_releases o WHERE NOT EXISTS
@@ -494,7 +573,7 @@ impl PgState {
                 let started: Event = serde_json::from_str(row.get::<_, &str>(1))
                     .map_err(|e| Error::Schema(format!("an open release does not parse: {e}")))?;
                 tracing::warn!(frontend = %frontend, request_id = %started.request_id, "state: a front end stopped during a release");
-                self.append_in(
+                last = Some(self.append_in(
                     &tx,
                     Event {
                         decision: RELEASE_INTERRUPTED.into(),
@@ -505,17 +584,24 @@ impl PgState {
                     },
                     &frontend,
                 )
-                .await?;
+                .await?);
             }
             tx.execute("DELETE FROM frontends WHERE seen_at < $1", &[&stale])
                 .await?;
             tx.execute("DELETE FROM tokens WHERE expires_at < $1", &[&now()])
                 .await?;
             tx.commit().await?;
-            Ok(())
+            Ok(last)
         })
         .await;
-        self.saw(r)
+        match &r {
+            Ok(last) => {
+                self.wrote(last.as_ref());
+                self.inner.beats.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => self.inner.beats.store(0, Ordering::Relaxed),
+        }
+        self.saw(r).map(|_| ())
     }
 
     /// Appends a record inside `tx` (which then holds the chain's head until it ends).
@@ -532,8 +618,10 @@ impl PgState {
                 &[],
             )
             .await?;
-        let seq = head.get::<_, i64>(0) as u64 + 1;
+        let head_seq = head.get::<_, i64>(0) as u64;
         let prev: String = head.get(1);
+        self.check_continuity(tx, head_seq, prev.clone()).await?;
+        let seq = head_seq + 1;
         let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let hash = audit::hash_of(&self.inner.key, seq, &time, &event, &prev);
         let record = Record {
@@ -546,16 +634,14 @@ impl PgState {
         let line = serde_json::to_string(&record).unwrap_or_default();
         let e = &record.event;
         tx.execute(
-            "INSERT INTO audit_records (seq, time, kind, principal, decision, rows_released, bytes_released, line)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO audit_records (seq, time, kind, principal, decision, line)
+             VALUES ($1, $2, $3, $4, $5, $6)",
             &[
                 &(seq as i64),
                 &record.time,
                 &e.kind,
                 &e.principal,
                 &e.decision,
-                &e.rows_released.map(|n| n as i64),
-                &e.bytes_released.map(|n| n as i64),
                 &line,
             ],
         )
@@ -590,6 +676,63 @@ impl PgState {
         Ok(record)
     }
 
+    /// Checks that the chain still holds the last record this front end wrote, given
+    /// the chain's head: not moved back, and the record at that number the same.
+    async fn check_continuity(
+        &self,
+        c: &impl tokio_postgres::GenericClient,
+        head_seq: u64,
+        head_hash: String,
+    ) -> Result<(), Error> {
+        let Some((seq, hash)) = self.inner.last.lock().clone() else {
+            return Ok(());
+        };
+        let tampered = |what: String| {
+            tracing::error!(%what, "audit chain tampered with; appends are refused");
+            Err(Error::Tampered(what))
+        };
+        if head_seq < seq {
+            return tampered(format!(
+                "the chain ends at record {head_seq}, but this front end wrote record {seq}: records were removed from its end"
+            ));
+        }
+        let found = if head_seq == seq {
+            Some(head_hash)
+        } else {
+            c.query_opt(
+                "SELECT line FROM audit_records WHERE seq = $1",
+                &[&(seq as i64)],
+            )
+            .await?
+            .and_then(|r| serde_json::from_str::<Record>(r.get::<_, &str>(0)).ok())
+            .map(|r| r.hash)
+        };
+        if found.as_deref() != Some(hash.as_str()) {
+            return tampered(format!(
+                "record {seq}, which this front end wrote, was removed or replaced"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Notes records just committed: the last becomes this front end's anchor.
+    fn wrote(&self, record: Option<&Record>) {
+        let Some(r) = record else { return };
+        {
+            let mut last = self.inner.last.lock();
+            if last.as_ref().is_some_and(|(seq, _)| *seq >= r.seq) {
+                return;
+            }
+            *last = Some((r.seq, r.hash.clone()));
+        }
+        if let Some(anchor) = &self.inner.anchor
+            && let Err(e) = anchor.set(r.seq, &r.hash)
+        {
+            // The record is committed; only the anchor's protection lags.
+            tracing::error!(error = %e, "audit: cannot move this front end's anchor");
+        }
+    }
+
     async fn append_now(&self, event: Event) -> Result<Record, Error> {
         let r = deadline(async {
             let mut c = self.inner.pool.get().await?;
@@ -599,6 +742,9 @@ impl PgState {
             Ok(record)
         })
         .await;
+        if let Ok(record) = &r {
+            self.wrote(Some(record));
+        }
         self.saw(r)
     }
 
@@ -633,9 +779,22 @@ impl PgState {
 
     /// Checks the whole chain in PostgreSQL with this front end's key: the number of
     /// records and the last hash, or the first bad record (`airlock audit verify`).
+    /// With a front end's anchor ([`Self::reader`] given its state directory), the chain
+    /// must also hold the last record that front end wrote.
     pub async fn verify(&self) -> Result<(u64, String), audit::Error> {
         let (text, head) = self.chain().await?;
-        audit::verify_text(&text, &self.inner.key, Some(&head))
+        let verified = audit::verify_text(&text, &self.inner.key, Some(&head))?;
+        let anchor = self.inner.last.lock().clone();
+        if let Some(anchor) = anchor {
+            audit::verify_text(&text, &self.inner.key, Some(&anchor))?;
+        }
+        Ok(verified)
+    }
+
+    /// The record of this front end's anchor, if it has one (what [`Self::verify`] also
+    /// checked).
+    pub fn anchor(&self) -> Option<u64> {
+        self.inner.last.lock().as_ref().map(|(seq, _)| *seq)
     }
 
     /// The last `n` records, as JSON lines (`airlock audit tail`).
@@ -1101,8 +1260,9 @@ impl AuditTrail for PgState {
     fn record(&self, event: Event) {
         let this = self.clone();
         self.inner.pool.runtime.spawn(async move {
-            if let Err(e) = this.append_now(event).await {
-                tracing::error!(error = %e, "cannot write the audit trail");
+            if let Err(e) = this.append_now(event.clone()).await {
+                tracing::error!(error = %e, "cannot write the audit trail; the record is kept for the next heartbeat");
+                this.inner.unwritten.lock().push(event);
             }
         });
     }

@@ -44,7 +44,7 @@ fn config(dir: &Path) -> ServiceConfig {
     config
 }
 
-async fn login(addr: std::net::SocketAddr, user: &str) -> Client {
+pub(crate) async fn login(addr: std::net::SocketAddr, user: &str) -> Client {
     Client::connect(&format!("grpc://{addr}"), user, user, None)
         .await
         .unwrap()
@@ -66,7 +66,7 @@ async fn is_pending(owner: &mut Client, id: &str) -> bool {
 }
 
 /// The request id of an approval refusal.
-fn request_id(e: &Error) -> String {
+pub(crate) fn request_id(e: &Error) -> String {
     let text = e.to_string();
     let rest = text
         .split("request ")

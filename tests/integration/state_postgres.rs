@@ -8,7 +8,6 @@
 //! The PostgreSQL binaries come from `AIRLOCK_TEST_PG_BIN` or `/usr/lib/postgresql/*/bin`
 //! (`scripts/test.sh` installs Debian's `postgresql` when missing).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -19,6 +18,7 @@ use airlock::state::postgres::PgState;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use serde_json::json;
 
+use crate::approvals::{login, request_id};
 use crate::cluster::{cluster, secret_file, start_workers, urls};
 use crate::mtls::TestCa;
 use crate::support::*;
@@ -207,14 +207,26 @@ fn key_file(dir: &Path) -> PathBuf {
     path
 }
 
-async fn connect(pg: &Postgres, key: &Path) -> PgState {
+/// A front end's state on `pg`, its anchor in `state_dir`.
+async fn connect(pg: &Postgres, key: &Path, state_dir: &Path) -> PgState {
     PgState::open(
         &pg.url(),
         None,
         airlock::audit::load_key_at(key, false).unwrap(),
+        state_dir,
     )
     .await
     .unwrap()
+}
+
+fn event(principal: &str, request_id: &str, decision: &str) -> airlock::audit::Event {
+    airlock::audit::Event {
+        kind: "query".into(),
+        principal: principal.into(),
+        request_id: request_id.into(),
+        decision: decision.into(),
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -222,8 +234,8 @@ async fn postgres_keeps_the_promises_of_the_embedded_store() {
     let pg = Postgres::start();
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path());
-    let a = connect(&pg, &key).await;
-    let b = connect(&pg, &key).await;
+    let a = connect(&pg, &key, &dir.path().join("a")).await;
+    let b = connect(&pg, &key, &dir.path().join("b")).await;
     conformance::approvals(&a, "pg-").await;
     conformance::ledger(&a, "analyst").await;
     // Two front ends racing on one principal's budget.
@@ -262,21 +274,16 @@ async fn postgres_keeps_the_promises_of_the_embedded_store() {
         &pg.url(),
         None,
         airlock::audit::load_key_at(&key, false).unwrap(),
+        None,
     )
     .unwrap();
     airlock::audit::AuditTrail::append(
         &c,
-        airlock::audit::Event {
-            kind: "query".into(),
-            principal: "analyst".into(),
-            request_id: "lost-release".into(),
-            decision: airlock::audit::RELEASING.into(),
-            ..Default::default()
-        },
+        event("analyst", "lost-release", airlock::audit::RELEASING),
     )
     .await
     .unwrap();
-    let _d = connect(&pg, &key).await;
+    let _d = connect(&pg, &key, &dir.path().join("d")).await;
     let tail = a.tail(3).await.unwrap().join("\n");
     assert!(
         tail.contains(airlock::audit::RELEASE_INTERRUPTED) && tail.contains("lost-release"),
@@ -291,6 +298,7 @@ async fn postgres_keeps_the_promises_of_the_embedded_store() {
         &pg.url(),
         None,
         airlock::audit::load_key_at(&key_file(other.path()), false).unwrap(),
+        other.path(),
     )
     .await
     .unwrap_err()
@@ -298,31 +306,109 @@ async fn postgres_keeps_the_promises_of_the_embedded_store() {
     assert!(err.contains("--audit-key-file"), "{err}");
 }
 
+/// Hostile round 11: whoever can write the database cut the newest records off the
+/// chain and moved its head back, and the chain still verified. Each front end now keeps
+/// the last record it wrote outside the database: it refuses to append to a chain that
+/// lost it, and `airlock audit verify --state-dir` of that front end fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_cut_off_the_end_by_a_database_writer_are_caught_by_the_front_end_that_wrote_them()
+{
+    use airlock::audit::AuditTrail;
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let a = connect(&pg, &key, &a_dir).await;
+    let b = connect(&pg, &key, &b_dir).await;
+    b.append(event("analyst", "b1", "refused")).await.unwrap();
+    a.append(event("owner", "a1", "releasing")).await.unwrap();
+    let cut = a.append(event("owner", "a1", "released")).await.unwrap();
+
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let before: String = client
+        .query_one(
+            "SELECT line FROM audit_records WHERE seq = $1",
+            &[&(cut.seq as i64 - 2)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let before: airlock::audit::Record = serde_json::from_str(&before).unwrap();
+    client
+        .batch_execute(&format!(
+            "DELETE FROM audit_records WHERE seq >= {}; DELETE FROM audit_open_releases; UPDATE audit_head SET seq = {}, hash = '{}'",
+            cut.seq - 1,
+            before.seq,
+            before.hash
+        ))
+        .await
+        .unwrap();
+
+    // Another front end carries on (it wrote nothing that was cut); the chain is whole
+    // again as far as the database alone can tell.
+    b.append(event("analyst", "b2", "refused")).await.unwrap();
+    b.append(event("analyst", "b3", "refused")).await.unwrap();
+    let alone = PgState::reader(
+        &pg.url(),
+        None,
+        airlock::audit::load_key_at(&key, false).unwrap(),
+        None,
+    )
+    .unwrap();
+    alone.verify().await.unwrap();
+
+    // The front end whose records were cut refuses to append, at once and after a restart.
+    let err = a
+        .append(event("owner", "a2", "refused"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tampered") && err.contains(&format!("record {}", cut.seq)),
+        "{err}"
+    );
+    drop(a);
+    let err = PgState::open(
+        &pg.url(),
+        None,
+        airlock::audit::load_key_at(&key, false).unwrap(),
+        &a_dir,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("tampered"), "{err}");
+    // And verify with its state directory names the cut.
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "audit",
+            "verify",
+            "--state-url",
+            &pg.url(),
+            "--audit-key-file",
+        ])
+        .arg(&key)
+        .arg("--state-dir")
+        .arg(&a_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(text.contains(&format!("record {}", cut.seq)), "{text}");
+}
+
 const RAW: &str =
     "SELECT name, zip, age FROM hospital.patients WHERE age > 85 ORDER BY zip LIMIT 5";
 const AGGREGATE: &str =
     "SELECT zip, count(*) AS n, avg(cost) AS cost FROM hospital.patients GROUP BY zip ORDER BY zip";
 
-async fn login(addr: SocketAddr, user: &str) -> airlock::client::Client {
-    airlock::client::Client::connect(&format!("grpc://{addr}"), user, user, None)
-        .await
-        .unwrap()
-}
-
 async fn run(c: &mut airlock::client::Client, sql: &str) -> Result<String, airlock::client::Error> {
     let mut out = Vec::new();
     airlock::client::run_sql(c, sql, airlock::client::Format::Csv, &mut out).await?;
     Ok(String::from_utf8(out).unwrap())
-}
-
-/// The approval request id of a refusal.
-fn request_id(e: &airlock::client::Error) -> String {
-    let text = e.to_string();
-    let rest = text
-        .split("request ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no request id in {text}"));
-    rest.split(':').next().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -541,7 +627,9 @@ async fn with_a_ca_file_the_state_travels_over_tls_and_only_to_the_right_server(
             .await
             .is_err()
     );
-    let state = PgState::open(&url, Some(&ca_file), load()).await.unwrap();
+    let state = PgState::open(&url, Some(&ca_file), load(), &dir.path().join("fe"))
+        .await
+        .unwrap();
     conformance::approvals(&state, "tls-").await;
     state.verify().await.unwrap();
 
@@ -549,7 +637,7 @@ async fn with_a_ca_file_the_state_travels_over_tls_and_only_to_the_right_server(
     let other = TestCa::new("Another CA");
     let other_file = dir.path().join("other-ca.pem");
     std::fs::write(&other_file, &other.cert_pem).unwrap();
-    let err = PgState::open(&url, Some(&other_file), load())
+    let err = PgState::open(&url, Some(&other_file), load(), &dir.path().join("fe2"))
         .await
         .unwrap_err()
         .to_string();
@@ -561,4 +649,43 @@ async fn with_a_ca_file_the_state_travels_over_tls_and_only_to_the_right_server(
     // Another machine needs TLS; with a CA file the URL is accepted.
     assert!(airlock::state::postgres::check_url("postgres://a@db.example/airlock", false).is_err());
     assert!(airlock::state::postgres::check_url("postgres://a@db.example/airlock", true).is_ok());
+}
+
+/// Hostile round 11: the end record of a release that finished while PostgreSQL was down
+/// was lost, leaving the release open (and later "interrupted") with no row count. It is
+/// now kept and written by the first heartbeat that reaches PostgreSQL again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_a_release_that_finished_during_an_outage_is_written_when_postgres_is_back() {
+    use airlock::audit::AuditTrail;
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let a = connect(&pg, &key, &dir.path().join("a")).await;
+    a.append(event("owner", "r1", airlock::audit::RELEASING))
+        .await
+        .unwrap();
+    pg.stop();
+    a.record(airlock::audit::Event {
+        rows_released: Some(1234),
+        ..event("owner", "r1", "released")
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!a.writable());
+    pg.start_again();
+    let mut written = String::new();
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if let Ok(lines) = a.tail(5).await {
+            written = lines.join("\n");
+            if written.contains("\"rows_released\":1234") {
+                break;
+            }
+        }
+    }
+    assert!(written.contains("\"rows_released\":1234"), "{written}");
+    assert!(
+        !written.contains(airlock::audit::RELEASE_INTERRUPTED),
+        "{written}"
+    );
+    a.verify().await.unwrap();
 }
