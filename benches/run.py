@@ -389,15 +389,22 @@ CLUSTER_BEGIN = "<!-- cluster: written by benches/cluster.py -->"
 CLUSTER_END = "<!-- cluster: end -->"
 
 
+STATE_BEGIN = "<!-- state: written by benches/state.py -->"
+STATE_END = "<!-- state: end -->"
+
+
 def kept_sections(out: Path) -> str:
-    """The sections other scripts write into the page (benches/cluster.py), kept as they are."""
+    """The sections other scripts write into the page (benches/cluster.py,
+    benches/state.py), kept as they are."""
     if not out.exists():
         return ""
     text = out.read_text()
-    start, end = text.find(CLUSTER_BEGIN), text.find(CLUSTER_END)
-    if start < 0 or end < start:
-        return ""
-    return "\n" + text[start:end + len(CLUSTER_END)] + "\n"
+    kept = ""
+    for begin, finish in [(CLUSTER_BEGIN, CLUSTER_END), (STATE_BEGIN, STATE_END)]:
+        start, end = text.find(begin), text.find(finish)
+        if 0 <= start < end:
+            kept += "\n" + text[start:end + len(finish)] + "\n"
+    return kept
 
 
 def report(r: dict) -> str:

@@ -10,6 +10,7 @@
 #   benches/run.sh --soak          # only the soak (issue 15): 64 ADBC clients for 10 min
 #                                  # against the demo with a SIGKILL + restart halfway;
 #                                  # SOAK_SECONDS, SOAK_CLIENTS, SOAK_SCALE to change it
+#   benches/run.sh --state         # only the shared state: SQLite vs PostgreSQL per query
 #   benches/run.sh --cluster       # only TPC-H through one process vs one front end and two
 #                                  # workers (issue 13); RUNS to change the rounds
 set -euo pipefail
@@ -35,6 +36,13 @@ if [ "${1:-}" = "--soak" ]; then
   exec "$VENV/bin/python" benches/soak.py --airlock "$TARGET/release/airlock" \
     --clients "${SOAK_CLIENTS:-64}" --seconds "${SOAK_SECONDS:-600}" \
     --scale "${SOAK_SCALE:-1}" --json "$TARGET/soak-results.json"
+fi
+
+if [ "${1:-}" = "--state" ]; then
+  echo "[bench] building (release)"
+  CARGO_TARGET_DIR="$TARGET" cargo build --locked --release --bin airlock
+  exec "$VENV/bin/python" benches/state.py --airlock "$TARGET/release/airlock" \
+    --json "$TARGET/state-results.json"
 fi
 
 if [ ! -f benches/tpch/data/lineitem.parquet ]; then

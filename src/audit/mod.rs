@@ -132,6 +132,9 @@ pub struct Event {
     pub approval: Option<String>,
     pub sql_fingerprint: Option<String>,
     pub sql: Option<String>,
+    /// A prepared statement's bound parameter values (`[[type, value], ...]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<String>,
     /// releasing (a release about to start), released, released_approved,
     /// released_incomplete, release_interrupted, refused, approval_pending,
     /// approval_denied, approved, denied, failed, explained, ingested, rate_limited,

@@ -116,11 +116,9 @@ pub async fn handle(
                     epsilon_micros: crate::dp::noise::epsilon_micros(g.epsilon) as u64,
                     delta_units: (g.delta * DELTA_UNITS).floor() as u64,
                 };
-                ledger
-                    .grant(&g.principal, &g.dataset, extra, &principal.name)
-                    .await
-                    .map_err(Error::from_store)?;
-                audit.record(AuditEvent {
+                // Recorded before it takes effect (as a release is): a grant the trail
+                // cannot record is not made. A grant that then fails is recorded too.
+                let record = AuditEvent {
                     kind: "budget".into(),
                     principal: principal.name.clone(),
                     request_id: rid.to_string(),
@@ -130,7 +128,21 @@ pub async fn handle(
                         g.dataset, g.principal, g.epsilon, g.delta
                     )),
                     ..Default::default()
-                });
+                };
+                audit
+                    .append(record.clone())
+                    .await
+                    .map_err(Error::AuditUnavailable)?;
+                if let Err(e) = ledger
+                    .grant(&g.principal, &g.dataset, extra, &principal.name)
+                    .await
+                {
+                    audit.record(AuditEvent {
+                        decision: "grant_failed".into(),
+                        ..record
+                    });
+                    return Err(Error::from_store(e));
+                }
                 Ok(serde_json::json!({ "granted": { "principal": g.principal, "dataset": g.dataset, "epsilon": g.epsilon, "delta": g.delta } }).to_string())
             }
         }

@@ -343,11 +343,23 @@ impl AirlockService {
         let approvals = Arc::clone(&self.approvals);
         let owned_sql = sql.to_string();
         let params = params.map(<[ScalarValue]>::to_vec);
-        self.planning(sql, async move {
-            query::plan_with_approvals(session, &owned_sql, params.as_deref(), approvals.as_ref())
+        let bound = params
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(query::params_key);
+        let mut planned = self
+            .planning(sql, async move {
+                query::plan_with_approvals(
+                    session,
+                    &owned_sql,
+                    params.as_deref(),
+                    approvals.as_ref(),
+                )
                 .await
-        })
-        .await
+            })
+            .await?;
+        planned.params = bound;
+        Ok(planned)
     }
 
     async fn plan_to_info(
@@ -396,6 +408,7 @@ impl AirlockService {
             approval: planned.approval.clone(),
             sql_fingerprint: Some(sql_fingerprint(&planned.sql)),
             sql: Some(planned.sql.clone()),
+            params: planned.params.clone(),
             decision: if planned.approval.is_some() {
                 "released_approved"
             } else {

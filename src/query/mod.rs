@@ -45,6 +45,9 @@ pub struct PlannedQuery {
     pub fingerprint: String,
     /// The ε the client asked to spend (`airlock-epsilon`), for DP tables.
     pub epsilon: Option<f64>,
+    /// A prepared statement's bound parameter values ([`params_key`]), for the audit
+    /// record: the SQL alone does not say whose rows a `WHERE id = ?` released.
+    pub params: Option<String>,
 }
 
 impl PlannedQuery {
@@ -87,6 +90,7 @@ pub async fn plan(
         approval: None,
         fingerprint,
         epsilon: None,
+        params: None,
     })
 }
 
@@ -161,6 +165,7 @@ pub async fn plan_with_approvals(
                 approval: Some(request.id),
                 fingerprint: String::new(),
                 epsilon: None,
+                params: None,
             })
         }
         _ => Err(Refusal::new(

@@ -460,6 +460,21 @@ async fn prepared_statements_bind_parameters() {
     .unwrap();
     assert_eq!(first_i64(&direct), old_a);
     stmt.close().await.unwrap();
+
+    // Hostile round 12: the audit record of a prepared statement's release names its
+    // bound values, or the trail could not tell whose rows a `WHERE id = ?` released.
+    let trail =
+        std::fs::read_to_string(airlock::audit::path_in(&server.airlock.config.state_dir)).unwrap();
+    let released: Vec<&str> = trail
+        .lines()
+        .filter(|l| l.contains("\"decision\":\"released\"") && l.contains("age >= ?"))
+        .collect();
+    assert_eq!(released.len(), 2, "{trail}");
+    assert!(
+        released[1].contains(r#""params":"[[\"Int64\",\"60\"],[\"Utf8\",\"A\"]]""#),
+        "{}",
+        released[1]
+    );
 }
 
 #[tokio::test]
