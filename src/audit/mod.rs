@@ -1,5 +1,8 @@
 //! The audit trail (PRIVACY.md §5): one JSON line per query and per decision, under
 //! `<state-dir>/audit/audit.jsonl`, each carrying a keyed hash of the one before it.
+//! [`AuditTrail`] is what the service writes through; [`AuditLog`] is this file, and
+//! [`crate::state::postgres::PgState`] keeps the same records, chained the same way, in
+//! PostgreSQL for several front ends.
 //!
 //! What it guarantees, and how:
 //!
