@@ -325,20 +325,25 @@ pub fn load_key_at(path: &Path, create: bool) -> Result<Key> {
 }
 
 fn open_store(state_dir: &Path) -> Result<Connection> {
-    let path = anchor_db(state_dir);
+    open_anchor_db(&anchor_db(state_dir), STORE_SCHEMA)
+}
+
+/// Opens (or creates) a SQLite database holding an anchor, with `schema`. A lagging
+/// anchor (power loss) is still a record of the log: verification only needs the
+/// anchored record to be there, so `synchronous = NORMAL`; process crashes lose nothing
+/// in WAL mode.
+fn open_anchor_db(path: &Path, schema: &str) -> Result<Connection> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.to_path_buf(),
             source,
         })?;
     }
-    let conn = Connection::open(&path)?;
+    let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // A lagging anchor (power loss) is still a record of the log: verification only
-    // needs the anchored record to be there. Process crashes lose nothing in WAL mode.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.execute_batch(STORE_SCHEMA)?;
+    conn.execute_batch(schema)?;
     Ok(conn)
 }
 
@@ -366,17 +371,8 @@ impl SharedAnchor {
 
     /// Opens (or creates) the anchor of a state directory.
     pub fn open(state_dir: &Path) -> Result<Self> {
-        let path = Self::path_in(state_dir);
-        let dir = path.parent().expect("has a parent");
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let conn = Connection::open(&path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(
+        let conn = open_anchor_db(
+            &Self::path_in(state_dir),
             "CREATE TABLE IF NOT EXISTS anchor (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL)",
         )?;
         Ok(Self(Mutex::new(conn)))

@@ -116,6 +116,16 @@ def post_from_page(driver, path, body) -> int:
     )
 
 
+def text_of(driver, element_id: str) -> str | None:
+    """An element's text read in the page, at once: htmx may swap the element between a
+    WebDriver lookup and a read of it (a stale element)."""
+    return driver.execute_script(
+        "const e = document.getElementById(arguments[0]);"
+        "return e ? e.textContent.replace(/\\s+/g, ' ').trim() : null;",
+        element_id,
+    )
+
+
 def cell_texts(driver, selector) -> list[str]:
     """The texts of a table row's cells, read at once (htmx may swap the row any time).
 
@@ -162,7 +172,7 @@ def test_owner_approves_in_the_browser_and_the_analyst_rerun_succeeds(server, br
     assert browser.find_element(By.ID, "requester").text.startswith("analyst")
     browser.save_screenshot(str(artifacts() / "console-request.png"))
     browser.find_element(By.ID, "approve").click()
-    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "request-state").text == "approved")
+    WebDriverWait(browser, WAIT).until(lambda d: text_of(d, "request-state") == "approved")
     assert "single use" in browser.find_element(By.ID, "outcome").text
 
     with connect(server, "analyst") as conn, conn.cursor() as cur:
