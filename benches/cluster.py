@@ -113,16 +113,6 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write(out: Path, section: str) -> None:
-    text = out.read_text() if out.exists() else ""
-    start, end = text.find(bench.CLUSTER_BEGIN), text.find(bench.CLUSTER_END)
-    if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(bench.CLUSTER_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    out.write_text(text)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--airlock", type=Path, required=True)
@@ -171,7 +161,7 @@ def main() -> int:
         r["notes"] = args.notes.read_text().rstrip("\n").splitlines()
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))
-    write(args.out, report(r))
+    bench.write_between(args.out, bench.CLUSTER_BEGIN, bench.CLUSTER_END, report(r))
     bench.log(f"wrote {args.out}")
     return 0 if all(r["same"].values()) else 1
 

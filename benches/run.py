@@ -393,6 +393,18 @@ STATE_BEGIN = "<!-- state: written by benches/state.py -->"
 STATE_END = "<!-- state: end -->"
 
 
+def write_between(out: Path, begin: str, end: str, section: str) -> None:
+    """Puts `section` (which starts with `begin` and ends with `end`) in place of the
+    page's section between those markers, or at the end of the page."""
+    text = out.read_text() if out.exists() else ""
+    start, finish = text.find(begin), text.find(end)
+    if 0 <= start < finish:
+        text = text[:start] + section + text[finish + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    out.write_text(text)
+
+
 def kept_sections(out: Path) -> str:
     """The sections other scripts write into the page (benches/cluster.py,
     benches/state.py), kept as they are."""

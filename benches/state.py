@@ -153,16 +153,6 @@ def section(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write(out: Path, text: str) -> None:
-    page = out.read_text() if out.exists() else ""
-    start, end = page.find(STATE_BEGIN), page.find(STATE_END)
-    if 0 <= start < end:
-        page = page[:start] + text + page[end + len(STATE_END):]
-    else:
-        page = page.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(page)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--airlock", type=Path, required=True)
@@ -198,7 +188,7 @@ def main() -> None:
         pg.stop()
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
-    write(args.out, section(r))
+    bench.write_between(args.out, STATE_BEGIN, STATE_END, section(r))
     print(section(r))
 
 

@@ -207,6 +207,22 @@ fn key_file(dir: &Path) -> PathBuf {
     path
 }
 
+/// `airlock audit <command> --state-url <pg> --audit-key-file <key> <extra...>`.
+fn audit_cli(command: &str, pg: &Postgres, key: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "audit",
+            command,
+            "--state-url",
+            &pg.url(),
+            "--audit-key-file",
+        ])
+        .arg(key)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// A front end's state on `pg`, its anchor in `state_dir`.
 async fn connect(pg: &Postgres, key: &Path, state_dir: &Path) -> PgState {
     PgState::open(
@@ -382,19 +398,12 @@ async fn records_cut_off_the_end_by_a_database_writer_are_caught_by_the_front_en
     .to_string();
     assert!(err.contains("tampered"), "{err}");
     // And verify with its state directory names the cut.
-    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args([
-            "audit",
-            "verify",
-            "--state-url",
-            &pg.url(),
-            "--audit-key-file",
-        ])
-        .arg(&key)
-        .arg("--state-dir")
-        .arg(&a_dir)
-        .output()
-        .unwrap();
+    let out = audit_cli(
+        "verify",
+        &pg,
+        &key,
+        &["--state-dir", a_dir.to_str().unwrap()],
+    );
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(text.contains(&format!("record {}", cut.seq)), "{text}");
@@ -483,7 +492,7 @@ async fn two_front_ends_and_three_workers_share_requests_tokens_and_one_audit_ch
     );
 
     // Both write at once: still one chain.
-    let (x, y) = tokio::join!(
+    tokio::join!(
         async {
             for _ in 0..5 {
                 run(&mut analyst_a, AGGREGATE).await.unwrap();
@@ -495,25 +504,10 @@ async fn two_front_ends_and_three_workers_share_requests_tokens_and_one_audit_ch
             }
         }
     );
-    let _ = (x, y);
     drop((a, b));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
-    let verify = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_airlock"))
-            .args([
-                "audit",
-                "verify",
-                "--state-url",
-                &pg.url(),
-                "--audit-key-file",
-            ])
-            .arg(&key)
-            .args(extra)
-            .output()
-            .unwrap()
-    };
-    let out = verify(&[]);
+    let out = audit_cli("verify", &pg, &key, &[]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -521,19 +515,7 @@ async fn two_front_ends_and_three_workers_share_requests_tokens_and_one_audit_ch
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("chain intact"), "{text}");
-    let tail = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args([
-            "audit",
-            "tail",
-            "--lines",
-            "200",
-            "--state-url",
-            &pg.url(),
-            "--audit-key-file",
-        ])
-        .arg(&key)
-        .output()
-        .unwrap();
+    let tail = audit_cli("tail", &pg, &key, &["--lines", "200"]);
     let tail = String::from_utf8_lossy(&tail.stdout).to_string();
     for wanted in [
         "\"decision\":\"approved\"",
@@ -555,7 +537,7 @@ async fn two_front_ends_and_three_workers_share_requests_tokens_and_one_audit_ch
         )
         .await
         .unwrap();
-    let out = verify(&[]);
+    let out = audit_cli("verify", &pg, &key, &[]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("was edited"),
