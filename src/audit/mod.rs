@@ -991,6 +991,23 @@ mod tests {
         assert!(AuditLog::open(dir.path()).is_err());
     }
 
+    /// Hostile round 11: `--audit-key-file /tmp/audit.key` closed `/tmp` (mode 0700). A
+    /// directory made for the key is closed; one that exists is left as it is.
+    #[cfg(unix)]
+    #[test]
+    fn a_new_key_closes_only_a_directory_made_for_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        load_key_at(&dir.path().join("audit.key"), true).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.path()), 0o755);
+        let made = dir.path().join("keys");
+        load_key_at(&made.join("audit.key"), true).unwrap();
+        assert_eq!(mode(&made), 0o700);
+        assert_eq!(mode(&made.join("audit.key")), 0o600);
+    }
+
     #[test]
     fn a_partial_last_line_is_cut_and_recorded() {
         let dir = tempfile::tempdir().unwrap();
