@@ -205,6 +205,7 @@ mod tests {
             bounds: Default::default(),
             max_epsilon: Real(1.0),
             delta: Real(1e-6),
+            stored_in_unit_order: None,
         }
     }
 

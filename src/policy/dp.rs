@@ -54,6 +54,20 @@ pub struct DpPolicy {
     pub max_epsilon: Real,
     /// δ of one query (the probability that a one-unit group is released is ≤ δ).
     pub delta: Real,
+    /// The one file holding the table's rows, if they are stored in the order of its
+    /// unit: read from the data when the policy loads (`super::sorted`), never from
+    /// `tables.toml`.
+    pub stored_in_unit_order: Option<StoredFile>,
+}
+
+/// One file as it was when its order was read: a query uses the order only while the
+/// file it scans is still this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFile {
+    pub location: String,
+    pub size: u64,
+    /// Last modified, in microseconds since the epoch.
+    pub modified: i64,
 }
 
 impl DpPolicy {

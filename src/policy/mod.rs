@@ -8,6 +8,7 @@
 pub mod access;
 pub mod dp;
 pub mod refusal;
+pub mod sorted;
 pub mod tables;
 pub mod unique;
 
@@ -100,7 +101,7 @@ impl PolicySnapshot {
         let access = AccessPolicy::load(&model_path, &model, &policy_path, &policy, users).await;
         let schema_of = |t: &TableName| catalog.schema(t).map(|s| s.as_ref().clone());
         let tables = TablesPolicy::parse(&tables_path, &tables_text, &schema_of);
-        let (access, tables) = match (access, tables) {
+        let (access, mut tables) = match (access, tables) {
             (Ok(a), Ok(t)) => (a, t),
             (a, t) => {
                 if let Err(e) = a {
@@ -123,6 +124,7 @@ impl PolicySnapshot {
                     .collect(),
             ));
         }
+        sorted::mark(&mut tables, catalog).await;
         let mut h = Sha256::new();
         for text in [&model, &policy, &tables_text] {
             h.update((text.len() as u64).to_le_bytes());

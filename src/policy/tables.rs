@@ -740,6 +740,7 @@ fn dp_settings(
         bounds,
         max_epsilon: Real(max_epsilon),
         delta: Real(delta),
+        stored_in_unit_order: None,
     })
 }
 

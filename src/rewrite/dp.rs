@@ -9,7 +9,7 @@
 //! SUM and AVG of a column with owner bounds (through DataFusion's implicit casts),
 //! grouped by any allowed expressions, over one DP table joined only with public
 //! tables or, on the privacy unit, with another protected table (the release then keeps
-//! only rows whose units agree). The node's input is a projection (unit, keys, values as Float64): the same
+//! only rows whose units agree). The node's input is a projection (unit, keys, values as stored): the same
 //! allow-list and totality rules as under a threshold boundary hold there.
 //!
 //! [`finish`] then recomputes the schemas above each DP node (counts stay Int64, sums
@@ -18,13 +18,12 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::DataType;
 use datafusion::common::Column;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::Result;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    Aggregate, Expr, Extension, Filter, JoinType, LogicalPlan, Operator, Projection, cast,
+    Aggregate, Expr, Extension, Filter, JoinType, LogicalPlan, Operator, Projection,
 };
 
 use super::dp_release::{CI_SUFFIX, DpAggregate, DpRelease, dp_releases};
@@ -158,7 +157,7 @@ pub fn boundary(a: &Aggregate, ctx: &PolicyContext) -> Result<Option<LogicalPlan
                     None => {
                         values.push((c.name.clone(), lo, hi));
                         value_exprs.push(
-                            cast(Expr::Column(c.clone()), DataType::Float64)
+                            Expr::Column(c.clone())
                                 .alias(format!("{HIDDEN_PREFIX}dp_value_{}", values.len() - 1)),
                         );
                         values.len() - 1

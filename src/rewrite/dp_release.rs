@@ -9,7 +9,9 @@
 //!    content (never the arrival order, which the analyst could influence);
 //! 2. at most L0 groups per unit: the L0 groups with the smallest keyed SHA-256 of
 //!    (unit, group);
-//! 3. values clamped to the owner's bounds, in fixed point, summed in checked `i128`;
+//! 3. values clamped to the owner's bounds, in fixed point, summed in checked `i128`
+//!    (steps 1–3 in [`crate::dp::bound`], which reads rows sorted by unit without a
+//!    repartition, and any others after one);
 //! 4. per group, discrete Laplace noise (exact, `crate::dp::noise`) on each measurement,
 //!    drawn from ChaCha20 keyed by SHA-256(query seed, group key): the same query, same
 //!    seed and same data give the same answer, in any execution order;
@@ -20,25 +22,30 @@
 //! Int64, sums and averages Float64), then one `<name>_ci95` Float64 column per noisy
 //! aggregate: the half-width of its 95% noise interval (noise only, not clamping bias).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, Float64Array, Float64Builder, Int64Builder, RecordBatch,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
-use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::runtime::SpawnedTask;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, DFSchemaRef, DataFusionError};
+use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::Result;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, LogicalPlan, UserDefinedLogicalNodeCore};
 use datafusion::physical_expr::EquivalenceProperties;
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType, reset_plan_states};
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, ExecutionPlanProperties,
@@ -48,9 +55,10 @@ use futures::StreamExt;
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
 
+use crate::dp::bound::{self, Layout, Rule, Runs, RunsEnd, Scattered, Totals, overflow};
 use crate::dp::noise::{discrete_laplace, os_rng};
 use crate::dp::plan::{Accounting, Measure};
-use crate::policy::dp::{DpPolicy, FIXED_SCALE, to_fixed};
+use crate::policy::dp::{DpPolicy, FIXED_SCALE, StoredFile};
 
 /// One released aggregate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd)]
@@ -319,14 +327,14 @@ impl ExecutionPlan for DpReleaseExec {
     fn properties(&self) -> &Arc<PlanProperties> {
         &self.properties
     }
-    /// Rows hash-partitioned by unit: every unit's rows meet in one partition, so each
-    /// partition bounds its units on its own (in parallel) and only the per-group
-    /// totals are merged before the noise.
+    /// The input as it comes: sorted by unit, it is bounded without a repartition
+    /// ([`bound::Runs`]); otherwise the node repartitions it by unit itself.
     fn required_input_distribution(&self) -> Vec<Distribution> {
-        let unit = self.input.schema().field(0).name().clone();
-        vec![Distribution::KeyPartitioned(vec![Arc::new(
-            datafusion::physical_expr::expressions::Column::new(&unit, 0),
-        )])]
+        vec![Distribution::UnspecifiedDistribution]
+    }
+    /// A round-robin repartition below would interleave a sorted input's batches.
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
     }
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
         vec![&self.input]
@@ -363,34 +371,26 @@ impl ExecutionPlan for DpReleaseExec {
                 "DP release: the query was not charged to a privacy budget".into(),
             )
         })?;
-        let inputs = (0..self.input.output_partitioning().partition_count())
-            .map(|p| self.input.execute(p, Arc::clone(&context)))
-            .collect::<Result<Vec<_>>>()?;
-        let node = self.node.clone();
+        let (input, node) = (Arc::clone(&self.input), self.node.clone());
         let schema = Arc::clone(&self.schema);
+        // Decided before any row is read, from the table and the plan alone: the
+        // choice must not depend on the rows the query selects (its time would tell).
+        let clustered = node
+            .policy
+            .stored_in_unit_order
+            .as_ref()
+            .is_some_and(|file| in_stored_order(&input, file));
         let fut = async move {
-            let tasks: Vec<_> = inputs
-                .into_iter()
-                .map(|mut input| {
-                    let (node, grant) = (node.clone(), grant.clone());
-                    SpawnedTask::spawn(async move {
-                        let mut acc = Accumulator::new(&node, &grant)?;
-                        while let Some(batch) = input.next().await {
-                            acc.add(&batch?)?;
-                        }
-                        acc.bounded(&node)
-                    })
-                })
-                .collect();
-            let mut totals = Totals::new();
-            for t in tasks {
-                let part = t
-                    .join_unwind()
-                    .await
-                    .map_err(|e| DataFusionError::Execution(format!("DP release: {e}")))??;
-                merge(&mut totals, part, node.values.len())?;
-            }
-            Accumulator::new(&node, &grant)?.release(totals, &node, &grant, &schema)
+            let sorted = match clustered {
+                true => bound_clustered(&input, &node, &grant, &context).await?,
+                false => None,
+            };
+            let totals = match sorted {
+                Some(totals) => totals,
+                // Not in order after all (the file changed since the policy loaded).
+                None => bound_scattered(&input, &node, &grant, &context).await?,
+            };
+            release(totals, &layout(&node)?, &node, &grant, &schema)
         };
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             Arc::clone(&self.schema),
@@ -399,378 +399,261 @@ impl ExecutionPlan for DpReleaseExec {
     }
 }
 
-/// The rows one unit gives one group in one partition, before bounding.
-#[derive(Debug)]
-struct Cell {
-    /// The group key's id (its index in [`Accumulator::key_bytes`]).
-    key: u32,
-    rows: usize,
-    /// `rows × values` fixed-point values, row after row (None for NULL).
-    vals: Vec<Option<i64>>,
-}
-
-/// Per group key (its row bytes): units, rows and sums after bounding.
-type Totals = HashMap<Box<[u8]>, (i128, i128, Vec<i128>)>;
-
-fn overflow() -> DataFusionError {
-    DataFusionError::Execution("DP release: a sum overflows".into())
-}
-
-/// Adds one partition's totals to `into` (partitions hold disjoint units).
-fn merge(into: &mut Totals, part: Totals, values: usize) -> Result<()> {
-    for (key, (units, rows, sums)) in part {
-        let g = into.entry(key).or_insert_with(|| (0, 0, vec![0; values]));
-        g.0 = g.0.checked_add(units).ok_or_else(overflow)?;
-        g.1 = g.1.checked_add(rows).ok_or_else(overflow)?;
-        for (t, v) in g.2.iter_mut().zip(sums) {
-            *t = t.checked_add(v).ok_or_else(overflow)?;
+/// Whether `plan` delivers a table's rows in their stored order, each partition a
+/// stretch of one file that follows the previous partition's: filters and projections
+/// over a scan of byte ranges of one file, in order. Filters keep the order of what they
+/// keep, so a table stored in unit order reaches the release in unit order. The file
+/// must still be the one whose order was read (its size and time of change).
+fn in_stored_order(plan: &Arc<dyn ExecutionPlan>, file: &StoredFile) -> bool {
+    if plan.downcast_ref::<FilterExec>().is_some()
+        || plan.downcast_ref::<ProjectionExec>().is_some()
+    {
+        return matches!(plan.children().as_slice(), [child] if in_stored_order(child, file));
+    }
+    let Some(scan) = plan
+        .downcast_ref::<DataSourceExec>()
+        .and_then(|s| s.data_source().downcast_ref::<FileScanConfig>())
+    else {
+        return false;
+    };
+    let mut last: Option<(&str, i64)> = None;
+    let stored = file;
+    for file in scan.file_groups.iter().flat_map(|g| g.files()) {
+        let (start, end) = file
+            .range
+            .as_ref()
+            .map_or((0, i64::MAX), |r| (r.start, r.end));
+        if crate::policy::sorted::stored_file(file) != *stored {
+            return false;
         }
+        let location: &str = file.object_meta.location.as_ref();
+        if last.is_some_and(|(l, e)| l != location || start < e) {
+            return false;
+        }
+        last = Some((location, end));
     }
-    Ok(())
+    last.is_some()
 }
 
-/// The rows of one partition read so far, per unit and group.
-///
-/// Laid out for the common case, where a unit has a handful of rows in a handful of
-/// groups: one map probe per row (by the unit's row bytes), a short scan of the unit's
-/// cells, the values appended to the cell. Nothing is hashed for the bounds until a
-/// cell holds more than C rows or a unit more than L0 groups; the rows kept are then
-/// the same as if every row had been hashed on arrival.
-pub struct Accumulator {
-    units: RowConverter,
-    keys: RowConverter,
-    c: usize,
-    groups: usize,
-    seed: [u8; 32],
-    bounds: Vec<(i64, i64)>,
-    /// Group keys seen (row bytes) and their ids: few in any query that can release.
-    key_ids: HashMap<Box<[u8]>, u32>,
-    key_bytes: Vec<Box<[u8]>>,
-    /// Per unit (its row bytes), its cells, one per group it gives rows to.
-    cells: hashbrown::HashMap<Box<[u8]>, Vec<Cell>>,
+fn layout(node: &DpRelease) -> Result<Layout> {
+    Layout::new(node.input.schema().as_arrow(), node.groups)
 }
 
-/// The keyed hash that orders a cell's rows for the C bound: a function of the query's
-/// seed and the row's content (unit, group, values), never of its position.
-fn row_hash(seed: &[u8; 32], unit: &[u8], key: &[u8], vals: &[Option<i64>]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    seed.hash(&mut h);
-    unit.hash(&mut h);
-    key.hash(&mut h);
-    vals.hash(&mut h);
-    h.finish()
+fn rule(node: &DpRelease, grant: &Grant) -> Rule {
+    let clamp = node.values.iter().map(|(_, lo, hi)| (*lo, *hi)).collect();
+    Rule::new(&node.policy, clamp, grant.seed)
 }
 
-/// The keyed SHA-256 that orders a unit's groups for the L0 bound.
-fn group_hash(seed: &[u8; 32], unit: &[u8], key: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"airlock-dp-l0");
-    h.update(seed);
-    h.update((unit.len() as u64).to_be_bytes());
-    h.update(unit);
-    h.update(key);
-    h.finalize().into()
+fn join_error(e: impl fmt::Display) -> DataFusionError {
+    DataFusionError::Execution(format!("DP release: {e}"))
 }
 
-/// Keeps the C rows of a cell with the smallest keyed hashes (ties broken by value).
-fn trim(cell: &mut Cell, c: usize, nv: usize, seed: &[u8; 32], unit: &[u8], key: &[u8]) {
-    if cell.rows <= c {
-        return;
-    }
-    let mut rows: Vec<(u64, &[Option<i64>])> = (0..cell.rows)
-        .map(|r| {
-            let v = &cell.vals[r * nv..(r + 1) * nv];
-            (row_hash(seed, unit, key, v), v)
-        })
-        .collect();
-    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-    rows.truncate(c);
-    let vals = rows.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-    cell.rows = rows.len();
-    cell.vals = vals;
-}
-
-impl Accumulator {
-    fn new(node: &DpRelease, grant: &Grant) -> Result<Self> {
-        let s = node.input.schema();
-        let unit = SortField::new(s.field(0).data_type().clone());
-        // A global aggregate has one group, keyed by a constant.
-        let keys = if node.groups == 0 {
-            vec![SortField::new(DataType::Boolean)]
-        } else {
-            (1..=node.groups)
-                .map(|i| SortField::new(s.field(i).data_type().clone()))
-                .collect()
-        };
-        Ok(Self {
-            units: RowConverter::new(vec![unit])?,
-            keys: RowConverter::new(keys)?,
-            c: usize::try_from(node.policy.max_rows_per_group_per_unit).unwrap_or(usize::MAX),
-            groups: node.groups,
-            seed: grant.seed,
-            bounds: node.values.iter().map(|(_, lo, hi)| (*lo, *hi)).collect(),
-            key_ids: HashMap::new(),
-            key_bytes: Vec::new(),
-            cells: hashbrown::HashMap::new(),
-        })
-    }
-
-    fn add(&mut self, batch: &RecordBatch) -> Result<()> {
-        let g = self.groups;
-        let units = self.units.convert_columns(&[Arc::clone(batch.column(0))])?;
-        let keys = if g == 0 {
-            self.keys.convert_columns(&[global_key(batch.num_rows())])?
-        } else {
-            self.keys.convert_columns(&batch.columns()[1..=g])?
-        };
-        let values: Vec<Float64Array> = batch.columns()[g + 1..]
-            .iter()
-            .map(|c| {
-                cast(c, &DataType::Float64)?
-                    .as_any()
-                    .downcast_ref::<Float64Array>()
-                    .cloned()
-                    .ok_or_else(|| DataFusionError::Internal("DP value column".into()))
-            })
-            .collect::<Result<_>>()?;
-        let nv = values.len();
-        let unit_column = batch.column(0);
-        // The previous row's group id: rows of one group often arrive together.
-        let mut last: Option<(usize, u32)> = None;
-        for r in 0..batch.num_rows() {
-            // A row without a unit belongs to no one we can bound: it is dropped.
-            if unit_column.is_null(r) {
-                continue;
-            }
-            let key = keys.row(r);
-            let id = match last {
-                Some((p, id)) if keys.row(p) == key => id,
-                _ => match self.key_ids.get(key.as_ref()) {
-                    Some(id) => *id,
-                    None => {
-                        let id = u32::try_from(self.key_bytes.len()).map_err(|_| {
-                            DataFusionError::Execution("DP release: too many groups".into())
-                        })?;
-                        self.key_ids.insert(key.as_ref().into(), id);
-                        self.key_bytes.push(key.as_ref().into());
-                        id
-                    }
-                },
-            };
-            last = Some((r, id));
-            let unit = units.row(r);
-            let cells = self.cells.entry_ref(unit.as_ref()).or_default();
-            let i = match cells.iter().position(|c| c.key == id) {
-                Some(i) => i,
-                None => {
-                    cells.push(Cell {
-                        key: id,
-                        rows: 0,
-                        vals: Vec::new(),
-                    });
-                    cells.len() - 1
+/// Bounds the input as it comes, partition by partition, if every partition delivers its
+/// units in increasing order and the partitions' ranges fit ([`bound::Runs`]). None as
+/// soon as they do not: nothing read so far is used.
+async fn bound_clustered(
+    input: &Arc<dyn ExecutionPlan>,
+    node: &DpRelease,
+    grant: &Grant,
+    context: &Arc<TaskContext>,
+) -> Result<Option<Totals>> {
+    let n = input.output_partitioning().partition_count();
+    let ranges = Arc::new(Mutex::new(vec![None; n]));
+    let given_up = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::with_capacity(n);
+    for p in 0..n {
+        let mut stream = input.execute(p, Arc::clone(context))?;
+        let mut runs = Runs::new(layout(node)?, rule(node, grant));
+        let (ranges, given_up) = (Arc::clone(&ranges), Arc::clone(&given_up));
+        tasks.push(SpawnedTask::spawn(async move {
+            while let Some(batch) = stream.next().await {
+                if given_up.load(AtomicOrdering::Relaxed) {
+                    return Ok(None);
                 }
-            };
-            let cell = &mut cells[i];
-            cell.rows += 1;
-            cell.vals
-                .extend(values.iter().zip(&self.bounds).map(|(a, (lo, hi))| {
-                    (!a.is_null(r)).then(|| {
-                        let v = a.value(r);
-                        if v.is_nan() {
-                            *lo
-                        } else {
-                            to_fixed(v).clamp(*lo, *hi)
-                        }
-                    })
-                }));
-            // Memory stays bounded by C per cell, whatever one unit holds.
-            if cell.rows > 2 * self.c.max(16) {
-                let key = &self.key_bytes[id as usize];
-                trim(cell, self.c, nv, &self.seed, unit.as_ref(), key);
-            }
-        }
-        Ok(())
-    }
-
-    /// Bounds this partition's units (C rows per group, L0 groups per unit) and totals
-    /// what they give each group.
-    fn bounded(self, node: &DpRelease) -> Result<Totals> {
-        let l0 = usize::try_from(node.policy.max_groups_per_unit).unwrap_or(usize::MAX);
-        let nv = self.bounds.len();
-        let mut totals: Vec<(i128, i128, Vec<i128>)> =
-            vec![(0, 0, vec![0; nv]); self.key_bytes.len()];
-        for (unit, mut cells) in self.cells {
-            for cell in cells.iter_mut() {
-                let key = &self.key_bytes[cell.key as usize];
-                trim(cell, self.c, nv, &self.seed, &unit, key);
-            }
-            if cells.len() > l0 {
-                // The L0 groups with the smallest keyed SHA-256 of (unit, group).
-                let mut ranked: Vec<([u8; 32], Cell)> = cells
-                    .into_iter()
-                    .map(|c| {
-                        let key = &self.key_bytes[c.key as usize];
-                        (group_hash(&self.seed, &unit, key), c)
-                    })
-                    .collect();
-                ranked.sort_unstable_by_key(|a| a.0);
-                ranked.truncate(l0);
-                cells = ranked.into_iter().map(|(_, c)| c).collect();
-            }
-            for cell in &cells {
-                let g = &mut totals[cell.key as usize];
-                g.0 = g.0.checked_add(1).ok_or_else(overflow)?;
-                g.1 = g.1.checked_add(cell.rows as i128).ok_or_else(overflow)?;
-                if nv > 0 {
-                    for row in cell.vals.chunks_exact(nv) {
-                        for (s, v) in g.2.iter_mut().zip(row) {
-                            if let Some(v) = v {
-                                *s = s.checked_add(*v as i128).ok_or_else(overflow)?;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // A group every one of whose units spent their L0 elsewhere is not there at all.
-        Ok(self
-            .key_bytes
-            .into_iter()
-            .zip(totals)
-            .filter(|(_, t)| t.0 > 0)
-            .collect())
-    }
-
-    /// Adds noise to every group's totals, selects groups (τ) and builds the output.
-    fn release(
-        self,
-        mut groups: Totals,
-        node: &DpRelease,
-        grant: &Grant,
-        schema: &SchemaRef,
-    ) -> Result<RecordBatch> {
-        let nv = self.bounds.len();
-        // A global aggregate releases one row even over no rows.
-        if self.groups == 0 && groups.is_empty() {
-            let key = self.keys.convert_columns(&[global_key(1)])?;
-            groups.insert(key.row(0).as_ref().into(), (0, 0, vec![0; nv]));
-        }
-        let mut keys: Vec<Box<[u8]>> = groups.keys().cloned().collect();
-        keys.sort();
-        let acc = &grant.accounting;
-        let mut released_keys = Vec::new();
-        let mut figures: Vec<Vec<i128>> = Vec::new();
-        for key in keys {
-            let (units, rows, sums) = &groups[&key];
-            let mut rng = noise_rng(&self.seed, &key);
-            let mut noisy = Vec::with_capacity(acc.noises.len());
-            for n in &acc.noises {
-                let truth = match n.measure {
-                    Measure::Units => *units,
-                    Measure::Rows => *rows,
-                    Measure::Sum(j) => sums[j],
+                let in_order = runs.add(&batch?)?;
+                let fits = in_order && {
+                    let mut ranges = ranges.lock().map_err(join_error)?;
+                    ranges[p] = runs.range()?;
+                    bound::ranges_fit(&ranges)
                 };
-                let z = discrete_laplace(&mut rng, n.scale.0, n.scale.1);
-                noisy.push(truth.checked_add(z).ok_or_else(overflow)?);
-            }
-            if let Some(tau) = acc.tau
-                && noisy[0] < tau
-            {
-                continue;
-            }
-            released_keys.push(key);
-            figures.push(noisy);
-        }
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        if self.groups > 0 {
-            let parser = self.keys.parser();
-            columns.extend(
-                self.keys
-                    .convert_rows(released_keys.iter().map(|k| parser.parse(k)))?,
-            );
-        }
-        let idx = |m: &Measure| {
-            acc.noise(m).map(|(i, _)| i).ok_or_else(|| {
-                DataFusionError::Internal("DP release: a measure without noise".into())
-            })
-        };
-        let mut cis: Vec<ArrayRef> = Vec::new();
-        for a in &node.aggregates {
-            match a {
-                DpAggregate::Rows | DpAggregate::Units => {
-                    let m = if *a == DpAggregate::Rows {
-                        Measure::Rows
-                    } else {
-                        Measure::Units
-                    };
-                    let i = idx(&m)?;
-                    let mut b = Int64Builder::new();
-                    for f in &figures {
-                        b.append_value(i64::try_from(f[i]).map_err(|_| overflow())?);
-                    }
-                    columns.push(Arc::new(b.finish()));
-                    let w = acc.noises[i].half_width(0.05);
-                    cis.push(Arc::new(Float64Array::from(vec![w; figures.len()])));
-                }
-                DpAggregate::Sum(j) => {
-                    let i = idx(&Measure::Sum(*j))?;
-                    let b: Float64Array = figures
-                        .iter()
-                        .map(|f| Some(f[i] as f64 / FIXED_SCALE as f64))
-                        .collect();
-                    columns.push(Arc::new(b));
-                    let w = acc.noises[i].half_width(0.05);
-                    cis.push(Arc::new(Float64Array::from(vec![w; figures.len()])));
-                }
-                DpAggregate::Avg(j) => {
-                    let (si, ri) = (idx(&Measure::Sum(*j))?, idx(&Measure::Rows)?);
-                    // Each of the two at 97.5%: the corners of both intervals hold the
-                    // ratio with probability at least 95% (union bound).
-                    let hs = acc.noises[si].half_width(0.025);
-                    let hr = acc.noises[ri].half_width(0.025);
-                    let mut avg = Float64Builder::new();
-                    let mut ci = Float64Builder::new();
-                    for f in &figures {
-                        let s = f[si] as f64 / FIXED_SCALE as f64;
-                        let n = (f[ri] as f64).max(1.0);
-                        let a = s / n;
-                        avg.append_value(a);
-                        if n - hr >= 1.0 {
-                            let w = [
-                                (s + hs) / (n - hr),
-                                (s - hs) / (n - hr),
-                                (s + hs) / (n + hr),
-                                (s - hs) / (n + hr),
-                            ]
-                            .iter()
-                            .map(|c| (c - a).abs())
-                            .fold(0.0, f64::max);
-                            ci.append_value(w);
-                        } else {
-                            // Too few rows for a finite interval.
-                            ci.append_null();
-                        }
-                    }
-                    columns.push(Arc::new(avg.finish()));
-                    cis.push(Arc::new(ci.finish()));
+                if !fits {
+                    given_up.store(true, AtomicOrdering::Relaxed);
+                    return Ok(None);
                 }
             }
-        }
-        columns.extend(cis);
-        let columns = columns
-            .into_iter()
-            .zip(schema.fields())
-            .map(|(c, f)| {
-                if c.data_type() == f.data_type() {
-                    Ok(c)
-                } else {
-                    Ok(cast(&c, f.data_type())?)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+            runs.finish().map(Some)
+        }));
     }
+    let mut parts = Vec::with_capacity(n);
+    for t in tasks {
+        let part: Result<Option<RunsEnd>> = t.join_unwind().await.map_err(join_error)?;
+        parts.push(part?);
+    }
+    let Some(parts) = parts.into_iter().collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    bound::combine(parts, layout(node)?, rule(node, grant))
+}
+
+/// Bounds rows in any order: the input anew (its state reset, as a recursive query
+/// does), hash-partitioned by unit, each partition's units kept until it ends
+/// ([`bound::Scattered`]).
+async fn bound_scattered(
+    input: &Arc<dyn ExecutionPlan>,
+    node: &DpRelease,
+    grant: &Grant,
+    context: &Arc<TaskContext>,
+) -> Result<Totals> {
+    let unit = input.schema().field(0).name().clone();
+    let partitions = context.session_config().target_partitions().max(1);
+    let input: Arc<dyn ExecutionPlan> = Arc::new(RepartitionExec::try_new(
+        reset_plan_states(Arc::clone(input))?,
+        Partitioning::Hash(vec![Arc::new(Column::new(&unit, 0))], partitions),
+    )?);
+    let mut tasks = Vec::with_capacity(partitions);
+    for p in 0..partitions {
+        let mut stream = input.execute(p, Arc::clone(context))?;
+        let mut acc = Scattered::new(layout(node)?, rule(node, grant));
+        tasks.push(SpawnedTask::spawn(async move {
+            while let Some(batch) = stream.next().await {
+                acc.add(&batch?)?;
+            }
+            acc.finish()
+        }));
+    }
+    let mut totals = Totals::new();
+    for t in tasks {
+        let part = t.join_unwind().await.map_err(join_error)??;
+        bound::merge(&mut totals, part, node.values.len())?;
+    }
+    Ok(totals)
+}
+
+/// Adds noise to every group's totals, selects groups (τ) and builds the output.
+fn release(
+    mut groups: Totals,
+    layout: &Layout,
+    node: &DpRelease,
+    grant: &Grant,
+    schema: &SchemaRef,
+) -> Result<RecordBatch> {
+    let nv = node.values.len();
+    // A global aggregate releases one row even over no rows.
+    if node.groups == 0 && groups.is_empty() {
+        groups.insert(layout.global_key()?, (0, 0, vec![0; nv]));
+    }
+    let mut keys: Vec<Box<[u8]>> = groups.keys().cloned().collect();
+    keys.sort();
+    let acc = &grant.accounting;
+    let mut released_keys = Vec::new();
+    let mut figures: Vec<Vec<i128>> = Vec::new();
+    for key in keys {
+        let (units, rows, sums) = &groups[&key];
+        let mut rng = noise_rng(&grant.seed, &key);
+        let mut noisy = Vec::with_capacity(acc.noises.len());
+        for n in &acc.noises {
+            let truth = match n.measure {
+                Measure::Units => *units,
+                Measure::Rows => *rows,
+                Measure::Sum(j) => sums[j],
+            };
+            let z = discrete_laplace(&mut rng, n.scale.0, n.scale.1);
+            noisy.push(truth.checked_add(z).ok_or_else(overflow)?);
+        }
+        if let Some(tau) = acc.tau
+            && noisy[0] < tau
+        {
+            continue;
+        }
+        released_keys.push(key);
+        figures.push(noisy);
+    }
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    if node.groups > 0 {
+        let keys = layout.key_converter();
+        let parser = keys.parser();
+        columns.extend(keys.convert_rows(released_keys.iter().map(|k| parser.parse(k)))?);
+    }
+    let idx = |m: &Measure| {
+        acc.noise(m)
+            .map(|(i, _)| i)
+            .ok_or_else(|| DataFusionError::Internal("DP release: a measure without noise".into()))
+    };
+    let mut cis: Vec<ArrayRef> = Vec::new();
+    for a in &node.aggregates {
+        match a {
+            DpAggregate::Rows | DpAggregate::Units => {
+                let m = if *a == DpAggregate::Rows {
+                    Measure::Rows
+                } else {
+                    Measure::Units
+                };
+                let i = idx(&m)?;
+                let mut b = Int64Builder::new();
+                for f in &figures {
+                    b.append_value(i64::try_from(f[i]).map_err(|_| overflow())?);
+                }
+                columns.push(Arc::new(b.finish()));
+                let w = acc.noises[i].half_width(0.05);
+                cis.push(Arc::new(Float64Array::from(vec![w; figures.len()])));
+            }
+            DpAggregate::Sum(j) => {
+                let i = idx(&Measure::Sum(*j))?;
+                let b: Float64Array = figures
+                    .iter()
+                    .map(|f| Some(f[i] as f64 / FIXED_SCALE as f64))
+                    .collect();
+                columns.push(Arc::new(b));
+                let w = acc.noises[i].half_width(0.05);
+                cis.push(Arc::new(Float64Array::from(vec![w; figures.len()])));
+            }
+            DpAggregate::Avg(j) => {
+                let (si, ri) = (idx(&Measure::Sum(*j))?, idx(&Measure::Rows)?);
+                // Each of the two at 97.5%: the corners of both intervals hold the
+                // ratio with probability at least 95% (union bound).
+                let hs = acc.noises[si].half_width(0.025);
+                let hr = acc.noises[ri].half_width(0.025);
+                let mut avg = Float64Builder::new();
+                let mut ci = Float64Builder::new();
+                for f in &figures {
+                    let s = f[si] as f64 / FIXED_SCALE as f64;
+                    let n = (f[ri] as f64).max(1.0);
+                    let a = s / n;
+                    avg.append_value(a);
+                    if n - hr >= 1.0 {
+                        let w = [
+                            (s + hs) / (n - hr),
+                            (s - hs) / (n - hr),
+                            (s + hs) / (n + hr),
+                            (s - hs) / (n + hr),
+                        ]
+                        .iter()
+                        .map(|c| (c - a).abs())
+                        .fold(0.0, f64::max);
+                        ci.append_value(w);
+                    } else {
+                        // Too few rows for a finite interval.
+                        ci.append_null();
+                    }
+                }
+                columns.push(Arc::new(avg.finish()));
+                cis.push(Arc::new(ci.finish()));
+            }
+        }
+    }
+    columns.extend(cis);
+    let columns = columns
+        .into_iter()
+        .zip(schema.fields())
+        .map(|(c, f)| {
+            if c.data_type() == f.data_type() {
+                Ok(c)
+            } else {
+                Ok(cast(&c, f.data_type())?)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
 
 /// The generator of one group's noise: ChaCha20 keyed by SHA-256(seed, group key).
@@ -782,10 +665,6 @@ pub fn noise_rng(seed: &[u8; 32], key: &[u8]) -> rand_chacha::ChaCha20Rng {
     rand_chacha::ChaCha20Rng::from_seed(h.finalize().into())
 }
 
-fn global_key(n: usize) -> ArrayRef {
-    Arc::new(datafusion::arrow::array::BooleanArray::from(vec![true; n]))
-}
-
 /// A fresh seed from the operating system.
 pub fn fresh_seed() -> [u8; 32] {
     let mut s = [0u8; 32];
@@ -793,20 +672,20 @@ pub fn fresh_seed() -> [u8; 32] {
     s
 }
 
-/// Runs the DP release of `node` over in-memory batches (the node's input rows), as
-/// the execution plan does. For tests and benchmarks of the mechanism itself.
+/// Runs the DP release of `node` over in-memory batches (the node's input rows) in any
+/// order, as the execution plan does for rows out of order. For tests and benchmarks of
+/// the mechanism itself.
 pub fn release_batches(
     node: &DpRelease,
     grant: &Grant,
     batches: &[RecordBatch],
 ) -> Result<RecordBatch> {
-    let mut acc = Accumulator::new(node, grant)?;
+    let mut acc = Scattered::new(layout(node)?, rule(node, grant));
     for b in batches {
         acc.add(b)?;
     }
     let schema: SchemaRef = Arc::new(node.schema.as_arrow().clone());
-    let totals = acc.bounded(node)?;
-    Accumulator::new(node, grant)?.release(totals, node, grant, &schema)
+    release(acc.finish()?, &layout(node)?, node, grant, &schema)
 }
 
 #[cfg(test)]
@@ -819,6 +698,7 @@ mod tests {
     use datafusion::arrow::datatypes::Schema;
     use datafusion::common::ToDFSchema;
     use datafusion::logical_expr::EmptyRelation;
+    use std::collections::HashMap;
 
     fn policy(l0: u64, c: u64, delta: f64) -> DpPolicy {
         DpPolicy {
@@ -827,6 +707,7 @@ mod tests {
             bounds: [("v".to_string(), (Real(0.0), Real(100.0)))].into(),
             max_epsilon: Real(10.0),
             delta: Real(delta),
+            stored_in_unit_order: None,
         }
     }
 
@@ -1062,99 +943,5 @@ mod tests {
             .unwrap()
             .value(0);
         assert!((count - 400).abs() < 30, "{count}");
-        // Bounding itself, without noise: feed only the heavy unit with "base" rows.
-        let mut acc = Accumulator::new(&n, &grant).unwrap();
-        acc.add(&batch(&n, &rows)).unwrap();
-        let seven = acc
-            .units
-            .convert_columns(&[Arc::new(Int64Array::from(vec![7]))])
-            .unwrap();
-        let heavy = acc.cells[seven.row(0).as_ref()].len();
-        assert_eq!(heavy, 6, "six cells (base and g0..g4) before the L0 cut");
-    }
-
-    /// The bounds are applied lazily (a cell is hashed only past C rows, a unit only
-    /// past L0 groups, some cells trimmed mid-stream): the totals must be those of the
-    /// rule itself, every row hashed on arrival, whatever the batch boundaries.
-    #[test]
-    fn lazy_bounds_keep_what_the_rule_keeps() {
-        use rand::Rng;
-        let (l0, c) = (3usize, 5usize);
-        let n = node(
-            1,
-            vec![DpAggregate::Rows, DpAggregate::Sum(0)],
-            policy(l0 as u64, c as u64, 1e-6),
-        );
-        let groups = ["a", "b", "c", "d", "e", "f"];
-        let mut rng = rand::rng();
-        for _ in 0..20 {
-            // Up to 80 rows per cell: past 2·max(C, 16), so trims happen while adding.
-            let rows: Vec<(i64, &str, f64)> = (0..3_000)
-                .map(|_| {
-                    (
-                        rng.random_range(0..40),
-                        groups[rng.random_range(0..groups.len())],
-                        f64::from(rng.random_range(0..150)),
-                    )
-                })
-                .collect();
-            let grant = Grant {
-                accounting: n.accounting(1.0).unwrap(),
-                seed: fresh_seed(),
-            };
-            let mut acc = Accumulator::new(&n, &grant).unwrap();
-            for chunk in rows.chunks(rng.random_range(1..500)) {
-                acc.add(&batch(&n, chunk)).unwrap();
-            }
-            let lazy = acc.bounded(&n).unwrap();
-
-            // The rule, eagerly: per (unit, group) the C smallest (hash, value) rows, per
-            // unit the L0 groups with the smallest SHA-256.
-            let conv = Accumulator::new(&n, &grant).unwrap();
-            let b = batch(&n, &rows);
-            let units = conv
-                .units
-                .convert_columns(&[Arc::clone(b.column(0))])
-                .unwrap();
-            let keys = conv
-                .keys
-                .convert_columns(&[Arc::clone(b.column(1))])
-                .unwrap();
-            type Rows = Vec<(u64, Vec<Option<i64>>)>;
-            let mut cells: HashMap<(Vec<u8>, Vec<u8>), Rows> = HashMap::new();
-            for (r, row) in rows.iter().enumerate() {
-                let v = vec![Some(to_fixed(row.2).clamp(0, 100 * FIXED_SCALE))];
-                let (u, k) = (
-                    units.row(r).as_ref().to_vec(),
-                    keys.row(r).as_ref().to_vec(),
-                );
-                let h = row_hash(&grant.seed, &u, &k, &v);
-                cells.entry((u, k)).or_default().push((h, v));
-            }
-            type Ranked = Vec<([u8; 32], Vec<u8>, i128, i128)>;
-            let mut by_unit: HashMap<Vec<u8>, Ranked> = HashMap::new();
-            for ((u, k), mut rs) in cells {
-                rs.sort();
-                rs.truncate(c);
-                let sum = rs.iter().map(|(_, v)| v[0].unwrap() as i128).sum();
-                let g = group_hash(&grant.seed, &u, &k);
-                by_unit
-                    .entry(u)
-                    .or_default()
-                    .push((g, k, rs.len() as i128, sum));
-            }
-            let mut eager = Totals::new();
-            for (_, mut gs) in by_unit {
-                gs.sort();
-                gs.truncate(l0);
-                for (_, k, rows, sum) in gs {
-                    let t = eager.entry(k.into()).or_insert((0, 0, vec![0]));
-                    t.0 += 1;
-                    t.1 += rows;
-                    t.2[0] += sum;
-                }
-            }
-            assert_eq!(lazy, eager);
-        }
     }
 }

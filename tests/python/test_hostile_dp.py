@@ -270,7 +270,11 @@ def test_variants_are_charged_and_independent(env):
               if a < b and seen_noise[a][0] == seen_noise[b][0] and seen_noise[a][1] != seen_noise[b][1]]
     report(f"[variants] pairs with identical noise but different values: {shared}")
     assert not free_but_different, f"free answers that are not repeats: {free_but_different}"
-    assert not shared, f"two different quantities share noise (exact difference): {shared}"
+    # Two independent draws coincide now and then: at ε = 0.05 the count's noise spreads
+    # over some hundreds of integers, and with 78 pairs up to about a quarter of runs see
+    # one equal pair. Noise shared by construction would make most pairs equal; three or
+    # more coincidences by chance happen in well under 1% of runs.
+    assert len(shared) <= 2, f"different quantities share noise (exact difference): {shared}"
 
 
 def test_two_releases_in_one_query(env):
