@@ -68,6 +68,9 @@ pub struct StoredFile {
     pub size: u64,
     /// Last modified, in microseconds since the epoch.
     pub modified: i64,
+    /// The store's tag (for local files: inode, time and size, so a file renamed over
+    /// it with the same size and time is another file).
+    pub e_tag: Option<String>,
 }
 
 impl DpPolicy {

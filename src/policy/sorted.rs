@@ -116,5 +116,6 @@ pub fn stored_file(meta: &datafusion::datasource::listing::PartitionedFile) -> S
         location: meta.location.to_string(),
         size: meta.size,
         modified: meta.last_modified.timestamp_micros(),
+        e_tag: meta.e_tag.clone(),
     }
 }

@@ -387,7 +387,9 @@ impl ExecutionPlan for DpReleaseExec {
             };
             let totals = match sorted {
                 Some(totals) => totals,
-                // Not in order after all (the file changed since the policy loaded).
+                // Not in order after all: the file was replaced between planning and
+                // reading, or with the same size, time and tag (owners' acts, not a
+                // query's; DESIGN.md, "Two ways to read the rows").
                 None => bound_scattered(&input, &node, &grant, &context).await?,
             };
             release(totals, &layout(&node)?, &node, &grant, &schema)
