@@ -80,6 +80,15 @@ def stages(dockerfile: Path):
     return found
 
 
+def copy(origin: Path, target: Path):
+    """COPY of one file or directory (a directory's contents merge into `target`)."""
+    if origin.is_dir():
+        shutil.copytree(origin, target, dirs_exist_ok=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(origin, target)
+
+
 def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
@@ -116,11 +125,7 @@ class Image:
                     raise SystemExit(f"COPY --from=builder {src}: only the binary is known here")
                 target = self.path(dst)
                 log(f"COPY {'(builder) ' if builder else ''}{src} -> {dst}")
-                if origin.is_dir():
-                    shutil.copytree(origin, target, dirs_exist_ok=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(origin, target)
+                copy(origin, target)
         elif word == "ENV":
             for pair in shlex.split(rest):
                 k, _, v = pair.partition("=")
@@ -282,11 +287,7 @@ def build(stage, base_image):
                 origin = REPO / item
                 target = src / dst / (origin.name if dst.endswith("/") else "")
                 log(f"COPY (builder) {item} -> {dst}")
-                if origin.is_dir():
-                    shutil.copytree(origin, target, dirs_exist_ok=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(origin, target)
+                copy(origin, target)
         elif word == "RUN":
             m = re.search(r"(cargo build [^&;]*)", rest)
             if m:

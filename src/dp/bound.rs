@@ -32,7 +32,7 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Arra
 use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
-    DataType, Decimal128Type, Field, Float32Type, Float64Type, Int64Type, Schema,
+    DataType, Decimal128Type, Field, Float64Type, Int64Type, Schema,
 };
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::DataFusionError;
@@ -454,20 +454,10 @@ fn canonical_zeros(c: &ArrayRef) -> Result<ArrayRef> {
                 }
             },
         )),
-        DataType::Float32 => Arc::new(c.as_primitive::<Float32Type>().unary::<_, Float32Type>(
-            |v| {
-                if v == 0.0 {
-                    0.0
-                } else if v.is_nan() {
-                    f32::NAN
-                } else {
-                    v
-                }
-            },
-        )),
-        DataType::Float16 => cast(
-            &canonical_zeros(&cast(c, &DataType::Float32)?)?,
-            &DataType::Float16,
+        // Exactly representable in Float64 and back.
+        DataType::Float32 | DataType::Float16 => cast(
+            &canonical_zeros(&cast(c, &DataType::Float64)?)?,
+            c.data_type(),
         )?,
         _ => Arc::clone(c),
     })
