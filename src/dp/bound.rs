@@ -265,16 +265,7 @@ impl Layout {
             .collect();
         let interner = new_group_values(Arc::new(Schema::new(key_fields)), &GroupOrdering::None)?;
         Ok(Self {
-            int_units: matches!(
-                unit_type,
-                DataType::Int8
-                    | DataType::Int16
-                    | DataType::Int32
-                    | DataType::Int64
-                    | DataType::UInt8
-                    | DataType::UInt16
-                    | DataType::UInt32
-            ),
+            int_units: fits_i64(&unit_type),
             units: RowConverter::new(vec![SortField::new(unit_type.clone())])?,
             unit_type,
             keys: RowConverter::new(keys)?,
@@ -418,13 +409,7 @@ fn fixed(c: &ArrayRef, (lo, hi): (i64, i64)) -> Result<Int64Array> {
                 }
             }
         }
-        DataType::Int8
-        | DataType::Int16
-        | DataType::Int32
-        | DataType::Int64
-        | DataType::UInt8
-        | DataType::UInt16
-        | DataType::UInt32 => cast(c, &DataType::Int64)?
+        t if fits_i64(t) => cast(c, &DataType::Int64)?
             .as_primitive::<Int64Type>()
             .unary(|v| v.saturating_mul(FIXED_SCALE).clamp(lo, hi)),
         _ => cast(c, &DataType::Float64)?
@@ -461,6 +446,20 @@ fn canonical_zeros(c: &ArrayRef) -> Result<ArrayRef> {
         )?,
         _ => Arc::clone(c),
     })
+}
+
+/// Integer types whose every value is an `i64`, in the same order.
+fn fits_i64(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32
+    )
 }
 
 fn global_key(n: usize) -> ArrayRef {
