@@ -12,7 +12,9 @@
 //! - [`Runs`], when every input partition delivers its units in increasing order (a table
 //!   stored sorted by its unit, as TPC-H's line items by order). A unit's rows then
 //!   arrive together, so the unit is bounded and added to its groups' totals as soon as
-//!   the next unit starts: nothing is kept per unit, and no repartition is needed. A
+//!   the next unit starts: nothing is kept per unit, and no repartition is needed. Most
+//!   units are whole inside one batch and small enough that the bounds cut nothing; their
+//!   rows go straight to the totals, without being kept at all ([`Runs::direct`]). A
 //!   partition's first and last units may continue in another partition; they stay open
 //!   and are bounded together once every partition has ended ([`combine`]). A row out of
 //!   order, or partitions whose ranges of units meet other than end to end, and the
@@ -160,14 +162,95 @@ fn trim(cell: &mut Cell, rule: &Rule, unit: &[u8], key: &[u8]) {
     cell.vals = vals;
 }
 
-/// Bounds one unit's cells (C rows each, L0 cells) and adds them to `totals`, indexed
-/// by key id. Leaves the kept cells in `cells`.
+/// What the bounded units give each group so far, indexed by key id: units, rows and
+/// per-value sums, each in one flat vector.
+#[derive(Debug, Default)]
+struct Tally {
+    values: usize,
+    units: Vec<i128>,
+    rows: Vec<i128>,
+    /// `values` sums per key.
+    sums: Vec<i128>,
+}
+
+impl Tally {
+    fn new(values: usize) -> Self {
+        Self {
+            values,
+            ..Self::default()
+        }
+    }
+
+    /// Room for `keys` key ids.
+    fn grow(&mut self, keys: usize) {
+        if self.units.len() < keys {
+            self.units.resize(keys, 0);
+            self.rows.resize(keys, 0);
+            self.sums.resize(keys * self.values, 0);
+        }
+    }
+
+    fn add_unit(&mut self, key: usize) -> Result<()> {
+        let u = &mut self.units[key];
+        *u = u.checked_add(1).ok_or_else(overflow)?;
+        Ok(())
+    }
+
+    /// One row, its values as read (NULLs add nothing).
+    fn add_row(&mut self, key: usize, read: &Read, r: usize) -> Result<()> {
+        let n = &mut self.rows[key];
+        *n = n.checked_add(1).ok_or_else(overflow)?;
+        let sums = &mut self.sums[key * self.values..(key + 1) * self.values];
+        for (s, a) in sums.iter_mut().zip(&read.values) {
+            if a.is_valid(r) {
+                *s = s.checked_add(i128::from(a.value(r))).ok_or_else(overflow)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A kept cell: its rows, its values.
+    fn add_cell(&mut self, cell: &Cell) -> Result<()> {
+        let key = cell.key as usize;
+        self.add_unit(key)?;
+        let n = &mut self.rows[key];
+        *n = n.checked_add(cell.rows as i128).ok_or_else(overflow)?;
+        if self.values > 0 {
+            let sums = &mut self.sums[key * self.values..(key + 1) * self.values];
+            for row in cell.vals.chunks_exact(self.values) {
+                for (s, v) in sums.iter_mut().zip(row) {
+                    if let Some(v) = v {
+                        *s = s.checked_add(i128::from(*v)).ok_or_else(overflow)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Per key into [`Totals`], keyed by the keys' bytes. A group every one of whose
+    /// units spent their L0 elsewhere is not there at all.
+    fn keyed(self, keys: &[Box<[u8]>]) -> Totals {
+        let nv = self.values;
+        keys.iter()
+            .enumerate()
+            .filter(|(id, _)| self.units.get(*id).is_some_and(|u| *u > 0))
+            .map(|(id, key)| {
+                let sums = self.sums[id * nv..(id + 1) * nv].to_vec();
+                (key.clone(), (self.units[id], self.rows[id], sums))
+            })
+            .collect()
+    }
+}
+
+/// Bounds one unit's cells (C rows each, L0 cells) and adds them to `tally`. Leaves
+/// the kept cells in `cells`.
 fn bound_unit(
     rule: &Rule,
     keys: &[Box<[u8]>],
     unit: &[u8],
     cells: &mut Vec<Cell>,
-    totals: &mut Vec<Group>,
+    tally: &mut Tally,
 ) -> Result<()> {
     for cell in cells.iter_mut() {
         trim(cell, rule, unit, &keys[cell.key as usize]);
@@ -181,35 +264,11 @@ fn bound_unit(
         ranked.truncate(rule.l0);
         cells.extend(ranked.into_iter().map(|(_, c)| c));
     }
-    let nv = rule.values();
-    if totals.len() < keys.len() {
-        totals.resize(keys.len(), (0, 0, vec![0; nv]));
-    }
+    tally.grow(keys.len());
     for cell in cells.iter() {
-        let g = &mut totals[cell.key as usize];
-        g.0 = g.0.checked_add(1).ok_or_else(overflow)?;
-        g.1 = g.1.checked_add(cell.rows as i128).ok_or_else(overflow)?;
-        if nv > 0 {
-            for row in cell.vals.chunks_exact(nv) {
-                for (s, v) in g.2.iter_mut().zip(row) {
-                    if let Some(v) = v {
-                        *s = s.checked_add(*v as i128).ok_or_else(overflow)?;
-                    }
-                }
-            }
-        }
+        tally.add_cell(cell)?;
     }
     Ok(())
-}
-
-/// Per-key totals into [`Totals`], keyed by the keys' bytes. A group every one of whose
-/// units spent their L0 elsewhere is not there at all.
-fn keyed(keys: &[Box<[u8]>], totals: Vec<Group>) -> Totals {
-    keys.iter()
-        .cloned()
-        .zip(totals)
-        .filter(|(_, t)| t.0 > 0)
-        .collect()
 }
 
 /// The input's layout (unit, `groups` keys, values) and the group keys seen so far.
@@ -366,6 +425,24 @@ impl Layout {
 impl Read {
     fn has_unit(&self, r: usize) -> bool {
         self.unit_nulls.as_ref().is_none_or(|n| n.is_valid(r))
+    }
+
+    /// The end of the run of rows from `r` (which has a unit) whose unit is `r`'s,
+    /// rows without a unit among them included.
+    fn run_end(&self, r: usize) -> usize {
+        let n = self.ids.len();
+        if let (Units::Int(a), None) = (&self.units, &self.unit_nulls) {
+            let (v, u) = (a.values(), a.value(r));
+            return (r + 1..n).find(|e| v[*e] != u).unwrap_or(n);
+        }
+        let same = |e: usize| -> bool {
+            !self.has_unit(e)
+                || match &self.units {
+                    Units::Int(a) => a.value(e) == a.value(r),
+                    Units::Rows(rows) => rows.row(e) == rows.row(r),
+                }
+        };
+        (r + 1..n).find(|e| !same(*e)).unwrap_or(n)
     }
 }
 
@@ -552,11 +629,11 @@ impl Scattered {
     /// Bounds every unit and totals what they give each group.
     pub fn finish(self) -> Result<Totals> {
         let keys = &self.layout.keys_seen;
-        let mut totals = Vec::new();
+        let mut tally = Tally::new(self.rule.values());
         for (unit, mut cells) in self.cells {
-            bound_unit(&self.rule, keys, &unit, &mut cells, &mut totals)?;
+            bound_unit(&self.rule, keys, &unit, &mut cells, &mut tally)?;
         }
-        Ok(keyed(keys, totals))
+        Ok(tally.keyed(keys))
     }
 }
 
@@ -583,7 +660,7 @@ pub struct RunsEnd {
 pub struct Runs {
     layout: Layout,
     rule: Rule,
-    totals: Vec<Group>,
+    tally: Tally,
     /// The partition's first unit and its cells: it may have begun in another partition.
     first: Option<(Box<[u8]>, Vec<Cell>)>,
     /// The unit being read, and its cells.
@@ -591,6 +668,12 @@ pub struct Runs {
     cells: Vec<Cell>,
     /// Value buffers of bounded cells, for reuse.
     spare: Vec<Vec<Option<i64>>>,
+    /// For [`Runs::direct`]: per key id, the last run that met it and its rows there.
+    seen_in: Vec<(u64, usize)>,
+    /// The number of runs [`Runs::direct`] has looked at.
+    run: u64,
+    /// The keys of the run [`Runs::direct`] is looking at.
+    run_keys: Vec<usize>,
 }
 
 /// The unit a [`Runs`] is reading.
@@ -614,24 +697,39 @@ impl Current {
 impl Runs {
     pub fn new(layout: Layout, rule: Rule) -> Self {
         Self {
+            tally: Tally::new(rule.values()),
             layout,
             rule,
-            totals: Vec::new(),
             first: None,
             current: None,
             cells: Vec::new(),
             spare: Vec::new(),
+            seen_in: Vec::new(),
+            run: 0,
+            run_keys: Vec::new(),
         }
     }
 
     /// Reads a batch; false when a unit arrives after a greater one (the rows are not
     /// in order: this reader cannot bound them).
+    ///
+    /// The batch is read a run of rows of one unit at a time. A run that ends inside the
+    /// batch and is not the partition's first unit is whole, and most are small enough
+    /// that the bounds cut nothing: those go straight to the totals ([`Runs::direct`]).
+    /// The others are kept as cells and bounded when the next unit starts.
     pub fn add(&mut self, batch: &RecordBatch) -> Result<bool> {
         let read = self.layout.read(batch, &self.rule, false)?;
-        for r in 0..batch.num_rows() {
+        let keys = self.layout.keys_seen.len();
+        self.tally.grow(keys);
+        self.seen_in.resize(keys, (0, 0));
+        let n = batch.num_rows();
+        let mut r = 0;
+        while r < n {
             if !read.has_unit(r) {
+                r += 1;
                 continue;
             }
+            let end = read.run_end(r);
             let order = self.current.as_ref().map(|c| match &read.units {
                 Units::Int(a) => a.value(r).cmp(&c.int),
                 Units::Rows(rows) => rows
@@ -658,16 +756,62 @@ impl Runs {
                         }
                     };
                     self.current = Some(Current { int, bytes });
+                    if end < n && self.first.is_some() && self.direct(&read, r..end)? {
+                        r = end;
+                        continue;
+                    }
                 }
             }
-            let cell = cell_for(&mut self.cells, read.ids[r] as u32, &mut self.spare);
-            push_row(cell, &read, r);
-            if cell.rows > self.rule.trim_at()
-                && let Some(current) = self.current.as_mut()
-            {
-                let key = &self.layout.keys_seen[cell.key as usize];
-                trim(cell, &self.rule, current.bytes(&self.layout)?, key);
+            for i in r..end {
+                if !read.has_unit(i) {
+                    continue;
+                }
+                let cell = cell_for(&mut self.cells, read.ids[i] as u32, &mut self.spare);
+                push_row(cell, &read, i);
+                if cell.rows > self.rule.trim_at()
+                    && let Some(current) = self.current.as_mut()
+                {
+                    let key = &self.layout.keys_seen[cell.key as usize];
+                    trim(cell, &self.rule, current.bytes(&self.layout)?, key);
+                }
             }
+            r = end;
+        }
+        Ok(true)
+    }
+
+    /// Adds a whole unit's rows to the totals as they are, if the bounds would cut
+    /// nothing from them: no more than L0 groups, no more than C rows in any. Then
+    /// [`bound_unit`] would keep every row, and add the same sums (integers, in any
+    /// order). False, and nothing added, otherwise.
+    fn direct(&mut self, read: &Read, rows: std::ops::Range<usize>) -> Result<bool> {
+        self.run += 1;
+        self.run_keys.clear();
+        for i in rows.clone() {
+            if !read.has_unit(i) {
+                continue;
+            }
+            let id = read.ids[i];
+            let seen = &mut self.seen_in[id];
+            if seen.0 != self.run {
+                *seen = (self.run, 0);
+                self.run_keys.push(id);
+                if self.run_keys.len() > self.rule.l0 {
+                    return Ok(false);
+                }
+            }
+            seen.1 += 1;
+            if seen.1 > self.rule.c {
+                return Ok(false);
+            }
+        }
+        for i in rows {
+            if read.has_unit(i) {
+                self.tally.add_row(read.ids[i], read, i)?;
+            }
+        }
+        for id in &self.run_keys {
+            self.tally.add_unit(*id)?;
         }
         Ok(true)
     }
@@ -695,6 +839,10 @@ impl Runs {
             self.first = Some((unit, std::mem::take(&mut self.cells)));
             return Ok(());
         }
+        if self.cells.is_empty() {
+            // Added directly ([`Runs::direct`]).
+            return Ok(());
+        }
         // The unit's bytes key the hashes, which only a cut needs.
         let cut =
             self.cells.len() > self.rule.l0 || self.cells.iter().any(|c| c.rows > self.rule.c);
@@ -708,7 +856,7 @@ impl Runs {
             &self.layout.keys_seen,
             unit,
             &mut self.cells,
-            &mut self.totals,
+            &mut self.tally,
         )?;
         for mut c in self.cells.drain(..) {
             c.vals.clear();
@@ -743,7 +891,7 @@ impl Runs {
         }
         Ok(RunsEnd {
             range,
-            totals: keyed(keys, self.totals),
+            totals: self.tally.keyed(keys),
             open,
         })
     }
@@ -859,11 +1007,16 @@ mod tests {
 
     /// Up to 80 rows per cell (past 2·max(C, 16), so cells are trimmed while read).
     fn random_rows(n: usize) -> Vec<Row> {
+        random_rows_of(n, 40)
+    }
+
+    /// `n` rows over `units` units.
+    fn random_rows_of(n: usize, units: i64) -> Vec<Row> {
         let mut rng = rand::rng();
         (0..n)
             .map(|_| {
                 (
-                    rng.random_range(0..40),
+                    rng.random_range(0..units),
                     GROUPS[rng.random_range(0..GROUPS.len())],
                     f64::from(rng.random_range(0..150)),
                 )
@@ -950,10 +1103,14 @@ mod tests {
 
     fn runs_match_the_rule() {
         let mut rng = rand::rng();
-        for _ in 0..50 {
-            let mut rows = random_rows(rng.random_range(0..3_000));
+        for _ in 0..80 {
+            // Long units (cut by the bounds) or short ones (most of them whole in a
+            // batch and within the bounds: added directly).
+            let n = rng.random_range(0..3_000);
+            let units = [40, n / 3 + 1, n + 1][rng.random_range(0..3)] as i64;
+            let mut rows = random_rows_of(n, units);
             rows.sort_by_key(|r| r.0);
-            let rule = rule(rng.random_range(1..4), rng.random_range(1..8));
+            let rule = rule(rng.random_range(1..7), rng.random_range(1..8));
             let mut cuts: Vec<usize> = (0..rng.random_range(0..4))
                 .map(|_| rng.random_range(0..=rows.len()))
                 .collect();
