@@ -674,6 +674,9 @@ pub struct Runs {
     run: u64,
     /// The keys of the run [`Runs::direct`] is looking at.
     run_keys: Vec<usize>,
+    /// Units added by [`Runs::direct`], and units kept as cells: how the work went.
+    pub added_whole: u64,
+    pub kept: u64,
 }
 
 /// The unit a [`Runs`] is reading.
@@ -683,6 +686,8 @@ struct Current {
     /// Its row bytes: read for other units, made from `int` for integers when needed
     /// (to hash its rows, or at the ends of the partition).
     bytes: Option<Vec<u8>>,
+    /// Whether it was added whole ([`Runs::direct`]): no row of it may follow.
+    whole: bool,
 }
 
 impl Current {
@@ -707,6 +712,8 @@ impl Runs {
             seen_in: Vec::new(),
             run: 0,
             run_keys: Vec::new(),
+            added_whole: 0,
+            kept: 0,
         }
     }
 
@@ -738,6 +745,13 @@ impl Runs {
                     .cmp(c.bytes.as_deref().unwrap_or_default()),
             });
             match order {
+                Some(Ordering::Equal) if self.current.as_ref().is_some_and(|c| c.whole) => {
+                    // Cannot happen (a unit is added whole only when the next one began
+                    // in the same batch); if it did, its rows would count twice.
+                    return Err(DataFusionError::Internal(
+                        "DP release: rows of a unit already bounded".into(),
+                    ));
+                }
                 Some(Ordering::Equal) => {}
                 Some(Ordering::Less) => return Ok(false),
                 Some(Ordering::Greater) | None => {
@@ -755,8 +769,16 @@ impl Runs {
                             0
                         }
                     };
-                    self.current = Some(Current { int, bytes });
+                    self.current = Some(Current {
+                        int,
+                        bytes,
+                        whole: false,
+                    });
                     if end < n && self.first.is_some() && self.direct(&read, r..end)? {
+                        if let Some(c) = self.current.as_mut() {
+                            c.whole = true;
+                        }
+                        self.added_whole += 1;
                         r = end;
                         continue;
                     }
@@ -843,6 +865,7 @@ impl Runs {
             // Added directly ([`Runs::direct`]).
             return Ok(());
         }
+        self.kept += 1;
         // The unit's bytes key the hashes, which only a cut needs.
         let cut =
             self.cells.len() > self.rule.l0 || self.cells.iter().any(|c| c.rows > self.rule.c);
@@ -961,9 +984,28 @@ mod tests {
             Field::new("unit", unit, true),
             Field::new("key", DataType::Utf8, true),
             Field::new("v", DataType::Float64, true),
+            Field::new("w", DataType::Float64, true),
         ]))
     }
 
+    /// A row's second value: NULL for every fifth value, else three times the first (so
+    /// past its clamp at times).
+    fn w(v: f64) -> Option<f64> {
+        ((v as i64) % 5 != 0).then_some(v * 3.0)
+    }
+
+    /// The clamps of the two values.
+    const CLAMP: [(i64, i64); 2] = [(0, 100 * FIXED_SCALE), (0, 200 * FIXED_SCALE)];
+
+    /// A row's values as the readers keep them: fixed point, clamped.
+    fn fixed_values(v: f64) -> Vec<Option<i64>> {
+        vec![
+            Some(to_fixed(v).clamp(CLAMP[0].0, CLAMP[0].1)),
+            w(v).map(|w| to_fixed(w).clamp(CLAMP[1].0, CLAMP[1].1)),
+        ]
+    }
+
+    /// Rows as a batch; a negative unit is a NULL unit.
     fn batch(rows: &[Row]) -> RecordBatch {
         RecordBatch::try_new(
             schema(),
@@ -971,12 +1013,14 @@ mod tests {
                 if STRING_UNITS.get() {
                     Arc::new(StringArray::from(
                         rows.iter()
-                            .map(|r| format!("u{:05}", r.0))
+                            .map(|r| (r.0 >= 0).then(|| format!("u{:05}", r.0)))
                             .collect::<Vec<_>>(),
                     ))
                 } else {
                     Arc::new(Int64Array::from(
-                        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                        rows.iter()
+                            .map(|r| (r.0 >= 0).then_some(r.0))
+                            .collect::<Vec<_>>(),
                     ))
                 },
                 Arc::new(StringArray::from(
@@ -984,6 +1028,9 @@ mod tests {
                 )),
                 Arc::new(Float64Array::from(
                     rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(
+                    rows.iter().map(|r| w(r.2)).collect::<Vec<_>>(),
                 )),
             ],
         )
@@ -1001,7 +1048,7 @@ mod tests {
             c,
             l0,
             seed,
-            clamp: vec![(0, 100 * FIXED_SCALE)],
+            clamp: CLAMP.to_vec(),
         }
     }
 
@@ -1016,7 +1063,12 @@ mod tests {
         (0..n)
             .map(|_| {
                 (
-                    rng.random_range(0..units),
+                    // Now and then a row without a unit.
+                    if rng.random_range(0..30) == 0 {
+                        -1
+                    } else {
+                        rng.random_range(0..units)
+                    },
                     GROUPS[rng.random_range(0..GROUPS.len())],
                     f64::from(rng.random_range(0..150)),
                 )
@@ -1040,7 +1092,10 @@ mod tests {
         type Ranked = Vec<(u64, Vec<Option<i64>>)>;
         let mut cells: HashMap<(Vec<u8>, Vec<u8>), Ranked> = HashMap::new();
         for (r, row) in rows.iter().enumerate() {
-            let v = vec![Some(to_fixed(row.2).clamp(0, 100 * FIXED_SCALE))];
+            if row.0 < 0 {
+                continue; // a row without a unit is dropped
+            }
+            let v = fixed_values(row.2);
             let (u, k) = (
                 units.row(r).as_ref().to_vec(),
                 keys.row(r).as_ref().to_vec(),
@@ -1048,12 +1103,14 @@ mod tests {
             let h = row_hash(&rule.seed, &u, &k, &v);
             cells.entry((u, k)).or_default().push((h, v));
         }
-        type Groups = Vec<([u8; 32], Vec<u8>, i128, i128)>;
+        type Groups = Vec<([u8; 32], Vec<u8>, i128, Vec<i128>)>;
         let mut by_unit: HashMap<Vec<u8>, Groups> = HashMap::new();
         for ((u, k), mut rs) in cells {
             rs.sort();
             rs.truncate(rule.c);
-            let sum = rs.iter().map(|(_, v)| v[0].unwrap() as i128).sum();
+            let sum = (0..CLAMP.len())
+                .map(|i| rs.iter().filter_map(|(_, v)| v[i]).map(i128::from).sum())
+                .collect();
             let g = group_hash(&rule.seed, &u, &k);
             by_unit
                 .entry(u)
@@ -1065,10 +1122,14 @@ mod tests {
             gs.sort();
             gs.truncate(rule.l0);
             for (_, k, rows, sum) in gs {
-                let t = totals.entry(k.into()).or_insert((0, 0, vec![0]));
+                let t = totals
+                    .entry(k.into())
+                    .or_insert((0, 0, vec![0; CLAMP.len()]));
                 t.0 += 1;
                 t.1 += rows;
-                t.2[0] += sum;
+                for (t, s) in t.2.iter_mut().zip(sum) {
+                    *t += s;
+                }
             }
         }
         totals
@@ -1103,6 +1164,7 @@ mod tests {
 
     fn runs_match_the_rule() {
         let mut rng = rand::rng();
+        let (mut whole, mut kept) = (0, 0);
         for _ in 0..80 {
             // Long units (cut by the bounds) or short ones (most of them whole in a
             // batch and within the bounds: added directly).
@@ -1110,6 +1172,11 @@ mod tests {
             let units = [40, n / 3 + 1, n + 1][rng.random_range(0..3)] as i64;
             let mut rows = random_rows_of(n, units);
             rows.sort_by_key(|r| r.0);
+            // Rows without a unit, anywhere (inside runs of one unit too).
+            for _ in 0..n / 20 {
+                let at = rng.random_range(0..=rows.len());
+                rows.insert(at, (-1, GROUPS[rng.random_range(0..GROUPS.len())], 7.0));
+            }
             let rule = rule(rng.random_range(1..7), rng.random_range(1..8));
             let mut cuts: Vec<usize> = (0..rng.random_range(0..4))
                 .map(|_| rng.random_range(0..=rows.len()))
@@ -1124,6 +1191,8 @@ mod tests {
                     for chunk in part.chunks(rng.random_range(1..300)) {
                         assert!(runs.add(&batch(chunk)).unwrap());
                     }
+                    whole += runs.added_whole;
+                    kept += runs.kept;
                     runs.finish().unwrap()
                 })
                 .collect();
@@ -1131,6 +1200,8 @@ mod tests {
             let totals = combine(parts, layout(), rule.clone()).unwrap();
             assert_eq!(totals, Some(eager(&rule, &rows)));
         }
+        // Both ways of adding a unit were taken.
+        assert!(whole > 0 && kept > 0, "whole {whole}, kept {kept}");
     }
 
     #[test]
@@ -1265,7 +1336,10 @@ mod tests {
             ],
         )
         .unwrap();
-        let rule = rule(2, 2);
+        let rule = Rule {
+            clamp: vec![CLAMP[0]],
+            ..rule(2, 2)
+        };
         let layout = || Layout::new(&schema, 1).unwrap();
         let parts = [b.slice(0, n / 2), b.slice(n / 2, n - n / 2)]
             .iter()
