@@ -12,10 +12,15 @@
 //!   remainder plan), and every expression there is in total form ([`total::not_total`]):
 //!   an optimizer rule that moved an analyst's expression across the boundary would have
 //!   to move it into this region, where it is re-checked;
-//! - no hidden column reaches the output.
+//! - no hidden column reaches the output;
+//! - no `now()`, `current_date()` or `current_time()` is left anywhere, subqueries
+//!   included: the optimizer fixes them to the query's start, and one it did not fix
+//!   (DataFusion leaves some in scalar subqueries) fails when it runs, after a DP query
+//!   was charged. Refused here with `FUNCTION_NOT_ALLOWED`, before anything runs.
 
 use datafusion::common::DFSchema;
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
 
 use super::boundary::{COUNT_PREFIX, as_release};
 use super::protect::{EntityColumn, as_mask, as_protect};
@@ -30,7 +35,38 @@ pub fn verify(plan: &LogicalPlan, ctx: &PolicyContext) -> Result<(), Refusal> {
             f.name()
         )));
     }
+    unfixed_time(plan)?;
     Verifier { ctx }.node(plan, Region::Released)
+}
+
+/// A function whose value is fixed at planning (volatility `Stable`: `now()`,
+/// `current_date()`, `current_time()`) that the optimizer left in the plan. DataFusion
+/// cannot run one: its `invoke` is an internal error by design.
+fn unfixed_time(plan: &LogicalPlan) -> Result<(), Refusal> {
+    let mut found = None;
+    let _ = plan.apply_with_subqueries(|p| {
+        p.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && f.func.signature().volatility == Volatility::Stable
+                {
+                    found = Some(f.name().to_string());
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    match found {
+        Some(name) => Err(Refusal::new(
+            ReasonCode::FunctionNotAllowed,
+            format!(
+                "{name}() could not be fixed to the query's start time where it stands \
+                 (inside a subquery); write the time as a literal"
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn unclassified(why: String) -> Refusal {

@@ -364,6 +364,44 @@ async fn a_repeat_on_changed_data_is_charged_again() {
     assert_eq!(charged, 2, "changed data is charged anew");
 }
 
+/// `now()` or `current_time()` in a scalar subquery of a DP query: DataFusion leaves it
+/// unfixed there, and it would fail when run, after the charge. It is refused before
+/// anything is charged; the same subquery without the clock is answered.
+#[tokio::test]
+async fn an_unfixed_clock_in_a_dp_subquery_is_refused_before_the_charge() {
+    let server = start().await;
+    let mut c = analyst(&server).await;
+    c.set_header("airlock-epsilon", "0.1");
+    for clock in ["now()", "current_time()"] {
+        let sql = format!(
+            "SELECT count(*) AS n FROM hospital.claims \
+             WHERE amount > (SELECT CASE WHEN date_part('second', {clock}) < 30 THEN 2 ELSE 3 END)"
+        );
+        assert_refused(query(&mut c, &sql).await, "FUNCTION_NOT_ALLOWED");
+    }
+    let charges = || async {
+        login(server.addr, "owner")
+            .await
+            .json_action(airlock::flight::budget::LIST, serde_json::json!({}))
+            .await
+            .unwrap()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["charges"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert_eq!(charges().await, 0, "nothing was charged");
+    let b = query(
+        &mut c,
+        "SELECT count(*) AS n FROM hospital.claims WHERE amount > (SELECT CASE WHEN 1 < 2 THEN 2 ELSE 3 END)",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows(&b), 1);
+    assert_eq!(charges().await, 1);
+}
+
 /// A query whose rows are not a function of its text (here `random()` in a scalar
 /// subquery picks one of two zips) must not get the same noise over different rows on a
 /// free repeat: two such answers difference the noise away (a hostile analyst read one
