@@ -3,7 +3,9 @@
 //! For each TPC-H query the SQL is planned once; the benchmark then times the analyzer
 //! with the policy rules (`airlock`) against DataFusion's default analyzer
 //! (`datafusion`) on the same plan. The difference is the rewrite's cost. Tables are
-//! empty: planning never reads data. Run: `cargo bench --bench rewrite`.
+//! empty: planning never reads data. The `plan` group times the whole `query::plan`
+//! (parse, analyzer, optimizer, verifier) as the analyst and as a reader. Run:
+//! `cargo bench --bench rewrite`.
 
 #[path = "tpch/schema.rs"]
 mod schema;
@@ -63,6 +65,26 @@ fn rewrite(c: &mut Criterion) {
                     .unwrap()
             })
         });
+    }
+    group.finish();
+
+    // The whole planning of each query (parse, analyzer, optimizer, verifier, entity
+    // columns), as the analyst and as a reader (masks only, no k rule).
+    let reader = Arc::new(Principal {
+        name: "bench_reader".into(),
+        roles: vec![],
+    });
+    let mut group = c.benchmark_group("plan");
+    for (name, sql) in schema::queries() {
+        for (who, principal) in [("analyst", &analyst), ("reader", &reader)] {
+            let session = sessions.session_for(principal);
+            group.bench_function(format!("{name}/{who}"), |b| {
+                b.iter(|| {
+                    rt.block_on(airlock::query::plan(Arc::clone(&session), sql, None))
+                        .unwrap()
+                })
+            });
+        }
     }
     group.finish();
 }

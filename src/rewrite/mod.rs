@@ -13,7 +13,8 @@
 //!    rule, §3.3–3.4); [`total`] puts every expression below a boundary in total form.
 //!
 //! Then DataFusion optimizes, and [`verify`] re-walks the optimized plan and refuses
-//! anything it cannot classify ([`plan`] does both). Principals holding `read` on a
+//! anything it cannot classify ([`plan`] does both); [`dedupe`] then drops the hidden
+//! copy of any entity key the query carries anyway. Principals holding `read` on a
 //! table, and owner-approved results, get masks and row filters only.
 
 pub mod allow;
@@ -21,6 +22,7 @@ pub mod boundary;
 pub mod branches;
 pub mod check;
 pub mod decision;
+pub mod dedupe;
 pub mod dp;
 pub mod dp_release;
 pub mod explain;
@@ -264,7 +266,15 @@ pub fn plan(
         })??;
     verify::verify(&optimized, ctx)?;
     typed::check(&optimized)?;
-    Ok(optimized)
+    // Only after the verifier accepted it: one column per entity key (values that are
+    // equal by construction). Should it fail, the verified plan runs as it is.
+    match dedupe::apply(optimized.clone()) {
+        Ok(plan) => Ok(plan),
+        Err(e) => {
+            tracing::warn!(error = %e, "entity columns not deduplicated");
+            Ok(optimized)
+        }
+    }
 }
 
 /// The catalog table a scan reads, as `schema.table`.

@@ -109,6 +109,25 @@ impl Protect {
     }
 }
 
+impl Protect {
+    /// The same node without the outputs at `drop` (indexes into `exprs`).
+    pub(super) fn without(&self, drop: &[usize]) -> Result<Self> {
+        let exprs = self
+            .exprs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !drop.contains(i))
+            .map(|(_, e)| e.clone())
+            .collect();
+        Self::try_new(
+            self.input.clone(),
+            self.table.clone(),
+            self.row_filter.clone(),
+            exprs,
+        )
+    }
+}
+
 impl PartialOrd for Protect {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         self.table.partial_cmp(&other.table)

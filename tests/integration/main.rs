@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod console;
 mod dp;
+mod entity_columns;
 mod flight_sql;
 mod fuzz_regressions;
 mod limits;
