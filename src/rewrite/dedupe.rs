@@ -73,6 +73,14 @@ fn boundary_aggregate(a: &Aggregate) -> Result<Option<LogicalPlan>> {
     if input == *a.input {
         return Ok(None);
     }
+    // Every count must read a column of the entity's own type.
+    for (entity, equal) in &same {
+        let before = a.input.schema().field_from_column(entity)?.data_type();
+        let after = input.schema().field_from_column(&equal[0])?.data_type();
+        if before != after {
+            return Ok(None);
+        }
+    }
     // A group key on an entity column would change the output's names: keep it as is.
     if a.group_expr.iter().any(|g| mentions(g, &same)) {
         return Ok(None);
@@ -136,13 +144,18 @@ fn node(plan: &LogicalPlan) -> Result<(LogicalPlan, Same)> {
                     .collect::<Result<Vec<_>>>()?;
             join.filter = j.filter.clone().map(|f| replace(f, &same)).transpose()?;
             if j.join_type == JoinType::Inner {
-                for (l, r) in &join.on {
-                    if let (Expr::Column(a), Expr::Column(b)) = (l, r)
-                        && exact_equality(&join, a, b)
-                    {
-                        equate(&mut same, a, b);
-                    }
-                }
+                let pairs: Vec<(&Column, &Column)> = join
+                    .on
+                    .iter()
+                    .filter_map(|(l, r)| match (l, r) {
+                        (Expr::Column(a), Expr::Column(b)) if exact_equality(&join, a, b) => {
+                            Some((a, b))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                // Until nothing changes: `b = c` then `a = b` still joins `a` to `c`.
+                while pairs.iter().any(|(a, b)| equate(&mut same, a, b)) {}
             }
             Ok((LogicalPlan::Join(join).recompute_schema()?, same))
         }
@@ -250,17 +263,22 @@ fn mentions(expr: &Expr, same: &Same) -> bool {
         .any(|c| same.iter().any(|(entity, _)| entity == *c))
 }
 
-/// After an inner join on `a = b`, a column equal to `a` is equal to `b` too.
-fn equate(same: &mut Same, a: &Column, b: &Column) {
+/// After an inner join on `a = b`, a column equal to `a` is equal to `b` too. Whether
+/// anything was added.
+fn equate(same: &mut Same, a: &Column, b: &Column) -> bool {
+    let mut added = false;
     for (_, equal) in same.iter_mut() {
         let has_a = equal.contains(a);
         let has_b = equal.contains(b);
         if has_a && !has_b {
             equal.push(b.clone());
+            added = true;
         } else if has_b && !has_a {
             equal.push(a.clone());
+            added = true;
         }
     }
+    added
 }
 
 /// Whether `a = b` holds only for identical values: both of one type that [`exact`].
@@ -332,8 +350,9 @@ mod tests {
     fn an_inner_join_key_joins_the_columns_equal_to_either_side() {
         let c = |n: &str| Column::new(Some("t"), n);
         let mut same: Same = vec![(c("e0"), vec![c("a")]), (c("e1"), vec![c("x")])];
-        equate(&mut same, &c("a"), &c("b"));
-        equate(&mut same, &c("y"), &c("x"));
+        assert!(equate(&mut same, &c("a"), &c("b")));
+        assert!(equate(&mut same, &c("y"), &c("x")));
+        assert!(!equate(&mut same, &c("y"), &c("x")));
         assert_eq!(same[0].1, vec![c("a"), c("b")]);
         assert_eq!(same[1].1, vec![c("x"), c("y")]);
     }

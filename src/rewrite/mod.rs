@@ -268,10 +268,17 @@ pub fn plan(
     typed::check(&optimized)?;
     // Only after the verifier accepted it: one column per entity key (values that are
     // equal by construction). Should it fail, the verified plan runs as it is.
-    match dedupe::apply(optimized.clone()) {
-        Ok(plan) => Ok(plan),
-        Err(e) => {
+    let deduped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        dedupe::apply(optimized.clone())
+    }));
+    match deduped {
+        Ok(Ok(plan)) => Ok(plan),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "entity columns not deduplicated");
+            Ok(optimized)
+        }
+        Err(_) => {
+            tracing::error!("deduplicating entity columns panicked; the verified plan runs");
             Ok(optimized)
         }
     }

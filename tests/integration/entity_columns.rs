@@ -78,42 +78,68 @@ fn by_key(batches: &[RecordBatch]) -> BTreeMap<String, (i64, Option<i64>)> {
     out
 }
 
-#[tokio::test]
-async fn a_join_on_the_entity_key_carries_it_once_and_releases_what_the_k_rule_releases() {
-    let (airlock, _dir) = demo().await;
-    let join = "FROM hospital.patients p JOIN hospital.visits v ON p.patient_id = v.patient_id \
-                GROUP BY p.diagnosis";
-    let (plan, released) = run(
-        &airlock,
-        "analyst",
-        &format!("SELECT p.diagnosis, count(*) AS visits {join}"),
-    )
-    .await;
-    // Both scans read patient_id for the join: no node carries a second copy of it.
-    assert!(!carries_the_key_twice(&plan), "{plan}");
+/// Queries whose scans read the entity key, as the analyst runs them, and the owner's
+/// ground truth: every group with its rows and the fewest distinct patients on any side.
+const CASES: &[(&str, &str)] = &[
+    (
+        // Inner join on the key: the two tables' entities share one column.
+        "SELECT p.diagnosis, count(*) AS n FROM hospital.patients p \
+         JOIN hospital.visits v ON p.patient_id = v.patient_id GROUP BY p.diagnosis",
+        "SELECT p.diagnosis, count(*) AS n, \
+         least(count(DISTINCT p.patient_id), count(DISTINCT v.patient_id)) FROM hospital.patients p \
+         JOIN hospital.visits v ON p.patient_id = v.patient_id GROUP BY p.diagnosis",
+    ),
+    (
+        // Outer join: the null-padded side's entity is NULL with its key, never equated.
+        "SELECT p.diagnosis, count(*) AS n FROM hospital.patients p \
+         LEFT JOIN hospital.visits v ON p.patient_id = v.patient_id GROUP BY p.diagnosis",
+        "SELECT p.diagnosis, count(*) AS n, \
+         least(count(DISTINCT p.patient_id), count(DISTINCT v.patient_id)) FROM hospital.patients p \
+         LEFT JOIN hospital.visits v ON p.patient_id = v.patient_id GROUP BY p.diagnosis",
+    ),
+    (
+        // A self-join through two aliases.
+        "SELECT a.department, count(*) AS n FROM hospital.visits a \
+         JOIN hospital.visits b ON a.patient_id = b.patient_id GROUP BY a.department",
+        "SELECT a.department, count(*) AS n, \
+         least(count(DISTINCT a.patient_id), count(DISTINCT b.patient_id)) FROM hospital.visits a \
+         JOIN hospital.visits b ON a.patient_id = b.patient_id GROUP BY a.department",
+    ),
+    (
+        // The key renamed in a subquery, then joined.
+        "SELECT p.diagnosis, count(*) AS n FROM \
+         (SELECT patient_id AS pid, diagnosis FROM hospital.patients) p \
+         JOIN hospital.visits v ON p.pid = v.patient_id GROUP BY p.diagnosis",
+        "SELECT p.diagnosis, count(*) AS n, \
+         least(count(DISTINCT p.pid), count(DISTINCT v.patient_id)) FROM \
+         (SELECT patient_id AS pid, diagnosis FROM hospital.patients) p \
+         JOIN hospital.visits v ON p.pid = v.patient_id GROUP BY p.diagnosis",
+    ),
+];
 
-    // The owner's view: every group, with its distinct patients.
-    let (_, truth) = run(
-        &airlock,
-        "owner",
-        &format!("SELECT p.diagnosis, count(*) AS visits, count(DISTINCT p.patient_id) {join}"),
-    )
-    .await;
-    let truth = by_key(&truth);
-    let released = by_key(&released);
-    let expected: BTreeMap<String, (i64, Option<i64>)> = truth
-        .iter()
-        .filter(|(_, (_, patients))| patients.unwrap() >= 10)
-        .map(|(k, (visits, _))| (k.clone(), (*visits, None)))
-        .collect();
-    assert_eq!(released, expected);
-    // The case must be able to fail both ways: some groups released, some withheld.
-    assert!(
-        !expected.is_empty() && expected.len() < truth.len(),
-        "{truth:?}"
-    );
+#[tokio::test]
+async fn a_query_reading_the_entity_key_carries_it_once_and_releases_what_the_k_rule_releases() {
+    let (airlock, _dir) = demo().await;
+    let (mut released_groups, mut withheld_groups) = (0, 0);
+    for (analyst_sql, owner_sql) in CASES {
+        let (plan, released) = run(&airlock, "analyst", analyst_sql).await;
+        assert!(!carries_the_key_twice(&plan), "{analyst_sql}\n{plan}");
+        let (_, truth) = run(&airlock, "owner", owner_sql).await;
+        let truth = by_key(&truth);
+        let expected: BTreeMap<String, (i64, Option<i64>)> = truth
+            .iter()
+            .filter(|(_, (_, patients))| patients.unwrap() >= 10)
+            .map(|(k, (n, _))| (k.clone(), (*n, None)))
+            .collect();
+        assert_eq!(by_key(&released), expected, "{analyst_sql}");
+        released_groups += expected.len();
+        withheld_groups += truth.len() - expected.len();
+    }
+    // The cases must be able to fail both ways: groups released and groups withheld.
+    assert!(released_groups > 0 && withheld_groups > 0);
 
     // The threshold counts patients from the key itself, up to the join and past it.
+    let (plan, _) = run(&airlock, "analyst", CASES[0].0).await;
     let text = plan.display_indent().to_string();
     assert!(text.contains("p.patient_id AS __airlock_entity"), "{text}");
 }
