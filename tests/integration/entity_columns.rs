@@ -14,19 +14,7 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::logical_expr::LogicalPlan;
 use futures::TryStreamExt;
 
-async fn demo() -> (Airlock, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = airlock::demo::prepare(
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        airlock::demo::Sizes {
-            patients: 2_000,
-            staff: 40,
-        },
-    )
-    .unwrap();
-    (Airlock::build(config).await.unwrap(), dir)
-}
+use crate::support::demo_airlock;
 
 async fn run(airlock: &Airlock, who: &str, sql: &str) -> (LogicalPlan, Vec<RecordBatch>) {
     let principal = Arc::new(Principal {
@@ -119,7 +107,7 @@ const CASES: &[(&str, &str)] = &[
 
 #[tokio::test]
 async fn a_query_reading_the_entity_key_carries_it_once_and_releases_what_the_k_rule_releases() {
-    let (airlock, _dir) = demo().await;
+    let (airlock, _dir) = demo_airlock().await;
     let (mut released_groups, mut withheld_groups) = (0, 0);
     for (analyst_sql, owner_sql) in CASES {
         let (plan, released) = run(&airlock, "analyst", analyst_sql).await;

@@ -8,6 +8,8 @@ use airlock::auth::Principal;
 use airlock::server::Airlock;
 use futures::StreamExt;
 
+use crate::support::demo_airlock;
+
 /// Plans and runs `sql` as the demo analyst; Ok(rows) or the error's text.
 async fn answer(airlock: &Airlock, sql: &str) -> Result<usize, String> {
     let principal = Arc::new(Principal {
@@ -28,26 +30,12 @@ async fn answer(airlock: &Airlock, sql: &str) -> Result<usize, String> {
     Ok(rows)
 }
 
-async fn demo() -> (Airlock, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = airlock::demo::prepare(
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        airlock::demo::Sizes {
-            patients: 2_000,
-            staff: 40,
-        },
-    )
-    .unwrap();
-    (Airlock::build(config).await.unwrap(), dir)
-}
-
 /// sql_analyzer, 2026-11-28: a UNION ALL one of whose branches is a DP aggregate (the
 /// DP release adds interval columns) made DataFusion's union optimizer index past the
 /// union's schema and panic.
 #[tokio::test]
 async fn a_union_with_a_dp_branch_is_answered_or_refused() {
-    let (airlock, _dir) = demo().await;
+    let (airlock, _dir) = demo_airlock().await;
     let sql = "SELECT count(*) AS c0 FROM hospital.patients p UNION ALL SELECT count(*) AS c0 FROM hospital.patients p JOIN hospital.claims c ON p.patient_id = c.patient_id GROUP BY upper((left(substr(upper(p.name), 39, 41), 44) || lower(lower(lower(p.name))))) ORDER BY 1 DESC LIMIT 76";
     let got = answer(&airlock, sql).await;
     assert!(

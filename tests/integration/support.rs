@@ -202,3 +202,19 @@ pub fn ready_address(child: &mut std::process::Child, prefix: &str) -> String {
         .unwrap_or_else(|| panic!("ready line, got {line:?}"))
         .to_string()
 }
+
+/// The demo built in-process (no listener): 2,000 patients, for tests that plan and run
+/// queries directly.
+pub async fn demo_airlock() -> (Airlock, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = airlock::demo::prepare(
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        airlock::demo::Sizes {
+            patients: 2_000,
+            staff: 40,
+        },
+    )
+    .unwrap();
+    (Airlock::build(config).await.unwrap(), dir)
+}
