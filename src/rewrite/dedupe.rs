@@ -9,8 +9,9 @@
 //! This pass runs on the optimized plan after [`super::verify`] accepted it, and only
 //! changes *which column* holds values that are equal by construction:
 //!
-//! - at a [`Protect`] whose entity is a plain column `U AS E` and which also outputs `U`
-//!   unmasked, `E` is dropped: `U` holds the same values on every row;
+//! - at a [`Protect`](super::protect::Protect) whose entity is a plain column `U AS E`
+//!   and which also outputs `U` unmasked, `E` is dropped: `U` holds the same values on
+//!   every row;
 //! - up through projections, filters, subquery aliases and inner or outer joins, `E`
 //!   stays dropped while a column equal to it is carried, and is put back (`U AS E`) at
 //!   the first projection that keeps none of them;
@@ -19,11 +20,13 @@
 //!   equal on every row it outputs, so an entity equal to one is equal to the other;
 //! - the boundary's aggregate reads the column that holds the values.
 //!
-//! It starts only at a threshold [`Release`] over an aggregate, stops at any other node
-//! (which is left exactly as it was), and keeps the aggregate's output schema exactly:
-//! if anything does not fit, the aggregate is left as the verifier saw it. Counting the
-//! same values from another column gives the same counts, so the k rule's decisions do
-//! not change (the policy and property tests compare every release with an oracle).
+//! It starts only at a threshold [`Release`](super::boundary::Release) over an
+//! aggregate, stops at any other node (which is left exactly as it was), and keeps the
+//! aggregate's output schema exactly: if anything does not fit, the aggregate is left as
+//! the verifier saw it, and every count must read a column of the entity's own type.
+//! Counting the same values from another column gives the same counts, so the k rule's
+//! decisions do not change (`tests/integration/entity_columns.rs` and the property test
+//! compare every release with the owner's view).
 
 use std::sync::Arc;
 
