@@ -29,8 +29,9 @@ use datafusion::logical_expr::{
 use super::PolicyContext;
 use super::allow::aggregates::{self, ArgumentError, ColumnClass, OptIns, Shape, SourceColumn};
 use super::allow::casts;
-use super::allow::functions::{self, Shape as FunctionShape};
+use super::allow::functions::{self, FunctionRule, Shape as FunctionShape, Size};
 use super::allow::operators::{self, NodeRule};
+use super::allow::sizes::{self, Growth};
 use crate::config::TableName;
 use crate::policy::refusal::ReasonCode;
 
@@ -62,6 +63,7 @@ pub fn analyze(plan: &LogicalPlan, ctx: &PolicyContext) -> Analysis {
         next_id: 0,
         recursive: false,
         scans: 0,
+        growth: Growth::default(),
     };
     let root = c.walk(plan);
     if root.raw.is_empty() {
@@ -87,6 +89,21 @@ pub fn analyze(plan: &LogicalPlan, ctx: &PolicyContext) -> Analysis {
             &t,
             format!(
                 "recursive queries over {} are not released automatically",
+                names(&t)
+            ),
+        );
+    }
+    if !c.growth.within_limits() {
+        let t = c.scanned.clone();
+        c.violation(
+            ReasonCode::ExpressionNotAllowed,
+            &t,
+            format!(
+                "concatenations and pads that add {} bytes of literal text to every row (at most {}) and join {} computed values (at most {}) on rows of {}",
+                c.growth.added_bytes,
+                sizes::MAX_ADDED_BYTES,
+                c.growth.joined_operands,
+                sizes::MAX_JOINED_OPERANDS,
                 names(&t)
             ),
         );
@@ -227,6 +244,8 @@ struct Checker<'a> {
     next_id: usize,
     recursive: bool,
     scans: usize,
+    /// What the concatenations and pads below boundaries add to a row (allow::sizes).
+    growth: Growth,
 }
 
 /// The context of one expression check: where it stands and which tables it touches.
@@ -576,11 +595,17 @@ impl Checker<'_> {
             Expr::Literal(..) | Expr::Placeholder(_) => Kind::Public,
             Expr::Alias(a) => self.value(&a.expr, place),
             Expr::BinaryExpr(b) => self.binary(b, place),
-            Expr::Like(l) | Expr::SimilarTo(l) => {
+            Expr::Like(l) => {
                 let kind = self.operand(&l.expr, "a pattern match", place);
-                if !is_constant(&l.pattern) {
-                    self.not_allowed(place, "a pattern that is not a literal");
-                }
+                self.pattern(&l.pattern, place);
+                kind
+            }
+            Expr::SimilarTo(l) => {
+                let kind = self.operand(&l.expr, "a pattern match", place);
+                self.not_allowed(
+                    place,
+                    "SIMILAR TO (a regular expression; only LIKE and ILIKE patterns are on the list)",
+                );
                 kind
             }
             Expr::Not(x)
@@ -648,6 +673,7 @@ impl Checker<'_> {
                     );
                     return Kind::Filterable;
                 };
+                self.size(rule, &f.args, place);
                 let mut k = Kind::Public;
                 for (i, a) in f.args.iter().enumerate() {
                     if rule.literal_args.contains(&i) {
@@ -774,12 +800,20 @@ impl Checker<'_> {
             }
             And | Or => "a condition",
             Plus | Minus | Multiply | Divide | Modulo => "arithmetic",
-            StringConcat => "a string concatenation",
-            LikeMatch | ILikeMatch | NotLikeMatch | NotILikeMatch | RegexMatch | RegexIMatch
-            | RegexNotMatch | RegexNotIMatch => {
-                if !is_constant(&b.right) {
-                    self.not_allowed(place, "a pattern that is not a literal");
-                }
+            StringConcat => {
+                self.growth.operand(&b.left);
+                self.growth.operand(&b.right);
+                "a string concatenation"
+            }
+            LikeMatch | ILikeMatch | NotLikeMatch | NotILikeMatch => {
+                self.pattern(&b.right, place);
+                "a pattern match"
+            }
+            RegexMatch | RegexIMatch | RegexNotMatch | RegexNotIMatch => {
+                self.not_allowed(
+                    place,
+                    "a regular-expression match (only LIKE and ILIKE patterns are on the list)",
+                );
                 "a pattern match"
             }
             _ => {
@@ -801,6 +835,68 @@ impl Checker<'_> {
         let l = self.operand(&b.left, what, place);
         let r = self.operand(&b.right, what, place);
         l.join(r)
+    }
+
+    /// A LIKE / ILIKE pattern: a literal short enough to compile on every row.
+    fn pattern(&mut self, pattern: &Expr, place: &Place) {
+        if !sizes::pattern_fits(pattern) {
+            self.not_allowed(
+                place,
+                &format!(
+                    "a pattern that is not a literal of at most {} characters",
+                    sizes::MAX_PATTERN_CHARS
+                ),
+            );
+        }
+    }
+
+    /// How long a function's result can be (allow::sizes): pads take a small literal
+    /// length, substitutions never grow a string, concatenations count towards the
+    /// query's growth.
+    fn size(&mut self, rule: &FunctionRule, args: &[Expr], place: &Place) {
+        let name = rule.name;
+        match rule.size {
+            Size::Bounded => {}
+            Size::Joins => {
+                for a in args {
+                    self.growth.operand(a);
+                }
+                // concat_ws writes its separator between every two arguments.
+                if name == "concat_ws" {
+                    for _ in 2..args.len() {
+                        self.growth.operand(&args[0]);
+                    }
+                }
+            }
+            Size::Pads(at) => match args.get(at).and_then(sizes::pad_chars) {
+                Some(chars) => self.growth.pad(chars),
+                None => self.not_allowed(
+                    place,
+                    &format!(
+                        "{name} with a length that is not an integer literal of at most {} characters",
+                        sizes::MAX_PAD_CHARS
+                    ),
+                ),
+            },
+            Size::Replaces(from, to) | Size::Translates(from, to) => {
+                let text = |i: usize| args.get(i).and_then(sizes::literal_text);
+                let grows = match (text(from), text(to)) {
+                    (Some(f), Some(t)) if matches!(rule.size, Size::Replaces(..)) => {
+                        sizes::replace_grows(f, t)
+                    }
+                    (Some(f), Some(t)) => sizes::translate_grows(f, t),
+                    _ => true,
+                };
+                if grows {
+                    self.not_allowed(
+                        place,
+                        &format!(
+                            "{name} with a replacement longer than what it replaces (no string may grow)"
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     fn restricted(&mut self, place: &Place, source: &SourceColumn, class: ColumnClass, what: &str) {

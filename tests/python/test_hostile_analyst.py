@@ -19,7 +19,8 @@ Outcomes (printed as a table at the end of the module):
   filterable columns, which the contract (PRIVACY.md 3.6, last paragraph) does not promise to
   stop. They are reported, never failed (xfail when they succeed).
 
-The contract is /work/shared/spec/PRIVACY.md (sections 3 and 6). Timing channels are out of scope.
+The contract is /work/shared/spec/PRIVACY.md (sections 3 and 6). Timing channels are out of scope;
+the errors of work the analyst sizes (a pad, a pattern) on hidden rows are class 11.
 """
 
 from __future__ import annotations
@@ -1634,6 +1635,66 @@ def _(ctx, t):
     c = ctx.q(f'SELECT diagnosis, count(*) FROM (SELECT diagnosis, age AS "__airlock_entity#0#10#d#hospital.patients" '
               f"FROM {P}) GROUP BY diagnosis")
     ctx.kcheck(c, t.pt, ["diagnosis"], what="spoofed entity column")
+
+
+# ---- class 11: the work a hidden row costs (hostile round 17) ----------------------------------
+# Rows of withheld groups are still computed on. A pad, a pattern or a concatenation the analyst
+# sizes made that work (its time, or an error when it overflowed) count the hidden rows. Timing is
+# out of scope here; the errors are not: each probe pair differs only in whether U matches.
+
+
+def _rows_oracle(ctx, t, select: str, what: str, where_extra: str = "", values_leak: bool = False,
+                 beside: bool = True):
+    """Probes with U's true diagnosis against another one: U's row alone, or (`beside`) next to
+    one other known row, reaches the expression, or only that other row (or none) does."""
+    other = f"diagnosis = {lit(t.rd)} OR " if beside else ""
+
+    def probe(d):
+        return ctx.q(f"SELECT {select} FROM {P} WHERE ({other}({t.U} AND diagnosis = {lit(d)})){where_extra}")
+
+    ctx.oracle(what, probe(t.u.diagnosis), probe(t.u_other_dx), [(t.u.diagnosis, t.u_other_dx)],
+               values_leak=values_leak)
+
+
+@attack("c11_lpad_offset_overflow", "11 per-row work")
+def _(ctx, t):
+    # Two padded rows of 1.1e9 characters in one batch overflow a string array; one does not.
+    _rows_oracle(ctx, t, "length(lpad(zip, 1100000000)) AS g, count(*)", "diagnosis of U (lpad overflow)",
+                 " GROUP BY 1")
+
+
+@attack("c11_regex_compiles_only_on_rows", "11 per-row work")
+def _(ctx, t):
+    _rows_oracle(ctx, t, "count(*)", "diagnosis of U (a regex that fails to compile)",
+                 " AND zip ~ '(a{1000}){1000}'", beside=False)
+
+
+@attack("c11_similar_to_compiles_only_on_rows", "11 per-row work")
+def _(ctx, t):
+    _rows_oracle(ctx, t, "count(*)", "diagnosis of U (SIMILAR TO '(')", " AND zip SIMILAR TO '('", beside=False)
+
+
+@attack("c11_long_like_pattern", "11 per-row work")
+def _(ctx, t):
+    pattern = "%" + "_" * 300_000 + "%"
+    _rows_oracle(ctx, t, "count(*)", "diagnosis of U (a LIKE pattern too large to compile)",
+                 f" AND zip LIKE '{pattern}'", beside=False)
+
+
+@attack("c11_concat_huge_literal", "11 per-row work")
+def _(ctx, t):
+    big = "x" * 200_000
+    _rows_oracle(ctx, t, "length(concat(zip, '" + big + "', '" + big + "')) AS g, count(*)",
+                 "diagnosis of U (concatenated literal text)", " GROUP BY 1")
+
+
+@attack("c11_replace_grows", "11 per-row work")
+def _(ctx, t):
+    # Nested, a replacement longer than its pattern multiplies a string's length (kept small
+    # here, so that a regression fails this test rather than the machine's memory).
+    to = "1" * 1_000
+    _rows_oracle(ctx, t, f"length(replace(replace(zip, '1', '{to}'), '1', '{to}')) AS g, count(*)",
+                 "diagnosis of U (replace that grows)", " GROUP BY 1")
 
 
 # ---- masked columns ---------------------------------------------------------------------------

@@ -19,6 +19,10 @@
 //! Some functions need some arguments to be literals ([`FunctionRule::literal_args`]):
 //! a pattern, a unit, a format. A literal chosen by the analyst is not protected data,
 //! while a column there would let one row's value decide how another is computed.
+//!
+//! [`Size`] says how long a string result can be: most results are no longer than their
+//! inputs; the few functions that can make longer ones are held to the limits of
+//! [`super::sizes`], so the analyst cannot choose how much work a hidden row costs.
 
 /// Whether a function can fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +42,23 @@ pub enum Shape {
     Conditional,
 }
 
+/// How long a function's result can be (limits in [`super::sizes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    /// No longer than its arguments together, or of a fixed size (a number, a date, a
+    /// hash): nothing to count.
+    Bounded,
+    /// Its arguments joined: literal text and computed operands count towards the
+    /// query's [`super::sizes::Growth`].
+    Joins,
+    /// As many characters as the literal length argument at this position says.
+    Pads(usize),
+    /// Replaces the literal at `.0` by the literal at `.1`, as whole strings.
+    Replaces(usize, usize),
+    /// Maps the characters of the literal at `.0` to those of the literal at `.1`.
+    Translates(usize, usize),
+}
+
 /// One allowed function.
 #[derive(Debug, Clone, Copy)]
 pub struct FunctionRule {
@@ -47,6 +68,7 @@ pub struct FunctionRule {
     pub shape: Shape,
     /// Argument positions that must be literals (or parameters).
     pub literal_args: &'static [usize],
+    pub size: Size,
     /// Why the function is total, or what the guard catches.
     pub why: &'static str,
 }
@@ -57,6 +79,7 @@ const fn total(name: &'static str, why: &'static str) -> FunctionRule {
         totality: Totality::Total,
         shape: Shape::Computed,
         literal_args: &[],
+        size: Size::Bounded,
         why,
     }
 }
@@ -67,6 +90,7 @@ const fn guarded(name: &'static str, why: &'static str) -> FunctionRule {
         totality: Totality::Guarded,
         shape: Shape::Computed,
         literal_args: &[],
+        size: Size::Bounded,
         why,
     }
 }
@@ -77,12 +101,18 @@ const fn conditional(name: &'static str, why: &'static str) -> FunctionRule {
         totality: Totality::Total,
         shape: Shape::Conditional,
         literal_args: &[],
+        size: Size::Bounded,
         why,
     }
 }
 
 const fn literal(mut rule: FunctionRule, positions: &'static [usize]) -> FunctionRule {
     rule.literal_args = positions;
+    rule
+}
+
+const fn sized(mut rule: FunctionRule, size: Size) -> FunctionRule {
+    rule.size = size;
     rule
 }
 
@@ -107,13 +137,19 @@ pub const FUNCTIONS: &[FunctionRule] = &[
     total("character_length", "every string has a length"),
     total("octet_length", "every string has a byte length"),
     total("bit_length", "every string has a bit length"),
-    total("concat", "joins strings; NULL arguments are skipped"),
-    literal(
-        total(
-            "concat_ws",
-            "joins strings with a literal separator; NULL arguments are skipped",
+    sized(
+        total("concat", "joins strings; NULL arguments are skipped"),
+        Size::Joins,
+    ),
+    sized(
+        literal(
+            total(
+                "concat_ws",
+                "joins strings with a literal separator; NULL arguments are skipped",
+            ),
+            &[0],
         ),
-        &[0],
+        Size::Joins,
     ),
     total("reverse", "every string has a reverse"),
     total("starts_with", "a comparison of prefixes, NULL on NULL"),
@@ -140,12 +176,15 @@ pub const FUNCTIONS: &[FunctionRule] = &[
         ),
         &[1],
     ),
-    literal(
-        total(
-            "replace",
-            "replaces a literal substring; every string has a result",
+    sized(
+        literal(
+            total(
+                "replace",
+                "replaces a literal substring by one no longer; every string has a result",
+            ),
+            &[1, 2],
         ),
-        &[1, 2],
+        Size::Replaces(1, 2),
     ),
     literal(
         guarded(
@@ -154,23 +193,35 @@ pub const FUNCTIONS: &[FunctionRule] = &[
         ),
         &[1, 2],
     ),
-    literal(
-        guarded(
-            "lpad",
-            "fails when the literal length is too large to allocate; guarded",
+    sized(
+        literal(
+            guarded(
+                "lpad",
+                "pads or cuts to a literal length of at most 1,000 characters; guarded",
+            ),
+            &[1, 2],
         ),
-        &[1, 2],
+        Size::Pads(1),
     ),
-    literal(
-        guarded(
-            "rpad",
-            "fails when the literal length is too large to allocate; guarded",
+    sized(
+        literal(
+            guarded(
+                "rpad",
+                "pads or cuts to a literal length of at most 1,000 characters; guarded",
+            ),
+            &[1, 2],
         ),
-        &[1, 2],
+        Size::Pads(1),
     ),
-    literal(
-        total("translate", "maps characters through literal lists"),
-        &[1, 2],
+    sized(
+        literal(
+            total(
+                "translate",
+                "maps characters through literal lists, each to one no longer",
+            ),
+            &[1, 2],
+        ),
+        Size::Translates(1, 2),
     ),
     total("md5", "hashes every string"),
     total("sha256", "hashes every string or binary value"),

@@ -4,6 +4,7 @@
 //! - [`functions`]: the scalar functions, each with why it is total.
 //! - [`casts`]: the casts that cannot fail, and those that keep a value's identity.
 //! - [`aggregates`]: what an aggregate's argument may be.
+//! - [`sizes`]: how much work one row may cost (pattern lengths, pads, concatenations).
 //!
 //! The checker ([`super::check`]) looks facts up here; it never searches for bad patterns.
 
@@ -11,3 +12,4 @@ pub mod aggregates;
 pub mod casts;
 pub mod functions;
 pub mod operators;
+pub mod sizes;

@@ -1,0 +1,216 @@
+//! How much work one row may cost below a release boundary (PRIVACY.md §3.2.1, §3.7).
+//!
+//! The rows of a withheld group are still read and computed on; only the result is held
+//! back. If the analyst could choose how much work each row costs, the time a query takes
+//! (or whether it runs out of room) would count the rows of groups the answer hides:
+//! `length(lpad(zip, 100000000))` over a filter that matches one patient took 0.2 s more
+//! than over one that matches none (hostile round 17), and with two such rows in a batch
+//! the string array overflowed, an error that fired only when the filter matched. The same
+//! held for a LIKE or regular-expression pattern that compiles only when a row reaches it.
+//!
+//! So every expression below a boundary does work bounded by its input and by a small,
+//! fixed amount the query text chooses:
+//!
+//! | construct | rule |
+//! |---|---|
+//! | `LIKE` / `ILIKE` | a literal pattern of at most [`MAX_PATTERN_CHARS`] characters (it compiles on every input) |
+//! | `SIMILAR TO`, `~`, `~*`, `!~`, `!~*` | not on the contract's list (§3.2): refused |
+//! | `lpad`, `rpad` | an integer literal length of at most [`MAX_PAD_CHARS`] characters |
+//! | `replace` | the replacement no longer (in bytes) than the text it replaces: no string grows |
+//! | `translate` | each character maps to one no longer in bytes: no string grows |
+//! | `concat`, `concat_ws`, `\|\|` | the query's literal text and padding, together, at most [`MAX_ADDED_BYTES`]; at most [`MAX_JOINED_OPERANDS`] computed operands joined in the whole query |
+//! | every other allowed function | a result no longer than its inputs, or of fixed size (see [`super::functions`]) |
+//!
+//! With these, one row's strings are at most its own values copied
+//! [`MAX_JOINED_OPERANDS`] times plus [`MAX_ADDED_BYTES`]: a batch of 8,192 rows stays far
+//! from the 2 GiB limit of a string array for any column under 3 KiB.
+
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::Expr;
+
+/// The longest LIKE / ILIKE pattern below a boundary, in characters. A pattern of this
+/// length compiles well inside the regular-expression engine's size limit whatever its
+/// characters (the test below compiles the worst ones through Arrow's kernel).
+pub const MAX_PATTERN_CHARS: usize = 1_000;
+
+/// The longest result `lpad` / `rpad` may make below a boundary, in characters.
+pub const MAX_PAD_CHARS: i64 = 1_000;
+
+/// The literal text (and padding, at 4 bytes a character) that concatenations and pads in
+/// one query may add to a row, in bytes.
+pub const MAX_ADDED_BYTES: usize = 16 * 1024;
+
+/// How many computed operands (columns, or functions of them) the concatenations of one
+/// query may join in all.
+pub const MAX_JOINED_OPERANDS: usize = 64;
+
+/// The text of a string literal (through casts and aliases), if `e` is one.
+pub fn literal_text(e: &Expr) -> Option<&str> {
+    match e {
+        Expr::Literal(
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::LargeUtf8(Some(s))
+            | ScalarValue::Utf8View(Some(s)),
+            _,
+        ) => Some(s),
+        Expr::Cast(c) => literal_text(&c.expr),
+        Expr::TryCast(c) => literal_text(&c.expr),
+        Expr::Alias(a) => literal_text(&a.expr),
+        _ => None,
+    }
+}
+
+/// The value of an integer literal (through casts and aliases), if `e` is one.
+pub fn literal_integer(e: &Expr) -> Option<i64> {
+    match e {
+        Expr::Literal(v, _) => match v {
+            ScalarValue::Int8(Some(n)) => Some(i64::from(*n)),
+            ScalarValue::Int16(Some(n)) => Some(i64::from(*n)),
+            ScalarValue::Int32(Some(n)) => Some(i64::from(*n)),
+            ScalarValue::Int64(Some(n)) => Some(*n),
+            ScalarValue::UInt8(Some(n)) => Some(i64::from(*n)),
+            ScalarValue::UInt16(Some(n)) => Some(i64::from(*n)),
+            ScalarValue::UInt32(Some(n)) => Some(i64::from(*n)),
+            ScalarValue::UInt64(Some(n)) => i64::try_from(*n).ok(),
+            _ => None,
+        },
+        Expr::Cast(c) => literal_integer(&c.expr),
+        Expr::TryCast(c) => literal_integer(&c.expr),
+        Expr::Alias(a) => literal_integer(&a.expr),
+        _ => None,
+    }
+}
+
+/// Whether a LIKE / ILIKE pattern may stand below a boundary.
+pub fn pattern_fits(pattern: &Expr) -> bool {
+    literal_text(pattern).is_some_and(|p| p.chars().count() <= MAX_PATTERN_CHARS)
+}
+
+/// The characters an `lpad` / `rpad` length argument asks for, if it is allowed.
+pub fn pad_chars(length: &Expr) -> Option<i64> {
+    literal_integer(length).filter(|n| *n <= MAX_PAD_CHARS)
+}
+
+/// Whether `replace(s, from, to)` can make a string longer.
+pub fn replace_grows(from: &str, to: &str) -> bool {
+    to.len() > from.len()
+}
+
+/// Whether `translate(s, from, to)` can make a string longer: a character of `from` is
+/// replaced by the character at the same position of `to` (or deleted when `to` is
+/// shorter).
+pub fn translate_grows(from: &str, to: &str) -> bool {
+    from.chars()
+        .zip(to.chars())
+        .any(|(f, t)| t.len_utf8() > f.len_utf8())
+}
+
+/// What the concatenations and pads of one query add to a row, counted as the checker
+/// meets them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Growth {
+    pub added_bytes: usize,
+    pub joined_operands: usize,
+}
+
+impl Growth {
+    /// Counts one operand of a concatenation: literal text by its bytes, anything else
+    /// as one computed operand.
+    pub fn operand(&mut self, e: &Expr) {
+        match literal_text(e) {
+            Some(text) => self.added_bytes = self.added_bytes.saturating_add(text.len()),
+            None if matches!(e, Expr::Literal(..)) => {
+                // A number or date literal prints in a few bytes.
+                self.added_bytes = self.added_bytes.saturating_add(64);
+            }
+            None => self.joined_operands += 1,
+        }
+    }
+
+    /// Counts a padded result of `chars` characters (at most 4 bytes each).
+    pub fn pad(&mut self, chars: i64) {
+        let bytes = usize::try_from(chars.max(0)).unwrap_or(usize::MAX);
+        self.added_bytes = self.added_bytes.saturating_add(bytes.saturating_mul(4));
+    }
+
+    pub fn within_limits(&self) -> bool {
+        self.added_bytes <= MAX_ADDED_BYTES && self.joined_operands <= MAX_JOINED_OPERANDS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{BooleanArray, Scalar, StringArray};
+    use datafusion::arrow::compute::kernels::comparison::{ilike, like};
+    use datafusion::logical_expr::{cast, lit};
+
+    use super::*;
+
+    #[test]
+    fn the_longest_allowed_patterns_compile_on_rows() {
+        // The costliest characters for the regular expression a pattern becomes: `_` (any
+        // one character, a large UTF-8 class) between `%`, and letters with many case
+        // variants under ILIKE.
+        let rows = StringArray::from(vec!["12183", "Kelvin K ſ", ""]);
+        for unit in ["_", "%_", "k", "ſ", "\\_", "%"] {
+            let pattern: String = unit.repeat(MAX_PATTERN_CHARS / unit.chars().count());
+            assert!(pattern.chars().count() <= MAX_PATTERN_CHARS);
+            let p = Scalar::new(StringArray::from(vec![pattern.as_str()]));
+            let a: BooleanArray = like(&rows, &p).expect("LIKE compiles");
+            assert_eq!(a.len(), 3);
+            ilike(&rows, &p).expect("ILIKE compiles");
+        }
+    }
+
+    #[test]
+    fn patterns_are_literals_of_bounded_length() {
+        assert!(pattern_fits(&lit("PROMO%")));
+        assert!(pattern_fits(&cast(
+            lit("a%"),
+            datafusion::arrow::datatypes::DataType::Utf8View
+        )));
+        assert!(pattern_fits(&lit("_".repeat(MAX_PATTERN_CHARS))));
+        assert!(!pattern_fits(&lit("_".repeat(MAX_PATTERN_CHARS + 1))));
+        assert!(!pattern_fits(&datafusion::logical_expr::col("zip")));
+    }
+
+    #[test]
+    fn pads_take_small_integer_literals() {
+        assert_eq!(pad_chars(&lit(5i64)), Some(5));
+        assert_eq!(pad_chars(&lit(MAX_PAD_CHARS)), Some(MAX_PAD_CHARS));
+        assert_eq!(pad_chars(&lit(100_000_000i64)), None);
+        assert_eq!(pad_chars(&lit(u64::MAX)), None);
+        assert_eq!(pad_chars(&lit("5")), None);
+        assert_eq!(pad_chars(&(lit(500i64) + lit(500i64))), None);
+    }
+
+    #[test]
+    fn substitutions_that_grow_are_found() {
+        assert!(!replace_grows("-", ""));
+        assert!(!replace_grows("ab", "c"));
+        assert!(replace_grows("", "x"));
+        assert!(replace_grows("1", "0000"));
+        assert!(!translate_grows("abc", "xyz"));
+        assert!(!translate_grows("abc", "x"));
+        assert!(!translate_grows("é", "e"));
+        assert!(translate_grows("a", "€"));
+    }
+
+    #[test]
+    fn growth_counts_literals_pads_and_operands() {
+        let mut g = Growth::default();
+        g.operand(&lit("-"));
+        g.operand(&datafusion::logical_expr::col("zip"));
+        g.pad(10);
+        assert_eq!(g.added_bytes, 1 + 40);
+        assert_eq!(g.joined_operands, 1);
+        assert!(g.within_limits());
+        g.operand(&lit("x".repeat(MAX_ADDED_BYTES)));
+        assert!(!g.within_limits());
+        let mut g = Growth::default();
+        for _ in 0..=MAX_JOINED_OPERANDS {
+            g.operand(&datafusion::logical_expr::col("zip"));
+        }
+        assert!(!g.within_limits());
+    }
+}
