@@ -31,7 +31,7 @@ use super::allow::aggregates::{self, ArgumentError, ColumnClass, OptIns, Shape, 
 use super::allow::casts;
 use super::allow::functions::{self, FunctionRule, Shape as FunctionShape, Size};
 use super::allow::operators::{self, NodeRule};
-use super::allow::sizes::{self, Growth};
+use super::allow::sizes::{self, Growth, Width};
 use crate::config::TableName;
 use crate::policy::refusal::ReasonCode;
 
@@ -99,11 +99,13 @@ pub fn analyze(plan: &LogicalPlan, ctx: &PolicyContext) -> Analysis {
             ReasonCode::ExpressionNotAllowed,
             &t,
             format!(
-                "concatenations and pads that add {} bytes of literal text to every row (at most {}) and join {} computed values (at most {}) on rows of {}",
+                "concatenations and pads that add {} bytes of literal text to every row (at most {}) and join {} computed values (at most {}), and patterns of {} characters (at most {}), on rows of {}",
                 c.growth.added_bytes,
                 sizes::MAX_ADDED_BYTES,
                 c.growth.joined_operands,
                 sizes::MAX_JOINED_OPERANDS,
+                c.growth.pattern_chars,
+                sizes::MAX_PATTERN_CHARS,
                 names(&t)
             ),
         );
@@ -195,14 +197,28 @@ struct Col {
     kind: Kind,
     shape: Shape,
     provenance: Provenance,
+    /// How long its strings can be (allow::sizes).
+    width: Width,
 }
 
 impl Col {
     fn public(provenance: Provenance) -> Self {
+        let width = match provenance {
+            // The owner's data, or numbers.
+            Provenance::Catalog | Provenance::Column { .. } => Width::STORED,
+            Provenance::Series => Width::SCALAR,
+            // VALUES: set from its literals where the list is read. Anything else (a
+            // released value, a one-row relation) may be as long as the analyst made it.
+            Provenance::Values { .. }
+            | Provenance::GroupKey { .. }
+            | Provenance::Single
+            | Provenance::Other => Width::UNKNOWN,
+        };
         Self {
             kind: Kind::Public,
             shape: Shape::Constant,
             provenance,
+            width,
         }
     }
 }
@@ -381,6 +397,7 @@ impl Checker<'_> {
                                         numeric: f.data_type().is_numeric(),
                                     },
                                     provenance: Provenance::Catalog,
+                                    width: Width::STORED,
                                 }
                             })
                             .collect();
@@ -419,7 +436,18 @@ impl Checker<'_> {
                 self.values.push(v.values.clone());
                 Info {
                     cols: (0..width)
-                        .map(|index| Col::public(Provenance::Values { id, index }))
+                        .map(|index| Col {
+                            width: v
+                                .values
+                                .iter()
+                                .filter_map(|row| row.get(index))
+                                .map(literal_width)
+                                .fold(Width::default(), |a, b| Width {
+                                    text: a.text.max(b.text),
+                                    copies: a.copies.max(b.copies),
+                                }),
+                            ..Col::public(Provenance::Values { id, index })
+                        })
                         .collect(),
                     ..Info::default()
                 }
@@ -571,6 +599,7 @@ impl Checker<'_> {
             },
             shape,
             provenance: Provenance::Other,
+            width: self.width(e, place),
         }
     }
 
@@ -597,7 +626,7 @@ impl Checker<'_> {
             Expr::BinaryExpr(b) => self.binary(b, place),
             Expr::Like(l) => {
                 let kind = self.operand(&l.expr, "a pattern match", place);
-                self.pattern(&l.pattern, place);
+                self.pattern(&l.expr, &l.pattern, place);
                 kind
             }
             Expr::SimilarTo(l) => {
@@ -674,6 +703,8 @@ impl Checker<'_> {
                     return Kind::Filterable;
                 };
                 self.size(rule, &f.args, place);
+                let width = self.width(e, place);
+                self.wide(width, name, place);
                 let mut k = Kind::Public;
                 for (i, a) in f.args.iter().enumerate() {
                     if rule.literal_args.contains(&i) {
@@ -803,10 +834,12 @@ impl Checker<'_> {
             StringConcat => {
                 self.growth.operand(&b.left);
                 self.growth.operand(&b.right);
+                let width = self.width(&b.left, place).plus(self.width(&b.right, place));
+                self.wide(width, "a string concatenation", place);
                 "a string concatenation"
             }
             LikeMatch | ILikeMatch | NotLikeMatch | NotILikeMatch => {
-                self.pattern(&b.right, place);
+                self.pattern(&b.left, &b.right, place);
                 "a pattern match"
             }
             RegexMatch | RegexIMatch | RegexNotMatch | RegexNotIMatch => {
@@ -837,16 +870,119 @@ impl Checker<'_> {
         l.join(r)
     }
 
-    /// A LIKE / ILIKE pattern: a literal short enough to compile on every row.
-    fn pattern(&mut self, pattern: &Expr, place: &Place) {
-        if !sizes::pattern_fits(pattern) {
-            self.not_allowed(
+    /// A LIKE / ILIKE pattern: a literal short enough to compile on every row, matched
+    /// against a string short enough that matching costs little per row.
+    fn pattern(&mut self, input: &Expr, pattern: &Expr, place: &Place) {
+        match sizes::literal_text(pattern) {
+            Some(p) if sizes::pattern_fits(pattern) => {
+                self.growth.pattern_chars =
+                    self.growth.pattern_chars.saturating_add(p.chars().count());
+            }
+            _ => self.not_allowed(
                 place,
                 &format!(
                     "a pattern that is not a literal of at most {} characters",
                     sizes::MAX_PATTERN_CHARS
                 ),
+            ),
+        }
+        if !self.width(input, place).fits_pattern() {
+            self.not_allowed(
+                place,
+                &format!(
+                    "a pattern match on more than one stored value and {} bytes of literal text",
+                    sizes::MAX_PATTERN_INPUT_BYTES
+                ),
             );
+        }
+    }
+
+    /// A string made below a boundary may be at most so long (allow::sizes).
+    fn wide(&mut self, width: Width, what: &str, place: &Place) {
+        if !width.fits() {
+            self.not_allowed(
+                place,
+                &if width.text >= Width::UNKNOWN.text {
+                    format!("{what} of a released value (its length is not bounded)")
+                } else {
+                    format!(
+                        "{what} making strings of up to {} bytes of literal text and {} stored values per row (at most {} and {})",
+                        width.text,
+                        width.copies,
+                        sizes::MAX_ADDED_BYTES,
+                        sizes::MAX_JOINED_OPERANDS
+                    )
+                },
+            );
+        }
+    }
+
+    /// How long the strings of `e` can be, from its columns' widths (allow::sizes).
+    /// Anything that is not text (a number, a date, a boolean) prints in a few bytes.
+    fn width(&self, e: &Expr, place: &Place) -> Width {
+        let is_text = e.get_type(place.schema).is_ok_and(|t| {
+            use datafusion::arrow::datatypes::DataType::*;
+            matches!(
+                t,
+                Utf8 | LargeUtf8 | Utf8View | Binary | LargeBinary | BinaryView | Dictionary(..)
+            )
+        });
+        if !is_text && !matches!(e, Expr::Literal(..)) {
+            return Width::SCALAR;
+        }
+        let sum = |args: &[Expr]| {
+            args.iter()
+                .fold(Width::default(), |w, a| w.plus(self.width(a, place)))
+        };
+        match e {
+            Expr::Column(c) => place
+                .schema
+                .index_of_column(c)
+                .ok()
+                .and_then(|i| place.cols.get(i))
+                .map(|c| c.width)
+                .unwrap_or(Width::UNKNOWN),
+            Expr::Literal(..) => literal_width(e),
+            Expr::Alias(a) => self.width(&a.expr, place),
+            Expr::Cast(c) => self.width(&c.expr, place),
+            Expr::TryCast(c) => self.width(&c.expr, place),
+            Expr::BinaryExpr(b) if b.op == Operator::StringConcat => {
+                self.width(&b.left, place).plus(self.width(&b.right, place))
+            }
+            Expr::Case(c) => c
+                .when_then_expr
+                .iter()
+                .map(|(_, t)| self.width(t, place))
+                .chain(c.else_expr.iter().map(|x| self.width(x, place)))
+                .fold(Width::SCALAR, Width::plus),
+            Expr::ScalarFunction(f) => match functions::rule(f.func.name()).map(|r| r.size) {
+                // A length that is not allowed is refused on its own (`size`).
+                Some(Size::Pads(at)) => f
+                    .args
+                    .get(at)
+                    .and_then(sizes::pad_chars)
+                    .map(|n| Width::text(usize::try_from(n.max(0)).unwrap_or(0) * 4))
+                    .unwrap_or(Width::SCALAR),
+                Some(Size::Replaces(..) | Size::Translates(..)) => f
+                    .args
+                    .first()
+                    .map(|a| self.width(a, place))
+                    .unwrap_or(Width::SCALAR),
+                Some(Size::Joins) => {
+                    let mut w = sum(&f.args);
+                    if f.func.name() == "concat_ws" {
+                        for _ in 2..f.args.len() {
+                            w = w.plus(self.width(&f.args[0], place));
+                        }
+                    }
+                    w
+                }
+                Some(Size::Bounded) => sum(&f.args),
+                None => Width::UNKNOWN,
+            },
+            Expr::ScalarSubquery(_) => Width::UNKNOWN,
+            // Comparisons, arithmetic, conditions: numbers and booleans.
+            _ => Width::SCALAR,
         }
     }
 
@@ -1691,6 +1827,15 @@ fn common_equalities(e: &Expr, schema: &DFSchema) -> BTreeSet<(usize, usize)> {
             })
             .collect(),
         other => equality(other, schema).map(norm).into_iter().collect(),
+    }
+}
+
+/// How long a literal's text is (a number, date or boolean prints in a few bytes).
+fn literal_width(e: &Expr) -> Width {
+    match sizes::literal_text(e) {
+        Some(t) => Width::text(t.len()),
+        None if matches!(e, Expr::Literal(..)) => Width::SCALAR,
+        None => Width::UNKNOWN,
     }
 }
 

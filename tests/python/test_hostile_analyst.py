@@ -1697,6 +1697,25 @@ def _(ctx, t):
                  "diagnosis of U (replace that grows)", " GROUP BY 1")
 
 
+@attack("c11_nested_doubling_overflow", "11 per-row work")
+def _(ctx, t):
+    # Hostile round 18: each subquery level doubles a string within every per-query limit
+    # (two operands, one 16 KiB literal); after 17 levels one row is over 2^31 bytes.
+    sql = f"concat(zip, '{'x' * 16_383}')"
+    for level in range(17):
+        sql = f"SELECT concat(x{level}, x{level}) AS x{level + 1} FROM (SELECT {sql} AS x{level} FROM {P}" \
+            if level == 0 else f"SELECT concat(x{level}, x{level}) AS x{level + 1} FROM ({sql}) s{level}"
+        if level == 0:
+            sql += " WHERE {where}) s0"
+    template = f"SELECT length(x17) AS g, count(*) FROM ({sql}) outermost GROUP BY 1"
+
+    def probe(d):
+        return ctx.q(template.replace("{where}", f"{t.U} AND diagnosis = {lit(d)}"))
+
+    ctx.oracle("diagnosis of U (a string doubled through subqueries)", probe(t.u.diagnosis),
+               probe(t.u_other_dx), [(t.u.diagnosis, t.u_other_dx)], values_leak=False)
+
+
 # ---- masked columns ---------------------------------------------------------------------------
 
 

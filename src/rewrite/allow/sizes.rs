@@ -28,10 +28,15 @@
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::Expr;
 
-/// The longest LIKE / ILIKE pattern below a boundary, in characters. A pattern of this
-/// length compiles well inside the regular-expression engine's size limit whatever its
-/// characters (the test below compiles the worst ones through Arrow's kernel).
+/// The LIKE / ILIKE patterns of one query below its boundaries, in characters together.
+/// A pattern of this length compiles well inside the regular-expression engine's size
+/// limit whatever its characters (the test below compiles the worst ones through Arrow's
+/// kernel), and matching costs at most pattern × input per row.
 pub const MAX_PATTERN_CHARS: usize = 1_000;
+
+/// The longest text a LIKE / ILIKE may run on, beyond one stored value: its literal
+/// part, in bytes (see [`Width::fits_pattern`]).
+pub const MAX_PATTERN_INPUT_BYTES: u64 = 1_024;
 
 /// The longest result `lpad` / `rpad` may make below a boundary, in characters.
 pub const MAX_PAD_CHARS: i64 = 1_000;
@@ -105,12 +110,65 @@ pub fn translate_grows(from: &str, to: &str) -> bool {
         .any(|(f, t)| t.len_utf8() > f.len_utf8())
 }
 
+/// A bound on the length of a string below a boundary: `text` bytes the query wrote
+/// (literals, padding) plus `copies` stored values (a column's value, the owner's data).
+/// Carried through projections and subqueries, so that `concat(x, x)` over a subquery's
+/// `x` is twice `x`, at every level.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Width {
+    pub text: u64,
+    pub copies: u64,
+}
+
+impl Width {
+    /// A stored value of a catalog table (or a number, a date, a boolean).
+    pub const STORED: Width = Width { text: 0, copies: 1 };
+    /// A value whose length the query does not bound: a released value, which the
+    /// analyst may have made as long as they like above another boundary.
+    pub const UNKNOWN: Width = Width {
+        text: u64::MAX / 4,
+        copies: u64::MAX / 4,
+    };
+    /// A number, date or boolean literal: a few bytes when printed.
+    pub const SCALAR: Width = Width {
+        text: 40,
+        copies: 0,
+    };
+
+    pub fn text(bytes: usize) -> Self {
+        Width {
+            text: u64::try_from(bytes).unwrap_or(u64::MAX),
+            copies: 0,
+        }
+    }
+
+    pub fn plus(self, other: Width) -> Width {
+        Width {
+            text: self.text.saturating_add(other.text),
+            copies: self.copies.saturating_add(other.copies),
+        }
+    }
+
+    /// Whether a string of this width may be made below a boundary.
+    pub fn fits(&self) -> bool {
+        self.text <= MAX_ADDED_BYTES as u64 && self.copies <= MAX_JOINED_OPERANDS as u64
+    }
+
+    /// Whether a LIKE / ILIKE may run on a string of this width: one stored value and a
+    /// little literal text at most.
+    pub fn fits_pattern(&self) -> bool {
+        self.text <= MAX_PATTERN_INPUT_BYTES && self.copies <= 1
+    }
+}
+
 /// What the concatenations and pads of one query add to a row, counted as the checker
 /// meets them.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Growth {
     pub added_bytes: usize,
     pub joined_operands: usize,
+    /// The characters of every LIKE / ILIKE pattern.
+    pub pattern_chars: usize,
 }
 
 impl Growth {
@@ -134,7 +192,9 @@ impl Growth {
     }
 
     pub fn within_limits(&self) -> bool {
-        self.added_bytes <= MAX_ADDED_BYTES && self.joined_operands <= MAX_JOINED_OPERANDS
+        self.added_bytes <= MAX_ADDED_BYTES
+            && self.joined_operands <= MAX_JOINED_OPERANDS
+            && self.pattern_chars <= MAX_PATTERN_CHARS
     }
 }
 
@@ -194,6 +254,33 @@ mod tests {
         assert!(!translate_grows("abc", "x"));
         assert!(!translate_grows("é", "e"));
         assert!(translate_grows("a", "€"));
+    }
+
+    #[test]
+    fn widths_add_up_and_doubling_runs_out() {
+        let mut w = Width::STORED.plus(Width::text(16_383));
+        assert!(w.fits());
+        let mut levels = 0;
+        while w.fits() {
+            w = w.plus(w);
+            levels += 1;
+        }
+        assert_eq!(
+            levels, 1,
+            "one doubling of 16 KiB of literal text is over the limit"
+        );
+        let mut w = Width::STORED;
+        for _ in 0..6 {
+            w = w.plus(w);
+        }
+        assert_eq!(w.copies, 64);
+        assert!(w.fits());
+        assert!(!w.plus(w).fits());
+        assert!(!Width::UNKNOWN.fits());
+        assert!(!Width::UNKNOWN.plus(Width::UNKNOWN).fits());
+        assert!(Width::STORED.fits_pattern());
+        assert!(!Width::STORED.plus(Width::STORED).fits_pattern());
+        assert!(!Width::STORED.plus(Width::text(2_000)).fits_pattern());
     }
 
     #[test]
