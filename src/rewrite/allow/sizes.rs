@@ -13,15 +13,17 @@
 //!
 //! | construct | rule |
 //! |---|---|
-//! | `LIKE` / `ILIKE` | a literal pattern of at most [`MAX_PATTERN_CHARS`] characters (it compiles on every input) |
+//! | `LIKE` / `ILIKE` | a literal pattern, [`MAX_PATTERN_CHARS`] characters for all of a query's patterns (it compiles on every input), matched against at most one stored value and [`MAX_PATTERN_INPUT_BYTES`] of literal text |
 //! | `SIMILAR TO`, `~`, `~*`, `!~`, `!~*` | not on the contract's list (§3.2): refused |
 //! | `lpad`, `rpad` | an integer literal length of at most [`MAX_PAD_CHARS`] characters |
 //! | `replace` | the replacement no longer (in bytes) than the text it replaces: no string grows |
 //! | `translate` | each character maps to one no longer in bytes: no string grows |
 //! | `concat`, `concat_ws`, `\|\|` | the query's literal text and padding, together, at most [`MAX_ADDED_BYTES`]; at most [`MAX_JOINED_OPERANDS`] computed operands joined in the whole query |
+//! | every string made below a boundary | a [`Width`] of at most [`MAX_ADDED_BYTES`] of text and [`MAX_JOINED_OPERANDS`] stored values, carried through projections and subqueries (`concat(x, x)` over a subquery's `x` is twice `x`: hostile round 18 doubled a string seventeen times within the per-query counts) |
+//! | a released value (a column of a subquery above its own boundary) | no function's argument: its length is whatever the analyst made it |
 //! | every other allowed function | a result no longer than its inputs, or of fixed size (see [`super::functions`]) |
 //!
-//! With these, one row's strings are at most its own values copied
+//! With these, one string made from a row is at most its own values copied
 //! [`MAX_JOINED_OPERANDS`] times plus [`MAX_ADDED_BYTES`]: a batch of 8,192 rows stays far
 //! from the 2 GiB limit of a string array for any column under 3 KiB.
 
