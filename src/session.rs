@@ -79,6 +79,17 @@ pub fn base_config() -> SessionConfig {
     // Many clients (the JDBC driver, older pyarrow) do not read Utf8View: plan with Utf8.
     options.sql_parser.map_string_types_to_utf8view = false;
     options.execution.parquet.schema_force_view_types = false;
+    // The work a query does may not depend on which rows it skips (docs/DESIGN.md,
+    // "Readings of the contract"): no row group, page or bloom-filter pruning (the time of
+    // `WHERE cost > x` would say whether some row group's largest cost exceeds x), and
+    // no filters made at run time from the rows a join or an aggregate has seen.
+    options.execution.parquet.pruning = false;
+    options.execution.parquet.enable_page_index = false;
+    options.execution.parquet.bloom_filter_on_read = false;
+    options.optimizer.enable_dynamic_filter_pushdown = false;
+    options.optimizer.enable_join_dynamic_filter_pushdown = false;
+    options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
+    options.optimizer.enable_topk_dynamic_filter_pushdown = false;
     config
 }
 

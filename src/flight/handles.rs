@@ -4,6 +4,13 @@
 //! the server, bound to the principal that planned it. Another principal presenting the
 //! handle gets exactly the answer an unknown handle gets. Statement tickets are single
 //! use; unused ones and idle prepared statements expire.
+//!
+//! A prepared statement without parameters also keeps the plan made when it was prepared,
+//! for its first execution only and only for [`FIRST_RUN_TTL`]: ADBC and JDBC prepare
+//! every query and run it at once, and planning it twice cost as much as a small query.
+//! The server runs that plan only while the principal's session (policy version and
+//! catalog) is the one it was made in; a later execution plans again, so `now()` and
+//! its kind are never older than the TTL.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +28,8 @@ use crate::query::{PlannedQuery, Prepared};
 pub const TICKET_TTL: Duration = Duration::from_secs(600);
 /// How long an untouched prepared statement is kept.
 pub const PREPARED_TTL: Duration = Duration::from_secs(3600);
+/// How long the plan made at preparation may stand in for its first execution's.
+pub const FIRST_RUN_TTL: Duration = Duration::from_secs(5);
 
 type Handle = [u8; 16];
 
@@ -43,6 +52,8 @@ pub struct PreparedStatement {
 pub struct Handles {
     queries: DashMap<Handle, Entry<Arc<PlannedQuery>>>,
     prepared: DashMap<Handle, Entry<PreparedStatement>>,
+    /// The plan made when a statement was prepared, by its handle (see the module docs).
+    first_run: DashMap<Handle, Entry<PlannedQuery>>,
 }
 
 fn new_handle() -> Handle {
@@ -86,17 +97,38 @@ impl Handles {
         Ok(entry.value)
     }
 
-    pub fn put_prepared(&self, stmt: PreparedStatement) -> Bytes {
+    /// Stores a prepared statement, and the plan its first execution may run.
+    pub fn put_prepared(&self, stmt: PreparedStatement, planned: Option<PlannedQuery>) -> Bytes {
         self.sweep();
         let h = new_handle();
+        let touched = Instant::now();
+        if self.first_run.len() >= 64 {
+            self.first_run
+                .retain(|_, e| e.touched.elapsed() < FIRST_RUN_TTL);
+        }
+        if let Some(value) = planned {
+            self.first_run.insert(h, Entry { value, touched });
+        }
         self.prepared.insert(
             h,
             Entry {
                 value: stmt,
-                touched: Instant::now(),
+                touched,
             },
         );
         Bytes::copy_from_slice(&h)
+    }
+
+    /// Takes the plan made when the statement was prepared, if it belongs to `principal`
+    /// and is younger than [`FIRST_RUN_TTL`]. Whether it is still the plan the statement
+    /// would get (same session) is the caller's to check.
+    pub fn take_first_run(&self, handle: &[u8], principal: &Principal) -> Option<PlannedQuery> {
+        let h = parse(handle).ok()?;
+        self.first_run
+            .remove_if(&h, |_, e| {
+                e.value.principal().as_ref() == principal && e.touched.elapsed() < FIRST_RUN_TTL
+            })
+            .map(|(_, e)| e.value)
     }
 
     /// A copy of the prepared statement behind a handle, if it belongs to `principal`.
@@ -124,6 +156,7 @@ impl Handles {
         }
         e.value.params = Some(params);
         e.touched = Instant::now();
+        self.first_run.remove(&h);
         Ok(())
     }
 
@@ -131,7 +164,9 @@ impl Handles {
         let h = parse(handle)?;
         self.prepared
             .remove_if(&h, |_, e| e.value.principal.as_ref() == principal)
-            .map(|_| ())
+            .map(|_| {
+                self.first_run.remove(&h);
+            })
             .ok_or_else(unknown)
     }
 
@@ -140,6 +175,8 @@ impl Handles {
             self.queries.retain(|_, e| e.touched.elapsed() < TICKET_TTL);
             self.prepared
                 .retain(|_, e| e.touched.elapsed() < PREPARED_TTL);
+            self.first_run
+                .retain(|_, e| e.touched.elapsed() < FIRST_RUN_TTL);
         }
     }
 }

@@ -370,7 +370,17 @@ impl AirlockService {
         descriptor: FlightDescriptor,
         epsilon: Option<f64>,
     ) -> Result<FlightInfo> {
-        let mut planned = self.plan_query(principal, sql, params).await?;
+        let planned = self.plan_query(principal, sql, params).await?;
+        self.info_for(planned, epsilon, descriptor)
+    }
+
+    /// Keeps a planned query server-side and answers with its ticket.
+    fn info_for(
+        &self,
+        mut planned: query::PlannedQuery,
+        epsilon: Option<f64>,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo> {
         planned.epsilon = epsilon;
         let schema = Arc::clone(&planned.schema);
         let handle = self.handles.put_query(planned);
@@ -652,8 +662,19 @@ impl FlightSqlService for AirlockService {
             let stmt = self
                 .handles
                 .prepared(&cmd.prepared_statement_handle, &principal)?;
-            let params = params_for(&stmt)?;
             let epsilon = epsilon_of(&request)?;
+            if let Some(planned) = self
+                .handles
+                .take_first_run(&cmd.prepared_statement_handle, &principal)
+                .filter(|p| Arc::ptr_eq(&p.session, &self.sessions.session_for(&principal)))
+            {
+                // Planned when it was prepared, in the session it would be planned in now.
+                self.quotas.start_query(&principal.name).map_err(|e| {
+                    self.audit_unreleased(&principal, &rid, Some(&stmt.sql), e.into())
+                })?;
+                return self.info_for(planned, epsilon, request.into_inner());
+            }
+            let params = params_for(&stmt)?;
             self.plan_to_info_audited(
                 &principal,
                 &rid,
@@ -1141,7 +1162,7 @@ impl FlightSqlService for AirlockService {
             }
             let session = self.sessions.session_for(&principal);
             let sql = query.query.clone();
-            let prepared = self
+            let (prepared, planned) = self
                 .planning(
                     &query.query,
                     async move { query::prepare(session, &sql).await },
@@ -1150,12 +1171,15 @@ impl FlightSqlService for AirlockService {
                 .map_err(|e| self.audit_unreleased(&principal, &rid, Some(&query.query), e))?;
             let dataset_schema = ipc_schema(&prepared.dataset_schema)?;
             let parameter_schema = ipc_schema(&prepared.parameter_schema)?;
-            let handle = self.handles.put_prepared(PreparedStatement {
-                principal,
-                sql: query.query,
-                prepared,
-                params: None,
-            });
+            let handle = self.handles.put_prepared(
+                PreparedStatement {
+                    principal,
+                    sql: query.query,
+                    prepared,
+                    params: None,
+                },
+                planned,
+            );
             Ok(ActionCreatePreparedStatementResult {
                 prepared_statement_handle: handle,
                 dataset_schema,

@@ -73,6 +73,16 @@ pub async fn plan(
     let plan = logical_plan(&session, sql)
         .instrument(tracing::info_span!("parse"))
         .await?;
+    plan_parsed(session, sql, plan, params)
+}
+
+/// [`plan`] from the statement's parsed plan.
+fn plan_parsed(
+    session: Arc<PrincipalSession>,
+    sql: &str,
+    plan: LogicalPlan,
+    params: Option<&[ScalarValue]>,
+) -> Result<PlannedQuery> {
     let plan = bind(plan, params)?;
     let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
     let fingerprint = crate::rewrite::fingerprint::fingerprint(&plan);
@@ -245,23 +255,45 @@ pub async fn approved_plan(
 }
 
 /// Plans `sql` without parameters to learn its result and parameter schemas.
-pub async fn prepare(session: Arc<PrincipalSession>, sql: &str) -> Result<Prepared> {
+///
+/// A statement that takes no parameters is planned in full, exactly as [`plan`] would plan
+/// its execution, and that plan comes back too when the rules allowed it: clients such as
+/// ADBC and JDBC prepare every query and execute it at once, and the execution may then
+/// run this plan (`flight::handles` says when) instead of planning the same SQL twice.
+/// A statement the rules refuse still prepares: the refusal comes, audited, when it runs.
+pub async fn prepare(
+    session: Arc<PrincipalSession>,
+    sql: &str,
+) -> Result<(Prepared, Option<PlannedQuery>)> {
     let plan = logical_plan(&session, sql).await?;
     let types = plan
         .get_parameter_types()
         .map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
     let parameter_schema = Arc::new(parameter_schema(&types)?);
-    let plan = output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
-    // The rewriter may add columns (remainder mode); report the schema DoGet will have
-    // when the plan can be analyzed without its parameters, else the query's own.
-    let dataset_schema = match crate::rewrite::plan(&session.state, &session.privacy, &plan) {
-        Ok(analyzed) => analyzed.schema().as_arrow().clone(),
-        Err(_) => plan.schema().as_arrow().clone(),
+    let unplanned = |plan: LogicalPlan| -> Result<(SchemaRef, LogicalPlan)> {
+        let plan =
+            output::normalize(plan).map_err(|e| Error::from_datafusion(e, Phase::Planning))?;
+        Ok((Arc::new(plan.schema().as_arrow().clone()), plan))
     };
-    Ok(Prepared {
-        dataset_schema: Arc::new(dataset_schema),
+    // The rewriter may add columns (remainder mode); report the schema DoGet will have
+    // when the plan can be analyzed (without its parameters), else the query's own.
+    let (dataset_schema, planned) = if types.is_empty() {
+        match plan_parsed(Arc::clone(&session), sql, plan.clone(), None) {
+            Ok(planned) => (Arc::clone(&planned.schema), Some(planned)),
+            Err(_) => (unplanned(plan)?.0, None),
+        }
+    } else {
+        let (own, plan) = unplanned(plan)?;
+        match crate::rewrite::plan(&session.state, &session.privacy, &plan) {
+            Ok(analyzed) => (Arc::new(analyzed.schema().as_arrow().clone()), None),
+            Err(_) => (own, None),
+        }
+    };
+    let prepared = Prepared {
+        dataset_schema,
         parameter_schema,
-    })
+    };
+    Ok((prepared, planned))
 }
 
 /// The privacy explanation of `sql` for the session's principal: masks, filters,

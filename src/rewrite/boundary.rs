@@ -480,10 +480,16 @@ impl datafusion::execution::context::QueryPlanner for AirlockQueryPlanner {
         let plan = planner
             .create_physical_plan(logical_plan, session_state)
             .await?;
-        match &self.distributor {
-            Some(d) => d.place(plan, session_state).await,
-            None => Ok(plan),
-        }
+        let plan = match &self.distributor {
+            Some(d) => d.place(plan, session_state).await?,
+            None => plan,
+        };
+        // Joins below a boundary read their inputs to the end (`drain`); the stages
+        // workers run are planned there.
+        super::drain::apply(plan, &|p| {
+            p.downcast_ref::<datafusion_distributed::DistributedExec>()
+                .is_some()
+        })
     }
 }
 

@@ -873,12 +873,11 @@ impl Checker<'_> {
     /// A LIKE / ILIKE pattern: a literal short enough to compile on every row, matched
     /// against a string short enough that matching costs little per row.
     fn pattern(&mut self, input: &Expr, pattern: &Expr, place: &Place) {
-        match sizes::literal_text(pattern) {
-            Some(p) if sizes::pattern_fits(pattern) => {
-                self.growth.pattern_chars =
-                    self.growth.pattern_chars.saturating_add(p.chars().count());
+        match sizes::pattern_chars(pattern) {
+            Some(chars) => {
+                self.growth.pattern_chars = self.growth.pattern_chars.saturating_add(chars);
             }
-            _ => self.not_allowed(
+            None => self.not_allowed(
                 place,
                 &format!(
                     "a pattern that is not a literal of at most {} characters",
@@ -968,15 +967,8 @@ impl Checker<'_> {
                     .first()
                     .map(|a| self.width(a, place))
                     .unwrap_or(Width::SCALAR),
-                Some(Size::Joins) => {
-                    let mut w = sum(&f.args);
-                    if f.func.name() == "concat_ws" {
-                        for _ in 2..f.args.len() {
-                            w = w.plus(self.width(&f.args[0], place));
-                        }
-                    }
-                    w
-                }
+                Some(Size::Joins) => sizes::joined(f.func.name(), &f.args)
+                    .fold(Width::default(), |w, a| w.plus(self.width(a, place))),
                 Some(Size::Bounded) => sum(&f.args),
                 None => Width::UNKNOWN,
             },
@@ -994,14 +986,8 @@ impl Checker<'_> {
         match rule.size {
             Size::Bounded => {}
             Size::Joins => {
-                for a in args {
+                for a in sizes::joined(name, args) {
                     self.growth.operand(a);
-                }
-                // concat_ws writes its separator between every two arguments.
-                if name == "concat_ws" {
-                    for _ in 2..args.len() {
-                        self.growth.operand(&args[0]);
-                    }
                 }
             }
             Size::Pads(at) => match args.get(at).and_then(sizes::pad_chars) {

@@ -25,6 +25,7 @@ pub mod decision;
 pub mod dedupe;
 pub mod dp;
 pub mod dp_release;
+pub mod drain;
 pub mod explain;
 pub mod fingerprint;
 pub mod protect;

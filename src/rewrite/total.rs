@@ -11,9 +11,14 @@
 //!   integer divided by -1, run through [`Guard`]: NULL where the operation fails;
 //! - functions that the allow-list marks [`Totality::Guarded`] run through [`Guard`] too.
 //!
-//! Integer `+`, `-`, `*` and negation wrap in DataFusion (they never raise), so they stay
-//! as they are. The guard evaluates the whole batch first and falls back to row by row
-//! only when that fails, so the common case costs nothing.
+//! - decimal `+`, `-` and `*`, whose kernels fail when a result does not fit its type
+//!   (`CAST(cost AS DECIMAL(38,33)) * 70` failed for a cost over 2430: hostile round 19),
+//!   run through [`Guard`] too.
+//!
+//! Integer `+`, `-`, `*` and negation wrap in DataFusion (they never raise), and floats
+//! overflow to infinity, so they stay as they are. The guard evaluates the whole batch
+//! first and falls back to row by row only when that fails, so the common case costs
+//! nothing.
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -93,6 +98,20 @@ pub fn total_expr(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
             let udf = Guard::operator(op, &lt, &rt)?;
             Ok(Transformed::yes(udf.call(vec![*left, *right])))
         }
+        Expr::BinaryExpr(BinaryExpr { left, op, right })
+            if matches!(op, Operator::Plus | Operator::Minus | Operator::Multiply) =>
+        {
+            let (lt, rt) = (left.get_type(schema)?, right.get_type(schema)?);
+            if !(is_decimal(&lt) || is_decimal(&rt)) {
+                return Ok(Transformed::no(Expr::BinaryExpr(BinaryExpr {
+                    left,
+                    op,
+                    right,
+                })));
+            }
+            let udf = Guard::operator(op, &lt, &rt)?;
+            Ok(Transformed::yes(udf.call(vec![*left, *right])))
+        }
         Expr::ScalarFunction(f)
             if functions::rule(f.func.name()).is_some_and(|r| r.totality == Totality::Guarded)
                 && !is_guard(&f) =>
@@ -117,6 +136,10 @@ pub fn worker_functions(defaults: &[Arc<ScalarUDF>]) -> Result<Vec<Arc<ScalarUDF
             &DataType::Int64,
             &DataType::Int64,
         )?));
+    }
+    let decimal = DataType::Decimal128(38, 10);
+    for op in [Operator::Plus, Operator::Minus, Operator::Multiply] {
+        out.push(Arc::new(Guard::operator(op, &decimal, &decimal)?));
     }
     out.extend(
         defaults
@@ -144,6 +167,16 @@ fn safe_divisor(e: &Expr) -> bool {
         _ => return false,
     };
     as_f64 != 0.0 && as_f64 != -1.0
+}
+
+fn is_decimal(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Decimal32(..)
+            | DataType::Decimal64(..)
+            | DataType::Decimal128(..)
+            | DataType::Decimal256(..)
+    )
 }
 
 fn is_guard(f: &ScalarFunction) -> bool {
@@ -190,7 +223,15 @@ impl Guard {
         let result = BinaryTypeCoercer::new(left, &op, right).get_result_type()?;
         let name = match op {
             Operator::Divide => "airlock_total_divide",
-            _ => "airlock_total_modulo",
+            Operator::Modulo => "airlock_total_modulo",
+            Operator::Plus => "airlock_total_add",
+            Operator::Minus => "airlock_total_subtract",
+            Operator::Multiply => "airlock_total_multiply",
+            other => {
+                return Err(datafusion::error::DataFusionError::Internal(format!(
+                    "no total form of {other}"
+                )));
+            }
         };
         Ok(ScalarUDF::new_from_impl(Self {
             inner: Guarded::Operator { op, result },
@@ -210,8 +251,16 @@ impl Guard {
     fn run(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         match &self.inner {
             Guarded::Operator { op, .. } => {
-                use datafusion::arrow::compute::kernels::numeric::{div, rem};
-                let f = if *op == Operator::Divide { div } else { rem };
+                use datafusion::arrow::compute::kernels::numeric::{add, div, mul, rem, sub};
+                // The checked kernels: they fail where the result does not fit, and the
+                // guard makes that row NULL.
+                let f = match op {
+                    Operator::Divide => div,
+                    Operator::Modulo => rem,
+                    Operator::Plus => add,
+                    Operator::Minus => sub,
+                    _ => mul,
+                };
                 datafusion::physical_expr_common::datum::apply(&args.args[0], &args.args[1], f)
             }
             Guarded::Function(f) => f.invoke_with_args(args),

@@ -70,3 +70,28 @@ async fn queries_wait_for_a_slot_within_their_timeout() {
     }
     drop(held);
 }
+
+/// Hostile round 19 (H2): a join whose build side is the analyst's filter over hidden
+/// rows used to skip its probe side when no row passed, so a probe side over the memory
+/// limit failed only when a hidden row matched. Joins below a boundary now read their
+/// probe input to the end either way (`rewrite::drain`): the same answer for both.
+#[tokio::test]
+async fn a_join_reads_its_probe_side_whether_or_not_a_hidden_row_matches() {
+    let mut config = demo_config();
+    config.limits.memory_per_query = 32 * 1024 * 1024;
+    let server = start_with(config).await;
+    let mut c = analyst(&server).await;
+    let probe = |zip: &str| {
+        format!(
+            "SELECT p.sex, count(*) FROM hospital.patients p \
+             JOIN (SELECT a.value AS v FROM generate_series(1, 3000000) a GROUP BY a.value) g \
+             ON p.age = g.v WHERE p.zip = '{zip}' GROUP BY p.sex"
+        )
+    };
+    // 90000 is a rural zip of two or three patients (withheld); 'nowhere' has none.
+    for zip in ["nowhere", "90000"] {
+        let err = query(&mut c, &probe(zip)).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{zip}: {err:?}");
+        assert!(err.message().contains("memory"), "{zip}: {err:?}");
+    }
+}

@@ -119,3 +119,40 @@ fn sighup_reloads_the_policy_of_a_running_server() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A statement prepared under one policy and run after a reload is planned again: the
+/// plan made when it was prepared (its first execution's, see `flight::handles`) belongs
+/// to the old policy's session and never runs under the new one.
+#[tokio::test]
+async fn a_statement_prepared_before_a_reload_runs_under_the_new_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = demo_config();
+    config.policy_dir = dir.path().to_path_buf();
+    copy_policies(dir.path());
+    let without_max = std::fs::read_to_string(dir.path().join("tables.toml")).unwrap();
+    allow_max(dir.path());
+    let server = start_with(config).await;
+    let url = format!("grpc://{}", server.addr);
+    let mut admin = Client::connect(&url, "owner", "owner", None).await.unwrap();
+    let mut analyst = client(&server, "analyst", "analyst").await;
+
+    // Prepared and run at once: allowed, twice (the second run plans again).
+    let mut stmt = analyst.prepare(MAX_SQL.into(), None).await.unwrap();
+    for _ in 0..2 {
+        let info = stmt.execute().await.unwrap();
+        assert_eq!(rows(&fetch(&mut analyst, info).await.unwrap().1), 1);
+    }
+
+    // Prepared, then the policy no longer allows max: the run is refused.
+    let mut stmt = analyst.prepare(MAX_SQL.into(), None).await.unwrap();
+    std::fs::write(dir.path().join("tables.toml"), without_max).unwrap();
+    assert!(
+        admin
+            .reload_policy()
+            .await
+            .unwrap()
+            .starts_with("policy version 2")
+    );
+    let err = stmt.execute().await.unwrap_err().to_string();
+    assert!(err.contains("AGGREGATE_NOT_ALLOWED"), "{err}");
+}

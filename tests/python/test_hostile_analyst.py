@@ -20,7 +20,8 @@ Outcomes (printed as a table at the end of the module):
   stop. They are reported, never failed (xfail when they succeed).
 
 The contract is /work/shared/spec/PRIVACY.md (sections 3 and 6). Timing channels are out of scope;
-the errors of work the analyst sizes (a pad, a pattern) on hidden rows are class 11.
+the errors of work the analyst sizes (a pad, a pattern) on hidden rows are class 11, and errors
+of the engine's own work on them (decimal arithmetic) class 12.
 """
 
 from __future__ import annotations
@@ -1714,6 +1715,24 @@ def _(ctx, t):
 
     ctx.oracle("diagnosis of U (a string doubled through subqueries)", probe(t.u.diagnosis),
                probe(t.u_other_dx), [(t.u.diagnosis, t.u_other_dx)], values_leak=False)
+
+
+# ---- class 12: what a hidden row makes the engine do (hostile round 19) -----------------------
+# Decimal arithmetic failed where a result did not fit its type; a join skipped its other input
+# when no hidden row reached it (timing and memory, tested in tests/integration/limits.rs).
+
+
+@attack("c12_decimal_multiply_overflow", "12 engine work")
+def _(ctx, t):
+    # Any positive cost times 1e8 at scale 33 is past 1.7e38: the kernel failed on U's row alone.
+    _rows_oracle(ctx, t, "CAST(cost AS DECIMAL(38,33)) * 100000000 AS g, count(*)",
+                 "diagnosis of U (a decimal product that overflows)", " GROUP BY 1", beside=False)
+
+
+@attack("c12_decimal_overflow_in_filter", "12 engine work")
+def _(ctx, t):
+    _rows_oracle(ctx, t, "count(*)", "diagnosis of U (a decimal product that overflows, in WHERE)",
+                 " AND CAST(cost AS DECIMAL(38,33)) * 100000000 > 0", beside=False)
 
 
 # ---- masked columns ---------------------------------------------------------------------------

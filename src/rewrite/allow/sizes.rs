@@ -87,10 +87,23 @@ pub fn literal_integer(e: &Expr) -> Option<i64> {
         _ => None,
     }
 }
+/// The characters of a LIKE / ILIKE pattern, if it is a literal short enough to compile
+/// on every row.
+pub fn pattern_chars(pattern: &Expr) -> Option<usize> {
+    literal_text(pattern)
+        .map(|p| p.chars().count())
+        .filter(|n| *n <= MAX_PATTERN_CHARS)
+}
 
-/// Whether a LIKE / ILIKE pattern may stand below a boundary.
-pub fn pattern_fits(pattern: &Expr) -> bool {
-    literal_text(pattern).is_some_and(|p| p.chars().count() <= MAX_PATTERN_CHARS)
+/// The operands a concatenation joins, in the order it writes them: `concat_ws` writes
+/// its separator (the first argument) once more between every two of the others.
+pub fn joined<'a>(function: &str, args: &'a [Expr]) -> impl Iterator<Item = &'a Expr> {
+    let separators = match function {
+        "concat_ws" => args.len().saturating_sub(2),
+        _ => 0,
+    };
+    args.iter()
+        .chain(args.iter().take(1).cycle().take(separators))
 }
 
 /// The characters an `lpad` / `rpad` length argument asks for, if it is allowed.
@@ -226,14 +239,17 @@ mod tests {
 
     #[test]
     fn patterns_are_literals_of_bounded_length() {
-        assert!(pattern_fits(&lit("PROMO%")));
-        assert!(pattern_fits(&cast(
-            lit("a%"),
-            datafusion::arrow::datatypes::DataType::Utf8View
-        )));
-        assert!(pattern_fits(&lit("_".repeat(MAX_PATTERN_CHARS))));
-        assert!(!pattern_fits(&lit("_".repeat(MAX_PATTERN_CHARS + 1))));
-        assert!(!pattern_fits(&datafusion::logical_expr::col("zip")));
+        assert_eq!(pattern_chars(&lit("PROMO%")), Some(6));
+        assert!(
+            pattern_chars(&cast(
+                lit("a%"),
+                datafusion::arrow::datatypes::DataType::Utf8View
+            ))
+            .is_some()
+        );
+        assert!(pattern_chars(&lit("_".repeat(MAX_PATTERN_CHARS))).is_some());
+        assert!(pattern_chars(&lit("_".repeat(MAX_PATTERN_CHARS + 1))).is_none());
+        assert!(pattern_chars(&datafusion::logical_expr::col("zip")).is_none());
     }
 
     #[test]

@@ -1,0 +1,397 @@
+//! Joins below a release boundary read all of their input, whatever the rows.
+//!
+//! DataFusion's hash join collects its build side first and, when that holds no row (or
+//! only NULL keys), never reads its probe side: the join is over before it starts. Below
+//! a boundary the build side can be raw protected rows under the analyst's filter, so
+//! whether the probe side ran, with all the work and memory it costs, said whether a
+//! hidden row passed the filter. The analyst chooses that cost: `JOIN generate_series(1,
+//! 100000000)` or a released subquery of self-joins took 0.05 s when no hidden row
+//! matched and 0.8–1.1 s when the target did, and a probe side that needs more than the
+//! query's memory failed only when the target matched (hostile round 19, H1 and H2).
+//!
+//! So every join below a boundary reads its probe input to the end before it ends:
+//!
+//! | join | read to the end |
+//! |---|---|
+//! | hash join, nested loop join, cross join | the probe (right) input; the build (left) input is always collected in full |
+//! | sort-merge join, symmetric hash join | both inputs: either may stop early |
+//!
+//! [`ProbeExec`] over such an input keeps each partition's stream where [`JoinEndExec`],
+//! over the join, can reach it. When the join's partition ends, `JoinEndExec` reads
+//! whatever of that stream the join left (all of it, when the join never polled it) and
+//! only then ends. The work is then the same whether or not a hidden row reached the
+//! join, up to the join's own probing (a hash lookup per probe row, where the build side
+//! had rows), and an error or a memory limit the probe input meets, it meets either way.
+//! Where the join read its input to the end, as it does whenever its build side has
+//! rows, this costs nothing: the stream is already gone.
+//!
+//! Above every boundary the rows are released and joins are left as DataFusion plans
+//! them. Stages a cluster hands to its workers (`crate::cluster`) are not rewritten
+//! (docs/DESIGN.md, "Readings of the contract").
+
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::Result;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::joins::{
+    CrossJoinExec, HashJoinExec, NestedLoopJoinExec, SortMergeJoinExec, SymmetricHashJoinExec,
+};
+use datafusion::physical_plan::{
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, PhysicalExpr,
+    PlanProperties, RecordBatchStream, ReplaceChildrenOptions,
+};
+use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
+
+use super::boundary::ReleaseExec;
+use super::dp_release::DpReleaseExec;
+
+/// Puts every join below a release boundary of `plan` between a [`JoinEndExec`] and
+/// [`ProbeExec`]s (see the module docs). Subtrees for which `skip` holds (a cluster's
+/// workers' stages) are left as they are.
+pub fn apply(
+    plan: Arc<dyn ExecutionPlan>,
+    skip: &dyn Fn(&Arc<dyn ExecutionPlan>) -> bool,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    rewrite(plan, false, skip)
+}
+
+fn rewrite(
+    plan: Arc<dyn ExecutionPlan>,
+    below: bool,
+    skip: &dyn Fn(&Arc<dyn ExecutionPlan>) -> bool,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    if skip(&plan) || plan.children().is_empty() {
+        return Ok(plan);
+    }
+    let inside = below
+        || plan.downcast_ref::<ReleaseExec>().is_some()
+        || plan.downcast_ref::<DpReleaseExec>().is_some();
+    let mut children = plan
+        .children()
+        .into_iter()
+        .map(|c| rewrite(Arc::clone(c), inside, skip))
+        .collect::<Result<Vec<_>>>()?;
+    let streamed = if below { streamed_inputs(&plan) } else { &[] };
+    if streamed.is_empty() {
+        let same = plan
+            .children()
+            .iter()
+            .zip(&children)
+            .all(|(a, b)| Arc::ptr_eq(a, b));
+        return if same {
+            Ok(plan)
+        } else {
+            replace(plan, children)
+        };
+    }
+    for &i in streamed {
+        children[i] = Arc::new(ProbeExec::new(Arc::clone(&children[i])));
+    }
+    Ok(Arc::new(JoinEndExec::new(replace(plan, children)?)))
+}
+
+fn replace(
+    plan: Arc<dyn ExecutionPlan>,
+    children: Vec<Arc<dyn ExecutionPlan>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.replace_children(
+        children,
+        ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+    )
+}
+
+/// The inputs of a join that it may stop reading before their end.
+fn streamed_inputs(plan: &Arc<dyn ExecutionPlan>) -> &'static [usize] {
+    if plan.downcast_ref::<HashJoinExec>().is_some()
+        || plan.downcast_ref::<NestedLoopJoinExec>().is_some()
+        || plan.downcast_ref::<CrossJoinExec>().is_some()
+    {
+        &[1]
+    } else if plan.downcast_ref::<SortMergeJoinExec>().is_some()
+        || plan.downcast_ref::<SymmetricHashJoinExec>().is_some()
+    {
+        &[0, 1]
+    } else {
+        &[]
+    }
+}
+
+/// One partition's stream of a [`ProbeExec`], shared with the [`JoinEndExec`] above.
+/// `None` once it ended or was taken.
+type Slot = Arc<Mutex<Option<SendableRecordBatchStream>>>;
+
+/// A [`ProbeExec`]'s streams by partition, shared with the [`JoinEndExec`] above.
+type Slots = Arc<Mutex<HashMap<usize, Slot>>>;
+
+/// A join's input, passed through unchanged; each partition's stream stays reachable
+/// for the [`JoinEndExec`] above the join (see the module docs).
+pub struct ProbeExec {
+    input: Arc<dyn ExecutionPlan>,
+    slots: Slots,
+}
+
+impl ProbeExec {
+    fn new(input: Arc<dyn ExecutionPlan>) -> Self {
+        Self {
+            input,
+            slots: Arc::default(),
+        }
+    }
+}
+
+impl fmt::Debug for ProbeExec {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.debug_struct("ProbeExec")
+            .field("input", &self.input)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a [`JoinEndExec`] needs of one [`ProbeExec`] below it.
+#[derive(Clone)]
+struct Probe {
+    input: Arc<dyn ExecutionPlan>,
+    slots: Slots,
+}
+
+impl Probe {
+    fn of(plan: &Arc<dyn ExecutionPlan>) -> Option<Self> {
+        plan.downcast_ref::<ProbeExec>().map(|p| Self {
+            input: Arc::clone(&p.input),
+            slots: Arc::clone(&p.slots),
+        })
+    }
+
+    /// What is left of partition `partition`'s stream: the join's, or a new one when the
+    /// join never opened it.
+    fn rest(&self, partition: usize, context: Arc<TaskContext>) -> Result<Slot> {
+        match self.slots.lock().remove(&partition) {
+            Some(slot) => Ok(slot),
+            None => Ok(Arc::new(Mutex::new(Some(
+                self.input.execute(partition, context)?,
+            )))),
+        }
+    }
+}
+
+impl DisplayAs for ProbeExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("AirlockProbeExec: read to the end")
+    }
+}
+
+impl ExecutionPlan for ProbeExec {
+    fn name(&self) -> &str {
+        "AirlockProbeExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.input.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(Self::new(children.remove(0))))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let stream = self.input.execute(partition, context)?;
+        let schema = stream.schema();
+        let slot: Slot = Arc::new(Mutex::new(Some(stream)));
+        self.slots.lock().insert(partition, Arc::clone(&slot));
+        Ok(Box::pin(SlotStream { slot, schema }))
+    }
+}
+
+/// The join's view of a probe stream.
+struct SlotStream {
+    slot: Slot,
+    schema: SchemaRef,
+}
+
+impl Stream for SlotStream {
+    type Item = Result<RecordBatch>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut slot = self.slot.lock();
+        let Some(stream) = slot.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let next = stream.poll_next_unpin(cx);
+        if matches!(next, Poll::Ready(None)) {
+            // Ended: nothing is left to read.
+            *slot = None;
+        }
+        next
+    }
+}
+
+impl RecordBatchStream for SlotStream {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+}
+
+/// A join below a boundary, passed through unchanged; when one of its partitions ends,
+/// what its [`ProbeExec`] inputs still hold of that partition is read to the end first.
+pub struct JoinEndExec {
+    join: Arc<dyn ExecutionPlan>,
+    probes: Vec<Probe>,
+}
+
+impl fmt::Debug for JoinEndExec {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.debug_struct("JoinEndExec")
+            .field("join", &self.join)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JoinEndExec {
+    fn new(join: Arc<dyn ExecutionPlan>) -> Self {
+        let probes = join.children().into_iter().filter_map(Probe::of).collect();
+        Self { join, probes }
+    }
+}
+
+impl DisplayAs for JoinEndExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("AirlockJoinEndExec: inputs read to the end")
+    }
+}
+
+impl ExecutionPlan for JoinEndExec {
+    fn name(&self) -> &str {
+        "AirlockJoinEndExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.join.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.join]
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(Self::new(children.remove(0))))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let join = self.join.execute(partition, Arc::clone(&context))?;
+        let schema = join.schema();
+        Ok(Box::pin(JoinEndStream {
+            join: Some(join),
+            probes: self.probes.clone(),
+            draining: None,
+            partition,
+            context,
+            schema,
+        }))
+    }
+}
+
+struct JoinEndStream {
+    /// The join's stream, until it ends.
+    join: Option<SendableRecordBatchStream>,
+    /// The probe inputs whose rest is still to be read.
+    probes: Vec<Probe>,
+    /// The rest being read now.
+    draining: Option<Slot>,
+    partition: usize,
+    context: Arc<TaskContext>,
+    schema: SchemaRef,
+}
+
+impl Stream for JoinEndStream {
+    type Item = Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(join) = self.join.as_mut() {
+            match join.poll_next_unpin(cx) {
+                Poll::Ready(None) => self.join = None,
+                other => return other,
+            }
+        }
+        loop {
+            if let Some(slot) = self.draining.clone() {
+                let mut rest = slot.lock();
+                match rest.as_mut().map(|s| s.poll_next_unpin(cx)) {
+                    // Read and dropped: only the work counts.
+                    Some(Poll::Ready(Some(Ok(_)))) => continue,
+                    Some(Poll::Ready(Some(Err(e)))) => {
+                        *rest = None;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Some(Poll::Pending) => return Poll::Pending,
+                    Some(Poll::Ready(None)) | None => {
+                        *rest = None;
+                        drop(rest);
+                        self.draining = None;
+                    }
+                }
+            }
+            let Some(probe) = self.probes.pop() else {
+                return Poll::Ready(None);
+            };
+            let (partition, context) = (self.partition, Arc::clone(&self.context));
+            match probe.rest(partition, context) {
+                Ok(slot) => self.draining = Some(slot),
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+        }
+    }
+}
+
+impl RecordBatchStream for JoinEndStream {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+}
