@@ -194,16 +194,18 @@ def test_a_zero_branch_for_one_customer_is_counted_too(tpch):
 
 
 @pytest.mark.parametrize("above", ["20000", "{balance} - 0.01"])
-def test_a_comparison_the_optimizer_mistypes_is_refused_whoever_reaches_it(tpch, above):
-    # DataFusion folds `c_acctbal * 0` to a decimal of another scale, and the comparison
-    # then fails at run time, only if a row reaches it: an oracle on whether anyone
-    # matches the CASE's condition. Refused before running, rows or not.
+def test_a_comparison_the_optimizer_mistyped_runs_the_same_whoever_reaches_it(tpch, above):
+    # DataFusion folded `c_acctbal * 0` to a decimal of another scale, and the comparison
+    # then failed at run time, only if a row reached it: an oracle on whether anyone
+    # matches the CASE's condition. The verifier refused it (UNCLASSIFIED_PLAN). Decimal
+    # arithmetic below a boundary is now guarded (hostile round 19), so nothing is folded
+    # to another type: the query runs, and whether one customer or none reaches the
+    # comparison, the answer is the same, withheld.
     _, balance = _richest(tpch)
     above = above.format(balance=balance)
     sql = (f"SELECT sum(CASE WHEN c.c_acctbal > {above} THEN CASE WHEN c.c_acctbal * 0 + c.c_nationkey = 21 "
            "THEN 1 ELSE 0 END ELSE 0 END) AS s FROM tpch.customer c")
-    with pytest.raises(Exception, match=r"UNCLASSIFIED_PLAN.*compares Decimal128"):
-        run(tpch, "bench_analyst", sql)
+    assert run(tpch, "bench_analyst", sql).num_rows == 0
 
 
 def _sent(proc: subprocess.Popen) -> int:
