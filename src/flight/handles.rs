@@ -9,8 +9,8 @@
 //! for its first execution only and only for [`FIRST_RUN_TTL`]: ADBC and JDBC prepare
 //! every query and run it at once, and planning it twice cost as much as a small query.
 //! The server runs that plan only while the principal's session (policy version and
-//! catalog) is the one it was made in; a later execution plans again, so `now()` and
-//! its kind are never older than the TTL.
+//! catalog) is the one it was made in; a later execution plans again, so the time
+//! `now()` and its kin stand for is never older than the TTL.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
