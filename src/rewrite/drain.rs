@@ -37,15 +37,20 @@ use std::task::{Context, Poll};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::JoinType;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::Result;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::joins::{
-    CrossJoinExec, HashJoinExec, NestedLoopJoinExec, SortMergeJoinExec, SymmetricHashJoinExec,
+    CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PartitionMode, SortMergeJoinExec,
+    SymmetricHashJoinExec,
 };
+use datafusion::physical_plan::memory::LazyMemoryExec;
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::{
-    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, PhysicalExpr,
-    PlanProperties, RecordBatchStream, ReplaceChildrenOptions,
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties,
+    PhysicalExpr, PlanProperties, RecordBatchStream, ReplaceChildrenOptions,
 };
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
@@ -74,28 +79,101 @@ fn rewrite(
     let inside = below
         || plan.downcast_ref::<ReleaseExec>().is_some()
         || plan.downcast_ref::<DpReleaseExec>().is_some();
-    let mut children = plan
+    let children = plan
         .children()
         .into_iter()
         .map(|c| rewrite(Arc::clone(c), inside, skip))
         .collect::<Result<Vec<_>>>()?;
-    let streamed = if below { streamed_inputs(&plan) } else { &[] };
-    if streamed.is_empty() {
-        let same = plan
-            .children()
-            .iter()
-            .zip(&children)
-            .all(|(a, b)| Arc::ptr_eq(a, b));
-        return if same {
-            Ok(plan)
-        } else {
-            replace(plan, children)
-        };
+    let same = plan
+        .children()
+        .iter()
+        .zip(&children)
+        .all(|(a, b)| Arc::ptr_eq(a, b));
+    let plan = if same { plan } else { replace(plan, children)? };
+    if !below {
+        return Ok(plan);
     }
+    let plan = series_built(plan);
+    // A swapped join comes back under the projection that restores its column order.
+    if plan.downcast_ref::<ProjectionExec>().is_some()
+        && let [join] = plan.children().as_slice()
+        && !streamed_inputs(join).is_empty()
+    {
+        let join = read_to_end(Arc::clone(join))?;
+        return replace(plan, vec![join]);
+    }
+    read_to_end(plan)
+}
+
+/// A join between a [`JoinEndExec`] and [`ProbeExec`]s over the inputs it streams; any
+/// other node as it is.
+fn read_to_end(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    let streamed = streamed_inputs(&plan);
+    if streamed.is_empty() {
+        return Ok(plan);
+    }
+    let mut children: Vec<_> = plan.children().into_iter().cloned().collect();
     for &i in streamed {
         children[i] = Arc::new(ProbeExec::new(Arc::clone(&children[i])));
     }
     Ok(Arc::new(JoinEndExec::new(replace(plan, children)?)))
+}
+
+/// Whether a subtree reads a relation the query makes from `generate_series` / `range`,
+/// which the analyst can make as large as they like.
+fn makes_series(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    plan.downcast_ref::<LazyMemoryExec>().is_some() || plan.children().into_iter().any(makes_series)
+}
+
+/// A hash join whose probe side reads a series and whose build side does not, swapped:
+/// the series is then collected in full whatever the other side holds. Reading the
+/// probe side to the end is not enough for it: where the build side has rows, the join
+/// also hashes and looks up each probe row, and an empty build side skips that
+/// (10⁸ series rows: 0.51 against 0.35 s). A join that cannot be swapped stays as it was.
+fn series_built(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+    let swapped = (|| -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(join) = plan.downcast_ref::<HashJoinExec>() else {
+            return Ok(None);
+        };
+        // Outer joins keep their sides: with the series built, one that preserves it
+        // held the whole series near the memory limit, and whether it crossed the limit
+        // depended on the one matched row (10⁸ values; `docs/DESIGN.md`).
+        let swappable = matches!(
+            join.join_type(),
+            JoinType::Inner | JoinType::LeftSemi | JoinType::RightSemi
+        );
+        if !swappable || !makes_series(join.right()) || makes_series(join.left()) {
+            return Ok(None);
+        }
+        match join.partition_mode() {
+            // Both sides are partitioned alike: they trade places as they are.
+            PartitionMode::Partitioned => Ok(Some(join.swap_inputs(PartitionMode::Partitioned)?)),
+            // The collected side must be one partition.
+            PartitionMode::CollectLeft => {
+                let right = Arc::clone(join.right());
+                let right: Arc<dyn ExecutionPlan> =
+                    if right.output_partitioning().partition_count() > 1 {
+                        Arc::new(CoalescePartitionsExec::new(right))
+                    } else {
+                        right
+                    };
+                let one = replace(Arc::clone(&plan), vec![Arc::clone(join.left()), right])?;
+                match one.downcast_ref::<HashJoinExec>() {
+                    Some(j) => Ok(Some(j.swap_inputs(PartitionMode::CollectLeft)?)),
+                    None => Ok(None),
+                }
+            }
+            PartitionMode::Auto => Ok(None),
+        }
+    })();
+    match swapped {
+        Ok(Some(swapped)) => swapped,
+        Ok(None) => plan,
+        Err(e) => {
+            tracing::warn!(error = %e, "drain: a join over a series was not swapped");
+            plan
+        }
+    }
 }
 
 fn replace(
