@@ -9,8 +9,7 @@
 //!   NULL where the cast would fail;
 //! - division and modulo, whose kernels fail on a zero divisor and on the smallest
 //!   integer divided by -1, run through [`Guard`]: NULL where the operation fails;
-//! - functions that the allow-list marks [`Totality::Guarded`] run through [`Guard`] too.
-//!
+//! - functions that the allow-list marks [`Totality::Guarded`] run through [`Guard`] too;
 //! - decimal `+`, `-` and `*`, whose kernels fail when a result does not fit its type
 //!   (`CAST(cost AS DECIMAL(38,33)) * 70` failed for a cost over 2430: hostile round 19),
 //!   run through [`Guard`] too.
