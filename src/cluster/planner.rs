@@ -46,14 +46,13 @@ use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::placeholder_row::PlaceholderRowExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
-use datafusion::physical_plan::{
-    ChildrenPropertiesMode, ExecutionPlan, ExecutionPlanProperties, ReplaceChildrenOptions,
-};
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use datafusion_distributed::SessionStateBuilderExt;
 
 use super::workers::Workers;
 use crate::rewrite::boundary::ReleaseExec;
 use crate::rewrite::dp_release::DpReleaseExec;
+use crate::rewrite::drain::replace;
 
 /// A physical plan carried through the crate's logical-plan entry point.
 #[derive(Clone)]
@@ -204,7 +203,7 @@ impl Distributor {
                 for child in plan.children() {
                     children.push(self.below_release(Arc::clone(child), session).await?);
                 }
-                return recompute(plan, children);
+                return replace(plan, children);
             }
             if shippable(&plan) {
                 let partitioning = plan.output_partitioning().clone();
@@ -231,7 +230,7 @@ impl Distributor {
             for child in plan.children() {
                 children.push(self.place_node(Arc::clone(child), session).await?);
             }
-            recompute(plan, children)
+            replace(plan, children)
         })
     }
 
@@ -250,18 +249,6 @@ impl Distributor {
         }
         self.place_node(child, session).await
     }
-}
-
-/// `plan` over new children, its properties computed anew (a distributed input has one
-/// partition).
-fn recompute(
-    plan: Arc<dyn ExecutionPlan>,
-    children: Vec<Arc<dyn ExecutionPlan>>,
-) -> Result<Arc<dyn ExecutionPlan>> {
-    plan.replace_children(
-        children,
-        ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
-    )
 }
 
 /// A node that must run in the front end's process.

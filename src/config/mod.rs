@@ -42,15 +42,6 @@ pub struct ConfigArgs {
     pub users_file: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
-    /// Longest a query may run, planning and streaming included (e.g. 60s, 5m).
-    #[arg(long, env = "AIRLOCK_QUERY_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub query_timeout: Option<Duration>,
-    /// Memory one query may hold (e.g. 512MiB, 2GiB); a query over it fails cleanly.
-    #[arg(long, env = "AIRLOCK_MEMORY_PER_QUERY", value_name = "BYTES")]
-    pub memory_per_query: Option<ByteSize>,
-    /// Queries executing at once; further ones wait for a slot within their timeout.
-    #[arg(long, env = "AIRLOCK_MAX_CONCURRENT_QUERIES", value_name = "N")]
-    pub max_concurrent_queries: Option<usize>,
     /// Serve the owner console (web pages) at this address, e.g. 127.0.0.1:8080 (port 0
     /// picks a free port; `off` disables it). Off unless set.
     #[arg(long, env = "AIRLOCK_CONSOLE_LISTEN", value_name = "ADDR")]
@@ -94,6 +85,15 @@ pub struct TlsArgs {
 /// `demo`). Each overrides the `[limits]` key of the same name.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct LimitArgs {
+    /// Longest a query may run, planning and streaming included (e.g. 60s, 5m).
+    #[arg(long, env = "AIRLOCK_QUERY_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub query_timeout: Option<Duration>,
+    /// Memory one query may hold (e.g. 512MiB, 2GiB); a query over it fails cleanly.
+    #[arg(long, env = "AIRLOCK_MEMORY_PER_QUERY", value_name = "BYTES")]
+    pub memory_per_query: Option<ByteSize>,
+    /// Queries executing at once; further ones wait for a slot within their timeout.
+    #[arg(long, env = "AIRLOCK_MAX_CONCURRENT_QUERIES", value_name = "N")]
+    pub max_concurrent_queries: Option<usize>,
     /// Cancel a result stream whose client has not read for this long, freeing its query
     /// slot and memory (e.g. 60s).
     #[arg(long, env = "AIRLOCK_STREAM_IDLE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -135,6 +135,15 @@ pub struct LimitArgs {
 impl LimitArgs {
     /// Applies the flags given over `limits`.
     pub fn apply(&self, limits: &mut Limits) {
+        if let Some(d) = self.query_timeout {
+            limits.query_timeout = d;
+        }
+        if let Some(b) = self.memory_per_query {
+            limits.memory_per_query = b.as_u64() as usize;
+        }
+        if let Some(n) = self.max_concurrent_queries {
+            limits.max_concurrent_queries = n.max(1);
+        }
         if let Some(d) = self.stream_idle_timeout {
             limits.stream_idle_timeout = d;
         }
@@ -912,15 +921,6 @@ impl ServiceConfig {
                     .user_quotas
                     .insert(name.clone(), (o, Some((file.clone(), line))));
             }
-        }
-        if let Some(d) = args.query_timeout {
-            limits.query_timeout = d;
-        }
-        if let Some(b) = args.memory_per_query {
-            limits.memory_per_query = b.as_u64() as usize;
-        }
-        if let Some(n) = args.max_concurrent_queries {
-            limits.max_concurrent_queries = n.max(1);
         }
         args.limits.apply(&mut limits);
 

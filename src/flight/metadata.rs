@@ -14,6 +14,7 @@ use arrow_flight::sql::{
 };
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::TableReference;
 
 use crate::catalog::CATALOG_NAME;
 use crate::error::{Error, Result};
@@ -224,11 +225,27 @@ async fn visible_tables(session: &PrincipalSession) -> Vec<(String, String, Sche
         for table in names {
             let provider = schema.table(&table).await.ok().flatten();
             if let Some(provider) = provider {
+                let rules = session
+                    .privacy
+                    .rules(&TableReference::partial(
+                        schema_name.as_str(),
+                        table.as_str(),
+                    ))
+                    .map(|(_, rules)| rules)
+                    .filter(|rules| !rules.unmasked);
+                // A masked column can come out NULL (the `null` mask, or a mask whose
+                // text the column's type cannot hold), whatever the table declares.
+                let masked = |f: &Field| {
+                    rules.is_some_and(|r| r.policy.mask_for(f.name(), f.data_type()).is_some())
+                };
                 let fields: Vec<Field> = provider
                     .schema()
                     .fields()
                     .iter()
-                    .map(|f| Field::new(f.name(), client_type(f.data_type()), f.is_nullable()))
+                    .map(|f| {
+                        let nullable = f.is_nullable() || masked(f);
+                        Field::new(f.name(), client_type(f.data_type()), nullable)
+                    })
                     .collect();
                 out.push((schema_name.clone(), table, Schema::new(fields)));
             }

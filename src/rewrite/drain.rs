@@ -183,7 +183,9 @@ fn series_built(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
     }
 }
 
-fn replace(
+/// `plan` over new `children`, its properties computed again from them (the cluster's
+/// placement uses it too).
+pub(crate) fn replace(
     plan: Arc<dyn ExecutionPlan>,
     children: Vec<Arc<dyn ExecutionPlan>>,
 ) -> Result<Arc<dyn ExecutionPlan>> {

@@ -99,6 +99,52 @@ async fn sql_prints_refusals_with_their_code() {
     );
 }
 
+/// The `--flag [env: AIRLOCK_*]` pairs a subcommand's help lists.
+fn settings(command: &str) -> std::collections::BTreeSet<(String, String)> {
+    let out = airlock().args([command, "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let mut found = std::collections::BTreeSet::new();
+    let mut flag = None;
+    for line in help.lines() {
+        let line = line.trim_start();
+        // `-x, --flag <V>` or `--flag <V>` starts an option; its description follows.
+        let option = line
+            .strip_prefix("--")
+            .or_else(|| line.split_once(", --").map(|(_, rest)| rest));
+        if let Some(rest) = option.filter(|_| line.starts_with('-')) {
+            flag = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let Some((_, var)) = line.split_once("[env: ")
+            && let Some(f) = flag.take()
+        {
+            let var = var.split(['=', ']']).next().unwrap_or_default();
+            found.insert((f, var.to_string()));
+        }
+    }
+    found
+}
+
+/// Every setting of `serve` is a flag and an `AIRLOCK_*` variable of `demo` too, except
+/// the files the demo writes for itself.
+#[test]
+fn demo_takes_every_setting_serve_takes() {
+    let own = ["config", "policy-dir", "users-file"];
+    let serve = settings("serve");
+    let demo = settings("demo");
+    assert!(serve.len() > 20, "{serve:?}");
+    let missing: Vec<_> = serve
+        .iter()
+        .filter(|(flag, _)| !own.contains(&flag.as_str()))
+        .filter(|s| !demo.contains(*s))
+        .collect();
+    assert!(missing.is_empty(), "demo lacks {missing:?}");
+    assert!(demo.contains(&(
+        "memory-per-query".to_string(),
+        "AIRLOCK_MEMORY_PER_QUERY".to_string()
+    )));
+}
+
 #[test]
 fn user_hash_reads_stdin_and_prints_argon2id() {
     let mut child = airlock()

@@ -327,6 +327,14 @@ async fn metadata_lists_only_visible_tables() {
         patients.field_with_name("diagnosis").unwrap().data_type(),
         &DataType::Utf8
     );
+    // ssn is declared NOT NULL, but the analyst's mask makes it NULL: the metadata says so.
+    assert!(patients.field_with_name("ssn").unwrap().is_nullable());
+    assert!(
+        !patients
+            .field_with_name("patient_id")
+            .unwrap()
+            .is_nullable()
+    );
 
     let info = o.get_tables(tables(false)).await.unwrap();
     let (_, b) = fetch(&mut o, info).await.unwrap();

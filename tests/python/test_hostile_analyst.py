@@ -1735,6 +1735,22 @@ def _(ctx, t):
                  " AND CAST(cost AS DECIMAL(38,33)) * 100000000 > 0", beside=False)
 
 
+@attack("c12_outer_join_with_a_series", "12 engine work")
+def _(ctx, t):
+    # Hostile round 20: an outer join that keeps a large series looked up every series row only
+    # when a hidden row met its condition (0.41 against 0.64 s). Refused before it runs now; the
+    # answer (a refusal) is the same for the true and the false probe. The series is small here:
+    # the refusal, not the time, is what this checks (timing stays out of tests).
+    def probe(d):
+        return ctx.q(f"SELECT count(*) FROM {P} p RIGHT JOIN generate_series(1, 1000) g "
+                     f"ON p.age = g.value AND {t.U} AND p.diagnosis = {lit(d)}")
+
+    a, b = probe(t.u.diagnosis), probe(t.u_other_dx)
+    ctx.oracle("diagnosis of U (an outer join with a series)", a, b, [(t.u.diagnosis, t.u_other_dx)])
+    if a.ok:
+        ctx.findings.append(Finding("refusal", "an outer join of patients with a series ran", True, a.sql))
+
+
 # ---- masked columns ---------------------------------------------------------------------------
 
 
