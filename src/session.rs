@@ -79,10 +79,15 @@ pub fn base_config() -> SessionConfig {
     // Many clients (the JDBC driver, older pyarrow) do not read Utf8View: plan with Utf8.
     options.sql_parser.map_string_types_to_utf8view = false;
     options.execution.parquet.schema_force_view_types = false;
-    // The work a query does may not depend on which rows it skips (docs/DESIGN.md,
-    // "Readings of the contract"): no row group, page or bloom-filter pruning (the time of
-    // `WHERE cost > x` would say whether some row group's largest cost exceeds x), and
-    // no filters made at run time from the rows a join or an aggregate has seen.
+    no_skipping(options);
+    config
+}
+
+/// The work a query does may not depend on which rows it skips (docs/DESIGN.md,
+/// "Readings of the contract"): no row group, page or bloom-filter pruning (the time of
+/// `WHERE cost > x` would say whether some row group's largest cost exceeds x), and no
+/// filters made at run time from the rows a join or an aggregate has seen.
+pub fn no_skipping(options: &mut datafusion::config::ConfigOptions) {
     options.execution.parquet.pruning = false;
     options.execution.parquet.enable_page_index = false;
     options.execution.parquet.bloom_filter_on_read = false;
@@ -90,7 +95,6 @@ pub fn base_config() -> SessionConfig {
     options.optimizer.enable_join_dynamic_filter_pushdown = false;
     options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
     options.optimizer.enable_topk_dynamic_filter_pushdown = false;
-    config
 }
 
 impl Sessions {

@@ -93,6 +93,19 @@ pub fn analyze(plan: &LogicalPlan, ctx: &PolicyContext) -> Analysis {
             ),
         );
     }
+    if c.growth.guarded_calls > sizes::MAX_GUARDED_CALLS {
+        let t = c.scanned.clone();
+        c.violation(
+            ReasonCode::ExpressionNotAllowed,
+            &t,
+            format!(
+                "{} calls of functions that can fail on some values (abs, round, substr, date_part, ...) on rows of {} (at most {}): the time a failure on one hidden row costs would add up",
+                c.growth.guarded_calls,
+                names(&t),
+                sizes::MAX_GUARDED_CALLS
+            ),
+        );
+    }
     if !c.growth.within_limits() {
         let t = c.scanned.clone();
         c.violation(
@@ -992,6 +1005,9 @@ impl Checker<'_> {
     /// query's growth.
     fn size(&mut self, rule: &FunctionRule, args: &[Expr], place: &Place) {
         let name = rule.name;
+        if rule.totality == functions::Totality::Guarded {
+            self.growth.guarded_calls += 1;
+        }
         match rule.size {
             Size::Bounded => {}
             Size::Joins => {

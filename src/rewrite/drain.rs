@@ -27,10 +27,9 @@
 //!
 //! The join's own work still differs: where the build side has rows it hashes and looks
 //! up every probe row, where it is empty it does not. Over a series the analyst sizes
-//! (10⁸ values) that alone was 0.35 s (hostile round 20), so an inner or semi hash join
-//! whose probe side reads a `generate_series` and whose build side does not trades
-//! sides (`series_built`): the series is collected in full either way. Outer joins
-//! keep their sides, an open leak that docs/DESIGN.md names.
+//! (10⁸ values) that alone was 0.35 s (hostile round 20), so a series is never the
+//! streamed side of a join whose collected side reads rows: inner and semi hash joins
+//! trade sides, and a join that cannot is refused (`series_collected`, with its table).
 //!
 //! Above every boundary the rows are released and joins are left as DataFusion plans
 //! them. Stages a cluster hands to its workers (`crate::cluster`) are not rewritten
@@ -49,11 +48,13 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::Result;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::joins::{
     CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PartitionMode, SortMergeJoinExec,
     SymmetricHashJoinExec,
 };
 use datafusion::physical_plan::memory::LazyMemoryExec;
+use datafusion::physical_plan::placeholder_row::PlaceholderRowExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::{
     ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties,
@@ -64,6 +65,7 @@ use parking_lot::Mutex;
 
 use super::boundary::ReleaseExec;
 use super::dp_release::DpReleaseExec;
+use crate::policy::refusal::{ReasonCode, Refusal};
 
 /// Puts every join below a release boundary of `plan` between a [`JoinEndExec`] and
 /// [`ProbeExec`]s (see the module docs). Subtrees for which `skip` holds (a cluster's
@@ -100,7 +102,7 @@ fn rewrite(
     if !below {
         return Ok(plan);
     }
-    let plan = series_built(plan);
+    let plan = series_collected(plan)?;
     // A swapped join comes back under the projection that restores its column order.
     if plan.downcast_ref::<ProjectionExec>().is_some()
         && let [join] = plan.children().as_slice()
@@ -126,60 +128,127 @@ fn read_to_end(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     Ok(Arc::new(JoinEndExec::new(replace(plan, children)?)))
 }
 
-/// Whether a subtree reads a relation the query makes from `generate_series` / `range`,
-/// which the analyst can make as large as they like.
-fn makes_series(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    plan.downcast_ref::<LazyMemoryExec>().is_some() || plan.children().into_iter().any(makes_series)
+/// What the leaves of a subtree read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Reads {
+    /// A `generate_series` or `range`, which the analyst can make as large as they like.
+    series: bool,
+    /// Rows of anything else: a table (protected or not) or VALUES. Whether such an
+    /// input has rows can depend on hidden rows.
+    rows: bool,
 }
 
-/// A hash join whose probe side reads a series and whose build side does not, swapped:
-/// the series is then collected in full whatever the other side holds. Reading the
-/// probe side to the end is not enough for it: where the build side has rows, the join
-/// also hashes and looks up each probe row, and an empty build side skips that
-/// (10⁸ series rows: 0.51 against 0.35 s). A join that cannot be swapped stays as it was.
-fn series_built(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
-    let swapped = (|| -> Result<Option<Arc<dyn ExecutionPlan>>> {
-        let Some(join) = plan.downcast_ref::<HashJoinExec>() else {
-            return Ok(None);
+fn reads(plan: &Arc<dyn ExecutionPlan>) -> Reads {
+    if plan.downcast_ref::<LazyMemoryExec>().is_some() {
+        return Reads {
+            series: true,
+            rows: false,
         };
-        // Outer joins keep their sides: with the series built, one that preserves it
-        // held the whole series near the memory limit, and whether it crossed the limit
-        // depended on the one matched row (10⁸ values; `docs/DESIGN.md`).
-        let swappable = matches!(
+    }
+    let children = plan.children();
+    if children.is_empty() {
+        // A one-row or empty relation the query makes holds nothing hidden.
+        let made = plan.downcast_ref::<PlaceholderRowExec>().is_some()
+            || plan.downcast_ref::<EmptyExec>().is_some();
+        return Reads {
+            series: false,
+            rows: !made,
+        };
+    }
+    children
+        .into_iter()
+        .map(reads)
+        .fold(Reads::default(), |a, b| Reads {
+            series: a.series || b.series,
+            rows: a.rows || b.rows,
+        })
+}
+
+/// A join that would stream a series past a collected side that reads rows, made to
+/// collect the series instead, or refused. Reading the streamed side to the end is not
+/// enough for it: where the collected side has rows, the join also hashes and looks up
+/// each streamed row, and an empty one skips that (10⁸ series rows: 0.51 against
+/// 0.35 s, hostile round 20). So the series must be the side collected in full:
+///
+/// | collected side reads | streamed side reads | |
+/// |---|---|---|
+/// | no rows (only series, one-row relations) | anything | kept: nothing hidden decides its size |
+/// | rows | no series | kept: the streamed side is the owner's data or the query's text |
+/// | rows, no series | a series | inner and semi hash joins trade sides |
+/// | rows and a series | a series, no rows | inner and semi hash joins trade sides (`p JOIN series h ... JOIN series g`, hostile round 21) |
+/// | rows and a series | a series and rows | refused: either order streams a series past rows |
+///
+/// Any other join (outer, nested loop, cross) that would stream a series past rows is
+/// refused. `check.rs` refuses outer joins of protected rows with relations the query
+/// makes before a plan gets here; this is the rule for what is left, on the plan that
+/// runs.
+fn series_collected(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    let Some(inputs) = collected_and_streamed(&plan) else {
+        return Ok(plan);
+    };
+    let (collected, streamed) = (reads(inputs.0), reads(inputs.1));
+    if !streamed.series || !collected.rows {
+        return Ok(plan);
+    }
+    if let Some(join) = plan.downcast_ref::<HashJoinExec>()
+        && matches!(
             join.join_type(),
             JoinType::Inner | JoinType::LeftSemi | JoinType::RightSemi
-        );
-        if !swappable || !makes_series(join.right()) || makes_series(join.left()) {
-            return Ok(None);
-        }
-        match join.partition_mode() {
-            // Both sides are partitioned alike: they trade places as they are.
-            PartitionMode::Partitioned => Ok(Some(join.swap_inputs(PartitionMode::Partitioned)?)),
-            // The collected side must be one partition.
-            PartitionMode::CollectLeft => {
-                let right = Arc::clone(join.right());
-                let right: Arc<dyn ExecutionPlan> =
-                    if right.output_partitioning().partition_count() > 1 {
-                        Arc::new(CoalescePartitionsExec::new(right))
-                    } else {
-                        right
-                    };
-                let one = replace(Arc::clone(&plan), vec![Arc::clone(join.left()), right])?;
-                match one.downcast_ref::<HashJoinExec>() {
-                    Some(j) => Ok(Some(j.swap_inputs(PartitionMode::CollectLeft)?)),
-                    None => Ok(None),
-                }
+        )
+        && (!collected.series || !streamed.rows)
+        && let Some(swapped) = swap(join, &plan)?
+    {
+        return Ok(swapped);
+    }
+    Err(Refusal::new(
+        ReasonCode::JoinNotAllowed,
+        "a join below a release boundary that would look up the rows of a generate_series one by one only where rows of a table reach it: put the series on one side of the join only, joined by an inner join",
+    )
+    .into())
+}
+
+/// A join's inputs: the one it collects, then the one it streams past it.
+type Sides<'a> = (&'a Arc<dyn ExecutionPlan>, &'a Arc<dyn ExecutionPlan>);
+
+/// The (collected, streamed) inputs of a join that collects one input and streams the
+/// other past it.
+fn collected_and_streamed(plan: &Arc<dyn ExecutionPlan>) -> Option<Sides<'_>> {
+    if let Some(j) = plan.downcast_ref::<HashJoinExec>() {
+        return Some((j.left(), j.right()));
+    }
+    if let Some(j) = plan.downcast_ref::<NestedLoopJoinExec>() {
+        return Some((j.left(), j.right()));
+    }
+    if let Some(j) = plan.downcast_ref::<CrossJoinExec>() {
+        return Some((j.left(), j.right()));
+    }
+    None
+}
+
+/// `join` with its sides traded, the new collected side made one partition where the
+/// join collects it whole; `None` where its mode does not say.
+fn swap(
+    join: &HashJoinExec,
+    plan: &Arc<dyn ExecutionPlan>,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    match join.partition_mode() {
+        // Both sides are partitioned alike: they trade places as they are.
+        PartitionMode::Partitioned => Ok(Some(join.swap_inputs(PartitionMode::Partitioned)?)),
+        PartitionMode::CollectLeft => {
+            let right = Arc::clone(join.right());
+            let right: Arc<dyn ExecutionPlan> = if right.output_partitioning().partition_count() > 1
+            {
+                Arc::new(CoalescePartitionsExec::new(right))
+            } else {
+                right
+            };
+            let one = replace(Arc::clone(plan), vec![Arc::clone(join.left()), right])?;
+            match one.downcast_ref::<HashJoinExec>() {
+                Some(j) => Ok(Some(j.swap_inputs(PartitionMode::CollectLeft)?)),
+                None => Ok(None),
             }
-            PartitionMode::Auto => Ok(None),
         }
-    })();
-    match swapped {
-        Ok(Some(swapped)) => swapped,
-        Ok(None) => plan,
-        Err(e) => {
-            tracing::warn!(error = %e, "drain: a join over a series was not swapped");
-            plan
-        }
+        PartitionMode::Auto => Ok(None),
     }
 }
 
@@ -480,5 +549,100 @@ impl Stream for JoinEndStream {
 impl RecordBatchStream for JoinEndStream {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    /// The physical plan of `sql` over two small tables `t(a)` and `u(b)`, rewritten as
+    /// if below a release boundary.
+    async fn below_boundary(sql: &str) -> Result<Arc<dyn ExecutionPlan>> {
+        let mut config = datafusion::prelude::SessionConfig::new();
+        crate::session::no_skipping(config.options_mut());
+        let ctx = SessionContext::new_with_config(config);
+        for (name, column) in [("t", "a"), ("u", "b")] {
+            let schema = Arc::new(Schema::new(vec![Field::new(
+                column,
+                DataType::Int64,
+                false,
+            )]));
+            let batch = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from_iter_values(1..=20))],
+            )?;
+            ctx.register_table(
+                name,
+                Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
+            )?;
+        }
+        let plan = ctx.sql(sql).await?.create_physical_plan().await?;
+        rewrite(plan, true, &|_| false)
+    }
+
+    /// No join streams a series past a collected side that reads rows.
+    fn no_series_streamed_past_rows(plan: &Arc<dyn ExecutionPlan>) {
+        if let Some((collected, streamed)) = collected_and_streamed(plan) {
+            assert!(
+                !(reads(streamed).series && reads(collected).rows),
+                "{}",
+                datafusion::physical_plan::displayable(plan.as_ref()).indent(true)
+            );
+        }
+        for c in plan.children() {
+            no_series_streamed_past_rows(c);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_series_is_the_collected_side_of_a_join_with_rows() {
+        for sql in [
+            "SELECT count(*) FROM t JOIN generate_series(1, 100000) g ON t.a = g.value",
+            "SELECT count(*) FROM generate_series(1, 100000) g JOIN t ON t.a = g.value",
+            // Hostile round 21: a small series joined first put a series on the collected
+            // side too, and the big one stayed streamed.
+            "SELECT count(*) FROM t JOIN generate_series(0, 127) h ON t.a = h.value \
+             JOIN generate_series(1, 100000) g ON t.a = g.value",
+            "SELECT count(*) FROM t JOIN generate_series(1, 100000) g ON t.a = g.value \
+             JOIN generate_series(0, 127) h ON t.a = h.value",
+            "SELECT count(*) FROM t WHERE a IN (SELECT value FROM generate_series(1, 100000))",
+        ] {
+            let plan = below_boundary(sql).await.unwrap();
+            no_series_streamed_past_rows(&plan);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_join_with_a_series_and_rows_on_both_sides_is_refused() {
+        let err = below_boundary(
+            "SELECT count(*) FROM (SELECT t.a FROM t JOIN generate_series(1, 10) h ON t.a = h.value) x \
+             JOIN (SELECT u.b FROM u JOIN generate_series(1, 100000) g ON u.b = g.value) y ON x.a = y.b",
+        )
+        .await
+        .map(|p| datafusion::physical_plan::displayable(p.as_ref()).indent(true).to_string())
+        .unwrap_err();
+        let refusal = crate::policy::refusal::find_refusal(&err).expect("a refusal");
+        assert_eq!(refusal.code, ReasonCode::JoinNotAllowed, "{refusal}");
+    }
+
+    #[tokio::test]
+    async fn joins_without_a_series_keep_their_sides() {
+        let sql = "SELECT count(*) FROM t JOIN u ON t.a = u.b";
+        let plan = below_boundary(sql).await.unwrap();
+        let join = find_join(&plan).expect("a hash join");
+        assert!(join.downcast_ref::<HashJoinExec>().is_some());
+    }
+
+    fn find_join(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+        if plan.downcast_ref::<HashJoinExec>().is_some() {
+            return Some(Arc::clone(plan));
+        }
+        plan.children().into_iter().find_map(find_join)
     }
 }

@@ -21,6 +21,7 @@ pub mod allow;
 pub mod boundary;
 pub mod branches;
 pub mod check;
+pub mod checked;
 pub mod decision;
 pub mod dedupe;
 pub mod dp;
