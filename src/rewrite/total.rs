@@ -494,6 +494,70 @@ mod tests {
         assert_eq!(nulls, vec![0, 613, 999]);
     }
 
+    /// `x`, failing on any batch that holds `bad`; counts its calls.
+    #[derive(Debug, PartialEq, Eq, Hash)]
+    struct FailsOn {
+        bad: i64,
+        signature: Signature,
+    }
+
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    impl ScalarUDFImpl for FailsOn {
+        fn name(&self) -> &str {
+            "fails_on"
+        }
+        fn signature(&self) -> &Signature {
+            &self.signature
+        }
+        fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+            Ok(DataType::Int64)
+        }
+        fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+            CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let a = args.args[0].clone().into_array(args.number_rows)?;
+            let values = a.as_any().downcast_ref::<Int64Array>().unwrap();
+            if values.iter().any(|v| v == Some(self.bad)) {
+                return datafusion::common::exec_err!("fails");
+            }
+            Ok(ColumnarValue::Array(a))
+        }
+    }
+
+    #[test]
+    fn one_failing_row_costs_a_call_per_halving_not_per_row() {
+        let f = Arc::new(ScalarUDF::new_from_impl(FailsOn {
+            bad: -1,
+            signature: Signature::any(1, Volatility::Immutable),
+        }));
+        let udf = ScalarUDF::new_from_impl(Guard::function(f));
+        let n = 8192;
+        let mut values: Vec<i64> = (0..n as i64).collect();
+        values[5000] = -1;
+        let field = Arc::new(datafusion::arrow::datatypes::Field::new(
+            "x",
+            DataType::Int64,
+            true,
+        ));
+        CALLS.store(0, std::sync::atomic::Ordering::Relaxed);
+        let out = udf
+            .invoke_with_args(ScalarFunctionArgs {
+                args: vec![ColumnarValue::Array(Arc::new(Int64Array::from(values)))],
+                arg_fields: vec![Arc::clone(&field)],
+                number_rows: n,
+                return_field: field,
+                config_options: Arc::new(ConfigOptions::default()),
+            })
+            .unwrap()
+            .into_array(n)
+            .unwrap();
+        assert_eq!(out.null_count(), 1);
+        assert!(out.is_null(5000));
+        // The whole batch, then two halves per level down to the one row: 1 + 2 * 13.
+        let calls = CALLS.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(calls <= 27, "{calls} calls");
+    }
+
     #[test]
     fn literal_divisors() {
         assert!(safe_divisor(&datafusion::logical_expr::lit(3i64)));
