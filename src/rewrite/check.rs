@@ -1481,9 +1481,10 @@ impl Checker<'_> {
     /// when the patient met the condition (0.41 s against 0.64 s, hostile round 20). An
     /// inner join can be planned so that its made side is always the one hashed
     /// (rewrite::drain); an outer join cannot without holding the whole made relation, so
-    /// it is refused, at any opt-in (PRIVACY.md §3.2: whether a hidden row exists may not
-    /// decide what else runs). Its size is the analyst's to choose; a catalog table's is
-    /// the owner's, and a one-row relation is looked up once.
+    /// it is refused, at any opt-in: stricter than §3.2's letter, which allows such joins
+    /// under `conditional_aggregates` (docs/DESIGN.md, "Whether a hidden row exists may
+    /// not decide what else runs"). The made side's size is the analyst's to choose; a
+    /// catalog table's is the owner's, and a one-row relation is looked up once.
     fn outer_with_made(
         &mut self,
         sides: &[(std::ops::Range<usize>, bool); 2],
