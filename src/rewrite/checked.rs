@@ -254,16 +254,10 @@ where
                 (true, true) => each::<T, _>(l, r, n, |a, b| a.add_checked(b).ok()),
                 (false, true) => each::<T, _>(l, r, n, |a, b| a.sub_checked(b).ok()),
                 (true, false) => each::<T, _>(l, r, n, |a, b| {
-                    a.mul_checked(lm)
-                        .ok()?
-                        .add_checked(b.mul_checked(rm).ok()?)
-                        .ok()
+                    rescaled(a, b, lm, rm, |x, y| x.add_checked(y).ok())
                 }),
                 (false, false) => each::<T, _>(l, r, n, |a, b| {
-                    a.mul_checked(lm)
-                        .ok()?
-                        .sub_checked(b.mul_checked(rm).ok()?)
-                        .ok()
+                    rescaled(a, b, lm, rm, |x, y| x.sub_checked(y).ok())
                 }),
             };
             (out, precision, scale)
@@ -295,10 +289,7 @@ where
                 (T::Native::ONE, pow(-mul_pow)?)
             };
             let out = each::<T, _>(l, r, n, |a, b| {
-                a.mul_checked(lm)
-                    .ok()?
-                    .div_checked(b.mul_checked(rm).ok()?)
-                    .ok()
+                rescaled(a, b, lm, rm, |x, y| x.div_checked(y).ok())
             });
             (out, precision, scale)
         }
@@ -308,10 +299,7 @@ where
                 .min(T::MAX_PRECISION);
             let (lm, rm) = (pow(scale - s1)?, pow(scale - s2)?);
             let out = each::<T, _>(l, r, n, |a, b| {
-                a.mul_checked(lm)
-                    .ok()?
-                    .mod_checked(b.mul_checked(rm).ok()?)
-                    .ok()
+                rescaled(a, b, lm, rm, |x, y| x.mod_checked(y).ok())
             });
             (out, precision, scale)
         }
@@ -322,6 +310,19 @@ where
             .map(|a| Arc::new(a) as ArrayRef)
             .map_err(Into::into),
     )
+}
+
+/// `op` on `a · lm` and `b · rm`: Arrow brings decimal operands to a common scale so,
+/// and here every step is checked.
+#[inline]
+fn rescaled<N: ArrowNativeTypeOp>(
+    a: N,
+    b: N,
+    lm: N,
+    rm: N,
+    op: impl Fn(N, N) -> Option<N>,
+) -> Option<N> {
+    op(a.mul_checked(lm).ok()?, b.mul_checked(rm).ok()?)
 }
 
 fn precision_scale(t: &DataType) -> Option<(u8, i8)> {
